@@ -1,0 +1,1 @@
+"""Wire protocol: `.proto` files and their generated code (proto package splitexit.v1)."""

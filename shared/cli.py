@@ -1,0 +1,226 @@
+"""The `splitexit` command line: thin wrappers over library functions.
+
+Importing this module does not import torch (so `--help` is quick on a device); each
+command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPLITEXIT_CACHE", Path.home() / ".cache" / "splitexit"))
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated stage indices like 2,4,6,8; got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+# --- commands ------------------------------------------------------------------------
+def _model_config(args: argparse.Namespace, *, num_classes: int, in_chans: int):
+    from splitexit.models import BoFConfig, ModelConfig
+
+    return ModelConfig(
+        arch=args.arch, num_classes=num_classes, in_chans=in_chans, exit_after=args.exit_after,
+        exit_head=args.exit_head, hierarchical=args.hierarchical,
+        bof=BoFConfig(codewords=args.codewords, kernel=args.bof_kernel, spatial=args.bof_spatial,
+                      pool_to=args.bof_pool_to or None),
+    )
+
+
+def _evaluate_and_report(model, meta, dataset, *, split: str, out_dir: Path | None, threshold: float,
+                         cache_dir: Path | None, title: str) -> None:
+    from splitexit.cost import cost_model
+    from splitexit.data import Normalize
+    from splitexit.evaluate import cached_exit_outputs, format_report, summarize, write_report
+
+    data = getattr(dataset, split)
+    outputs = cached_exit_outputs(model, data, Normalize(meta.mean, meta.std), cache_dir=cache_dir, tag=split)
+    shape = (dataset.in_chans, dataset.image_size, dataset.image_size)
+    costs = cost_model(model, shape)
+    names = [f"exit@{k}" for k in model.exit_points] + ["final"]
+    report = summarize(outputs, names, threshold=threshold, cumulative_macs=costs.cumulative_exit_macs(model.exit_points),
+                       full_macs=costs.total_macs)
+    print(f"{title} — {split} set, {len(data)} samples")
+    print(format_report(report))
+    if out_dir is not None:
+        json_path, png_path = write_report(report, out_dir, title=title)
+        print(f"wrote {json_path} and {png_path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Train a tiny multi-exit net on the embedded digits and report its exits."""
+    from splitexit.data import load_digits
+    from splitexit.models import ModelConfig
+    from splitexit.train import TrainConfig, train_cached
+
+    dataset = load_digits()
+    print(f"data: scikit-learn digits, {len(dataset.train)} train / {len(dataset.val)} val / "
+          f"{len(dataset.test)} test, 8x8 grey")
+    model_cfg = ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=(1, 2, 3, 4, 5), exit_head="bof")
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.05, augment_pad=1, augment_flip=False,
+                            threads=args.threads)
+    model, meta, path = train_cached(model_cfg, train_cfg, dataset, cache_dir=args.cache_dir)
+    print(f"model: {path}")
+    _evaluate_and_report(model, meta, dataset, split="test", out_dir=args.out, threshold=args.threshold,
+                         cache_dir=args.cache_dir, title="demo: resnet14_tiny + BoF exits on digits")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from splitexit.data import load_dataset
+    from splitexit.train import TrainConfig, train_cached
+
+    dataset = load_dataset(args.data, val_size=args.val_size, cache_dir=args.cache_dir)
+    model_cfg = _model_config(args, num_classes=dataset.num_classes, in_chans=dataset.in_chans)
+    train_cfg = TrainConfig(
+        mode="exits" if args.freeze_backbone else "joint", epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, exit_weight=args.exit_weight, distill=args.distill,
+        augment_pad=args.augment_pad, augment_flip=not args.no_flip, threads=args.threads,
+    )
+    if args.freeze_backbone and args.init is None:
+        raise CliError("--freeze-backbone trains exits on a trained backbone: give it with --init CHECKPOINT")
+    print(f"data: {dataset.name}, {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test")
+    model, meta, path = train_cached(model_cfg, train_cfg, dataset, cache_dir=args.cache_dir, init=args.init)
+    print(f"checkpoint: {path} (trained in {meta.extra.get('train_seconds', 0.0):.0f} s)")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, args.out)
+        print(f"copied to {args.out}")
+    _evaluate_and_report(model, meta, dataset, split="test", out_dir=None, threshold=0.9,
+                         cache_dir=args.cache_dir, title=f"{model_cfg.arch} ({model_cfg.exit_head} exits)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from splitexit.checkpoint import load_checkpoint
+    from splitexit.data import load_dataset
+
+    model, meta = load_checkpoint(args.checkpoint)
+    dataset = load_dataset(args.data, val_size=args.val_size, cache_dir=args.cache_dir)
+    if dataset.num_classes != meta.model.num_classes or dataset.in_chans != meta.model.in_chans:
+        raise CliError(
+            f"{args.data} has {dataset.num_classes} classes and {dataset.in_chans} channels; the checkpoint "
+            f"expects {meta.model.num_classes} and {meta.model.in_chans}"
+        )
+    _evaluate_and_report(model, meta, dataset, split=args.split, out_dir=args.out, threshold=args.threshold,
+                         cache_dir=args.cache_dir, title=f"{meta.model.arch} ({meta.model.exit_head} exits)")
+
+
+# --- parser --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from splitexit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="splitexit", description="Edge-cloud split inference with early exits."
+    )
+    parser.add_argument("--version", action="version", version=f"splitexit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                       help="trained models, decoded data and cached exit outputs (default: %(default)s; "
+                            "env SPLITEXIT_CACHE)")
+        p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+
+    demo = sub.add_parser("demo", help="train and evaluate a small multi-exit net on the embedded digits")
+    common(demo)
+    demo.add_argument("--epochs", type=_positive_int, default=30)
+    demo.add_argument("--threshold", type=_probability, default=0.9, help="max-prob exit threshold for the histogram")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where eval.json and eval.png go")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train a backbone with exits (or exits on a frozen backbone)")
+    common(train)
+    train.add_argument("--data", required=True, help="'digits', an image folder / .tar.gz (split/class/file.jpg), or .npz")
+    train.add_argument("--arch", default="resnet20", help="built-in backbone (resnet14_tiny, resnet20, resnet20x2, ...)")
+    train.add_argument("--exit-after", type=_int_tuple, default=(2, 4, 6, 8), help="stage indices with an exit")
+    train.add_argument("--exit-head", choices=("bof", "pool"), default="bof")
+    train.add_argument("--codewords", type=_positive_int, default=64)
+    train.add_argument("--bof-kernel", choices=("logistic", "rbf"), default="logistic")
+    train.add_argument("--bof-spatial", choices=("global", "2x2"), default="global")
+    train.add_argument("--bof-pool-to", type=int, default=8, help="pool maps to this side before the codebook; 0 = off")
+    train.add_argument("--hierarchical", action="store_true", help="BoF histograms added along depth, shared classifier")
+    train.add_argument("--epochs", type=_positive_int, default=30)
+    train.add_argument("--batch-size", type=_positive_int, default=128)
+    train.add_argument("--lr", type=float, default=0.1)
+    train.add_argument("--weight-decay", type=float, default=5e-4)
+    train.add_argument("--exit-weight", type=float, default=0.5)
+    train.add_argument("--distill", type=_probability, default=0.5, help="share of each exit's loss distilled from the final head")
+    train.add_argument("--augment-pad", type=int, default=4)
+    train.add_argument("--no-flip", action="store_true", help="no random horizontal flips (e.g. digits)")
+    train.add_argument("--val-size", type=_positive_int, default=5000)
+    train.add_argument("--init", type=Path, help="start from this checkpoint's backbone")
+    train.add_argument("--freeze-backbone", action="store_true", help="train the exits only (needs --init)")
+    train.add_argument("--out", type=Path, help="also copy the checkpoint here")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="per-exit accuracy, oracle and exit histogram of a checkpoint")
+    common(ev)
+    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument("--data", required=True, help="the data set the checkpoint was trained on")
+    ev.add_argument("--split", choices=("test", "val"), default="test")
+    ev.add_argument("--val-size", type=_positive_int, default=5000)
+    ev.add_argument("--threshold", type=_probability, default=0.9)
+    ev.add_argument("--out", type=Path, default=Path("runs/eval"), help="where eval.json and eval.png go")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        func(args)
+    except CliError as exc:
+        print(f"splitexit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, OSError) as exc:  # DataError and CheckpointError are ValueErrors
+        print(f"splitexit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("splitexit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

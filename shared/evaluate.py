@@ -1,0 +1,191 @@
+"""Offline evaluation: run every exit once over a set, cache the probabilities [K, N, C],
+and summarize them (per-exit accuracy, oracle bound, exit histogram of a threshold rule).
+
+Policies are fit and simulated on these cached outputs without touching the model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from splitexit.data import ArraySet, Normalize, iterate_batches
+from splitexit.models import MultiExitNet
+
+
+@dataclass(frozen=True)
+class ExitOutputs:
+    """Probabilities of every exit over a set: probs [K, N, C] float32, labels [N]."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def num_exits(self) -> int:
+        return int(self.probs.shape[0])
+
+    def correct(self) -> np.ndarray:
+        """[K, N] bool: exit k's prediction is right."""
+        return self.probs.argmax(-1) == self.labels[None, :]
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"probs": self.probs, "labels": self.labels}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ExitOutputs":
+        from safetensors.numpy import load_file
+
+        data = load_file(str(path))
+        return cls(data["probs"], data["labels"])
+
+
+@torch.inference_mode()
+def collect_exit_outputs(
+    model: MultiExitNet, data: ArraySet, normalize: Normalize, *, batch_size: int = 500
+) -> ExitOutputs:
+    model.eval()
+    chunks: list[np.ndarray] = []
+    for x, _ in iterate_batches(data, normalize, batch_size=batch_size):
+        outputs = model.forward_exits(x)
+        chunks.append(torch.stack([o.float().softmax(-1) for o in outputs]).numpy())
+    return ExitOutputs(np.concatenate(chunks, axis=1), data.labels.copy())
+
+
+def cached_exit_outputs(
+    model: MultiExitNet, data: ArraySet, normalize: Normalize, *, cache_dir: Path | None, tag: str
+) -> ExitOutputs:
+    """collect_exit_outputs, cached under cache_dir by weights and data (tag names the set)."""
+    if cache_dir is None:
+        return collect_exit_outputs(model, data, normalize)
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().numpy().tobytes())
+    h.update(data.labels.tobytes())
+    h.update(data.images[:: max(1, len(data) // 256)].tobytes())
+    path = Path(cache_dir) / "outputs" / f"{tag}-{h.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        return ExitOutputs.load(path)
+    outputs = collect_exit_outputs(model, data, normalize)
+    outputs.save(path)
+    return outputs
+
+
+def balance(hist: Sequence[float]) -> float:
+    """Normalized entropy of an exit histogram: 1 = evenly spread, 0 = one exit takes all."""
+    p = np.asarray(hist, dtype=np.float64)
+    p = p / p.sum()
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / np.log(len(p))) if len(p) > 1 else 1.0
+
+
+def threshold_exits(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Exit index per sample under "first exit whose max-prob >= threshold" (else the last)."""
+    confident = probs.max(-1) >= threshold  # [K, N]
+    confident[-1] = True
+    return confident.argmax(0)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    exit_names: list[str]  # e.g. "exit@2", ..., "final"
+    exit_acc: list[float]
+    oracle_acc: float
+    threshold: float
+    threshold_acc: float
+    exit_hist: list[float]  # share of samples leaving at each exit under the threshold rule
+    balance: float
+    cumulative_macs: list[float] | None  # c_k per exit, if a cost model was given
+    threshold_macs: float | None  # expected MACs per sample under the threshold rule
+    full_macs: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(
+    outputs: ExitOutputs,
+    exit_names: Sequence[str],
+    *,
+    threshold: float = 0.9,
+    cumulative_macs: Sequence[float] | None = None,
+    full_macs: float | None = None,
+) -> EvalReport:
+    correct = outputs.correct()
+    chosen = threshold_exits(outputs.probs, threshold)
+    n = len(outputs.labels)
+    hist = np.bincount(chosen, minlength=outputs.num_exits) / n
+    expected = float(np.dot(hist, cumulative_macs)) if cumulative_macs is not None else None
+    return EvalReport(
+        exit_names=list(exit_names),
+        exit_acc=[float(a) for a in correct.mean(1)],
+        oracle_acc=float(correct.any(0).mean()),
+        threshold=threshold,
+        threshold_acc=float(correct[chosen, np.arange(n)].mean()),
+        exit_hist=[float(h) for h in hist],
+        balance=balance(hist),
+        cumulative_macs=[float(c) for c in cumulative_macs] if cumulative_macs is not None else None,
+        threshold_macs=expected,
+        full_macs=full_macs,
+    )
+
+
+def format_report(report: EvalReport) -> str:
+    lines = [f"{'exit':>10} {'accuracy':>9} {'MMACs':>8} {'share@' + str(report.threshold):>11}"]
+    for i, name in enumerate(report.exit_names):
+        macs = f"{report.cumulative_macs[i] / 1e6:8.2f}" if report.cumulative_macs else f"{'-':>8}"
+        lines.append(f"{name:>10} {report.exit_acc[i]:9.4f} {macs} {report.exit_hist[i]:11.3f}")
+    lines.append(f"oracle (earliest correct exit): {report.oracle_acc:.4f}")
+    cost = ""
+    if report.threshold_macs is not None and report.full_macs:
+        cost = f", {report.threshold_macs / 1e6:.2f} MMACs = {report.threshold_macs / report.full_macs:.2f} x full"
+    lines.append(
+        f"max-prob >= {report.threshold}: accuracy {report.threshold_acc:.4f}{cost}, balance {report.balance:.3f}"
+    )
+    return "\n".join(lines)
+
+
+def plot_report(report: EvalReport, path: Path, *, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on devices and CI
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(len(report.exit_names))
+    ax1.bar(x, report.exit_acc, color="tab:blue")
+    ax1.axhline(report.oracle_acc, color="tab:red", linestyle="--", label=f"oracle {report.oracle_acc:.3f}")
+    ax1.set_xticks(x, report.exit_names, rotation=30)
+    ax1.set_ylim(0, 1)
+    ax1.set_ylabel("accuracy")
+    ax1.set_title("accuracy per exit")
+    ax1.legend(loc="lower right")
+    ax2.bar(x, report.exit_hist, color="tab:green")
+    ax2.set_xticks(x, report.exit_names, rotation=30)
+    ax2.set_ylabel("share of samples")
+    ax2.set_title(f"exit histogram, max-prob >= {report.threshold} (balance {report.balance:.2f})")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: EvalReport, out_dir: Path, *, name: str = "eval", title: str = "") -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps(report.to_dict(), indent=2))
+    return json_path, plot_report(report, out_dir / f"{name}.png", title=title)

@@ -1,0 +1,144 @@
+"""Exit heads: the Bag-of-Features head of Passalis et al. (METHODS.md §1) and a
+pooling + linear baseline.
+
+Every head maps a feature map [B, D, H, W] to logits [B, C]. BoF heads also expose
+`histogram(x)` so hierarchical exits can add histograms along depth and share one
+classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Kernel = Literal["logistic", "rbf"]
+Spatial = Literal["global", "2x2"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoFConfig:
+    """Shape of a BoF exit head."""
+
+    codewords: int = 64  # N_K in the paper
+    kernel: Kernel = "logistic"  # logistic kernel + L1 (paper), or RBF + softmax
+    spatial: Spatial = "global"  # one histogram, or one per cell of a 2x2 grid
+    # Average-pool the map to at most this side before the codebook. A 1x1 codebook on a
+    # 32x32 map costs as much as a slice of a residual block; the histogram is a spatial
+    # average anyway, so a coarser grid keeps the exit cheap. None keeps full resolution.
+    pool_to: int | None = 8
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.codewords < 2:
+            raise ValueError(f"codewords must be >= 2, got {self.codewords}")
+        if self.kernel not in ("logistic", "rbf"):
+            raise ValueError(f"kernel must be 'logistic' or 'rbf', got {self.kernel!r}")
+        if self.spatial not in ("global", "2x2"):
+            raise ValueError(f"spatial must be 'global' or '2x2', got {self.spatial!r}")
+        if self.pool_to is not None and self.pool_to < 2:
+            raise ValueError(f"pool_to must be >= 2 or None, got {self.pool_to}")
+
+    @property
+    def histogram_dim(self) -> int:
+        return self.codewords * (4 if self.spatial == "2x2" else 1)
+
+
+class BoFHistogram(nn.Module):
+    """Feature map -> soft codeword histogram [B, histogram_dim] (rows sum to 1 per cell)."""
+
+    def __init__(self, in_channels: int, config: BoFConfig) -> None:
+        super().__init__()
+        self.config = config
+        # The codebook is a 1x1 convolution: similarity of each position to each codeword.
+        self.codebook = nn.Conv2d(in_channels, config.codewords, kernel_size=1, bias=config.kernel == "logistic")
+        if config.kernel == "logistic":
+            self.a = nn.Parameter(torch.ones(()))  # kernel slope
+            self.c = nn.Parameter(torch.zeros(()))  # kernel offset
+        else:
+            # log of the RBF width; learnable so the softmax sharpness adapts per exit
+            self.log_sigma = nn.Parameter(torch.zeros(()))
+
+    def membership(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position soft assignment u [B, N_K, H', W'], summing to 1 over codewords."""
+        cfg = self.config
+        if cfg.pool_to is not None and max(x.shape[-2:]) > cfg.pool_to:
+            x = F.adaptive_avg_pool2d(x, cfg.pool_to)
+        if cfg.kernel == "logistic":
+            s = (torch.tanh(self.a * self.codebook(x) + self.c) + 1) / 2  # [B, N_K, H, W] in (0, 1)
+            return s / (s.sum(dim=1, keepdim=True) + cfg.eps)
+        # RBF: -||x - w||^2 = 2 x.w - ||x||^2 - ||w||^2; softmax over codewords.
+        w = self.codebook.weight  # [N_K, D, 1, 1]
+        dot = self.codebook(x)
+        sq_dist = (x * x).sum(dim=1, keepdim=True) - 2 * dot + (w * w).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+        return torch.softmax(-sq_dist / (2 * torch.exp(2 * self.log_sigma)), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.membership(x)
+        grid = 2 if self.config.spatial == "2x2" else 1
+        return F.adaptive_avg_pool2d(u, grid).flatten(1)  # [B, N_K * grid^2]
+
+    @torch.no_grad()
+    def init_codebook(self, features: torch.Tensor, *, max_vectors: int = 20000, seed: int = 0) -> None:
+        """Set the codewords to k-means centres of feature vectors [B, D, H, W] (RBF init)."""
+        from sklearn.cluster import KMeans  # only needed here; keeps import light
+
+        cfg = self.config
+        if cfg.pool_to is not None and max(features.shape[-2:]) > cfg.pool_to:
+            features = F.adaptive_avg_pool2d(features, cfg.pool_to)
+        vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        generator = torch.Generator().manual_seed(seed)
+        if len(vectors) > max_vectors:
+            vectors = vectors[torch.randperm(len(vectors), generator=generator)[:max_vectors]]
+        kmeans = KMeans(n_clusters=cfg.codewords, n_init=1, random_state=seed).fit(vectors.double().numpy())
+        centres = torch.as_tensor(kmeans.cluster_centers_, dtype=self.codebook.weight.dtype)
+        self.codebook.weight.copy_(centres.view_as(self.codebook.weight))
+        if cfg.kernel == "rbf":
+            # width: typical distance of a vector to its centre
+            self.log_sigma.fill_(0.5 * float(torch.log(torch.tensor(kmeans.inertia_ / len(vectors) + cfg.eps))))
+
+
+class HistogramClassifier(nn.Linear):
+    """Linear classifier on a histogram, scaled so entries average 1 instead of 1/N_K.
+
+    The scale is a reparametrization (same function class as the paper's linear layer),
+    but without it SGD with weight decay cannot grow weights large enough to separate
+    histograms whose entries differ by ~1e-3, and the exits never leave chance level.
+    """
+
+    def __init__(self, config: BoFConfig, num_classes: int) -> None:
+        super().__init__(config.histogram_dim, num_classes)
+        self.scale = float(config.codewords)
+
+    def forward(self, hist: torch.Tensor) -> torch.Tensor:
+        return super().forward(hist * self.scale)
+
+
+class BoFHead(nn.Module):
+    """BoF exit: histogram of soft codeword assignments -> linear classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, config: BoFConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or BoFConfig()
+        self.bof = BoFHistogram(in_channels, self.config)
+        self.fc = HistogramClassifier(self.config, num_classes)
+
+    def histogram(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bof(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bof(x))
+
+
+class PoolLinearHead(nn.Module):
+    """Baseline exit: global average pooling and one linear layer."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

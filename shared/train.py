@@ -1,0 +1,290 @@
+"""Training: the backbone with all exits jointly, or the exits alone on a frozen backbone.
+
+Joint loss (SDN-style): CE at the final head plus, at each exit k,
+w * [(1 - a) CE(z_k, y) + a T^2 KL(softmax(z_K / T) || softmax(z_k / T))], the final
+head's output detached (self-distillation, optional with a = 0).
+
+Runs are cached: a configuration that was trained before is loaded, not retrained, and an
+interrupted run resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from splitexit.checkpoint import CheckpointMeta, load_checkpoint, load_tensors, save_checkpoint
+from splitexit.data import Dataset, Normalize, iterate_batches
+from splitexit.models import ModelConfig, MultiExitNet, build_model
+
+Mode = Literal["joint", "exits"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    mode: Mode = "joint"  # "exits": backbone frozen (a user's trained model), exits only
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1  # peak of the one-cycle schedule (SGD, Nesterov momentum 0.9)
+    weight_decay: float = 5e-4
+    warmup_frac: float = 0.15  # share of steps spent ramping the learning rate up
+    label_smoothing: float = 0.0
+    exit_weight: float = 0.5  # w above, the same for every exit
+    distill: float = 0.5  # a above: share of each exit's loss taken from the final head
+    temperature: float = 3.0
+    augment_pad: int = 4  # random crop padding; 0 = no crop
+    augment_flip: bool = True
+    seed: int = 0
+    threads: int | None = None  # torch threads; None keeps torch's default
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("joint", "exits"):
+            raise ValueError(f"mode must be 'joint' or 'exits', got {self.mode!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_size and lr must be positive")
+        if not 0 <= self.distill <= 1:
+            raise ValueError(f"distill must be in [0, 1], got {self.distill}")
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    epochs: int
+    loss: float
+    val_acc: list[float]  # per exit, final last
+    seconds: float
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """One-cycle: linear warm-up to cfg.lr, then cosine decay to 0."""
+    warm = max(1, int(cfg.warmup_frac * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def exit_loss(outputs: list[torch.Tensor], labels: torch.Tensor, cfg: TrainConfig, *, with_final: bool) -> torch.Tensor:
+    final = outputs[-1]
+    loss = F.cross_entropy(final, labels, label_smoothing=cfg.label_smoothing) if with_final else final.new_zeros(())
+    teacher = F.softmax(final.detach() / cfg.temperature, dim=1)
+    for logits in outputs[:-1]:
+        ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        kd = F.kl_div(F.log_softmax(logits / cfg.temperature, dim=1), teacher, reduction="batchmean")
+        loss = loss + cfg.exit_weight * ((1 - cfg.distill) * ce + cfg.distill * cfg.temperature**2 * kd)
+    return loss
+
+
+def trainable_parameters(model: MultiExitNet, mode: Mode) -> list[torch.nn.Parameter]:
+    if mode == "joint":
+        return list(model.parameters())
+    params = list(model.exits.parameters())
+    if model.exit_classifier is not None:
+        params += list(model.exit_classifier.parameters())
+    return params
+
+
+def set_train_mode(model: MultiExitNet, mode: Mode) -> None:
+    model.train()
+    if mode == "exits":  # frozen backbone: BN statistics stay as they are
+        model.stages.eval()
+        model.head.eval()
+
+
+def forward_for_training(model: MultiExitNet, x: torch.Tensor, mode: Mode) -> list[torch.Tensor]:
+    if mode == "joint":
+        return model.forward_exits(x)
+    with torch.no_grad():  # no graph through the frozen backbone
+        final, feats = model.forward_intermediates(x, model.exit_points)
+    state: list[torch.Tensor] = []
+    return [model.exit_logits(k, f, state) for k, f in zip(model.exit_points, feats)] + [final]
+
+
+@torch.no_grad()
+def accuracy_per_exit(model: MultiExitNet, data, normalize: Normalize, batch_size: int = 500) -> list[float]:
+    model.eval()
+    correct: torch.Tensor | None = None
+    for x, y in iterate_batches(data, normalize, batch_size=batch_size):
+        hits = torch.stack([(o.argmax(1) == y).sum() for o in model.forward_exits(x)])
+        correct = hits if correct is None else correct + hits
+    assert correct is not None, "empty data set"
+    return (correct.double() / len(data)).tolist()
+
+
+def fit(
+    model: MultiExitNet,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    *,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    start_epoch: int = 0,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
+    save_state: Callable[[MultiExitNet, dict[str, torch.Tensor], int], None] | None = None,
+) -> list[EpochReport]:
+    """Train in place; returns one report per epoch run."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + start_epoch)
+    if cfg.mode == "exits":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    params = trainable_parameters(model, cfg.mode)
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise ValueError("nothing to train: the model has no exit heads")
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if optimizer_state:
+        for p in params:
+            buf = optimizer_state.get(names[id(p)])
+            if buf is not None:
+                optimizer.state[p]["momentum_buffer"] = buf.clone()
+    model.to(memory_format=torch.channels_last)  # ~25% faster convolutions on CPU
+    normalize = Normalize(dataset.mean, dataset.std)
+    steps_per_epoch = math.ceil(len(dataset.train) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + start_epoch)
+    reports: list[EpochReport] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        start = time.perf_counter()
+        set_train_mode(model, cfg.mode)
+        losses: list[float] = []
+        batches = iterate_batches(
+            dataset.train, normalize, batch_size=cfg.batch_size, shuffle=True, augment_pad=cfg.augment_pad,
+            augment_flip=cfg.augment_flip, generator=generator, channels_last=True,
+        )
+        for i, (x, y) in enumerate(batches):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg)
+            outputs = forward_for_training(model, x, cfg.mode)
+            loss = exit_loss(outputs, y, cfg, with_final=cfg.mode == "joint")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if on_step:
+                on_step(i + 1, steps_per_epoch)
+        report = EpochReport(
+            epoch + 1, cfg.epochs, float(np.mean(losses)), accuracy_per_exit(model, dataset.val, normalize),
+            time.perf_counter() - start,
+        )
+        reports.append(report)
+        if on_epoch:
+            on_epoch(report)
+        if save_state:
+            momentum = {names[id(p)]: optimizer.state[p]["momentum_buffer"] for p in params if p in optimizer.state}
+            save_state(model, momentum, epoch + 1)
+    model.eval()
+    return reports
+
+
+# --- cached runs ---------------------------------------------------------------------
+def dataset_fingerprint(dataset: Dataset) -> str:
+    h = hashlib.sha256()
+    for part in (dataset.train, dataset.val, dataset.test):
+        h.update(str(part.images.shape).encode())
+        h.update(part.labels.tobytes())
+        h.update(part.images[:: max(1, len(part) // 256)].tobytes())  # a sample of pixels
+    return h.hexdigest()[:16]
+
+
+def run_key(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: Dataset, init: str | None) -> str:
+    cfg = asdict(train_cfg)
+    cfg.pop("threads")  # does not change the result's meaning
+    blob = json.dumps(
+        {"model": model_cfg.to_dict(), "train": cfg, "data": dataset_fingerprint(dataset), "init": init},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def print_epoch(report: EpochReport) -> None:
+    accs = " ".join(f"{a:.3f}" for a in report.val_acc)
+    print(f"epoch {report.epoch:3d}/{report.epochs}  loss {report.loss:.4f}  val acc per exit [{accs}]  "
+          f"{report.seconds:.0f}s", flush=True)
+
+
+def train_cached(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    dataset: Dataset,
+    *,
+    cache_dir: Path,
+    init: Path | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = print_epoch,
+    on_step: Callable[[int, int], None] | None = None,
+) -> tuple[MultiExitNet, CheckpointMeta, Path]:
+    """Train (or load the cached result of) this configuration; returns model, meta, path.
+
+    `init` loads backbone weights from a checkpoint first (exits too, where names match):
+    with mode="exits" that is the "bring your own trained model" case.
+    """
+    init_hash = None
+    if init is not None:
+        init_hash = hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16]
+    run_dir = Path(cache_dir) / "runs" / f"{model_cfg.arch}-{train_cfg.mode}-{run_key(model_cfg, train_cfg, dataset, init_hash)}"
+    final_path = run_dir / "model.safetensors"
+    if final_path.exists():
+        model, meta = load_checkpoint(final_path)
+        return model, meta, final_path
+
+    model = build_model(model_cfg)
+    if init is not None:
+        # backbone only: exits start fresh even where names and shapes happen to match
+        source, _ = load_checkpoint(init)
+        backbone = {k: v for k, v in source.state_dict().items() if k.startswith(("stages.", "head."))}
+        try:
+            model.load_state_dict(backbone, strict=False)
+        except RuntimeError as exc:
+            raise ValueError(f"{init}: backbone weights do not fit {model_cfg.arch}: {str(exc).splitlines()[0]}") from exc
+        missing = [k for k in model.state_dict() if k.startswith(("stages.", "head.")) and k not in backbone]
+        if missing:
+            raise ValueError(f"{init}: backbone weights do not fit {model_cfg.arch} (missing {missing[0]})")
+
+    # resume an interrupted run from its last finished epoch
+    state_path = run_dir / "resume.safetensors"
+    start_epoch, momentum, history = 0, None, []
+    if state_path.exists():
+        state = load_tensors(state_path)
+        model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        momentum = {k[4:]: v for k, v in state.items() if k.startswith("opt.")}
+        progress = json.loads((run_dir / "resume.json").read_text())
+        start_epoch, history = progress["epoch"], progress["history"]
+        print(f"resuming {run_dir.name} at epoch {start_epoch + 1}", flush=True)
+
+    def save_state(m: MultiExitNet, buffers: dict[str, torch.Tensor], epoch: int) -> None:
+        from safetensors.torch import save_file
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v.contiguous() for k, v in m.state_dict().items()}
+        tensors.update({f"opt.{k}": v.contiguous() for k, v in buffers.items()})
+        save_file(tensors, str(state_path) + ".tmp")
+        Path(str(state_path) + ".tmp").replace(state_path)
+        (run_dir / "resume.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+
+    def record(report: EpochReport) -> None:
+        history.append(asdict(report))
+        if on_epoch:
+            on_epoch(report)
+
+    fit(model, dataset, train_cfg, on_epoch=record, on_step=on_step, start_epoch=start_epoch,
+        optimizer_state=momentum, save_state=save_state)
+    model = model.to(memory_format=torch.contiguous_format)
+    meta = CheckpointMeta(
+        model=model_cfg, mean=dataset.mean, std=dataset.std, classes=dataset.classes,
+        extra={"train": asdict(train_cfg), "dataset": dataset.name, "history": history,
+               "train_seconds": float(sum(h["seconds"] for h in history)), "init": str(init) if init else None},
+    )
+    save_checkpoint(final_path, model, meta)
+    state_path.unlink(missing_ok=True)
+    return model, meta, final_path

@@ -1,0 +1,1 @@
+"""Simulation harness: link profiles, delay-injecting proxy, fleet simulator, benchmarks."""

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitexit.models import ARCHS, BoFConfig, BoFHead, BoFHistogram, ModelConfig, PoolLinearHead, build_model
+
+
+def _input(arch: str, batch: int = 2) -> tuple[ModelConfig, torch.Tensor]:
+    if arch == "resnet14_tiny":
+        return ModelConfig(arch=arch, in_chans=1, exit_after=(1, 3)), torch.randn(batch, 1, 8, 8)
+    return ModelConfig(arch=arch, exit_after=(2, 4)), torch.randn(batch, 3, 32, 32)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_tail_of_head_equals_full_network_at_every_split(arch: str) -> None:
+    cfg, x = _input(arch)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        full = model(x)
+        for k in range(model.num_stages):
+            split = model.split_tail(k)(model.split_head(k)(x))
+            torch.testing.assert_close(split, full, rtol=1e-5, atol=1e-5, msg=f"{arch} split after stage {k}")
+
+
+def test_split_parts_partition_the_weights_with_stable_names() -> None:
+    model = build_model(ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8)))
+    head, tail = model.split_head(4), model.split_tail(4)
+    head_keys, tail_keys = set(head.state_dict()), set(tail.state_dict())
+    assert head_keys.isdisjoint(tail_keys)
+    assert head_keys | tail_keys == set(model.state_dict())
+    assert any(k.startswith("stages.4.") for k in head_keys) and any(k.startswith("exits.4.") for k in head_keys)
+    assert not any(k.startswith(("stages.5.", "exits.6.", "head.")) for k in head_keys)  # no cloud weights on the edge
+    assert any(k.startswith("head.fc.") for k in tail_keys)
+
+
+def test_feature_info_and_exit_points_of_resnet20() -> None:
+    model = build_model(ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8)))
+    assert model.num_stages == 10 and model.exit_points == [2, 4, 6, 8] and model.num_exits == 5
+    assert [f.num_chs for f in model.feature_info] == [16] * 4 + [32] * 3 + [64] * 3
+    assert [f.reduction for f in model.feature_info] == [1] * 4 + [2] * 3 + [4] * 3
+    assert model.feature_info[3].module == "stages.3"
+    x = torch.randn(2, 3, 32, 32)
+    final, feats = model.forward_intermediates(x, [1, 5])
+    assert final is not None and final.shape == (2, 10)
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 32, 32), (2, 32, 16, 16)]
+    final, feats = model.forward_intermediates(x, [3], stop_early=True)
+    assert final is None and feats[0].shape == (2, 16, 32, 32)
+    outputs = model.forward_exits(x)
+    assert len(outputs) == 5 and all(o.shape == (2, 10) for o in outputs)
+
+
+def test_edge_network_offers_at_least_four_exit_points() -> None:
+    model = build_model(ModelConfig(arch="resnet20", exit_after=tuple(range(1, 9))))
+    assert model.num_exits - 1 >= 4
+
+
+@pytest.mark.parametrize("kernel", ["logistic", "rbf"])
+@pytest.mark.parametrize("spatial", ["global", "2x2"])
+def test_bof_histogram_sums_to_one_per_sample(kernel: str, spatial: str) -> None:
+    cfg = BoFConfig(codewords=16, kernel=kernel, spatial=spatial)
+    hist = BoFHistogram(8, cfg)(torch.randn(5, 8, 12, 12) * 3)
+    cells = 4 if spatial == "2x2" else 1
+    assert hist.shape == (5, 16 * cells)
+    assert (hist >= 0).all()
+    # layout [codeword, cell] flattened: each cell's histogram sums to 1
+    torch.testing.assert_close(hist.view(5, 16, cells).sum(1), torch.ones(5, cells), rtol=0, atol=1e-4)
+
+
+def test_bof_pools_large_maps_before_the_codebook() -> None:
+    head = BoFHead(4, 3, BoFConfig(codewords=8, pool_to=4))
+    seen: list[tuple[int, ...]] = []
+    head.bof.codebook.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    assert head(torch.randn(2, 4, 16, 16)).shape == (2, 3)
+    assert seen == [(2, 8, 4, 4)]
+    full_res = BoFHead(4, 3, BoFConfig(codewords=8, pool_to=None))
+    full_res.bof.codebook.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    full_res(torch.randn(2, 4, 16, 16))
+    assert seen[-1] == (2, 8, 16, 16)
+
+
+def test_kmeans_codebook_init_puts_codewords_on_clusters() -> None:
+    centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
+    points = centres[torch.randint(0, 4, (2000,))] + 0.1 * torch.randn(2000, 2)
+    features = points.T.reshape(1, 2, 40, 50)
+    hist = BoFHistogram(2, BoFConfig(codewords=4, kernel="rbf", pool_to=None))
+    hist.init_codebook(features)
+    words = hist.codebook.weight.view(4, 2)
+    distance = torch.cdist(words, centres).min(dim=1).values
+    assert (distance < 0.2).all(), words
+    u = hist.membership(centres.T.reshape(1, 2, 2, 2))
+    assert (u.max(dim=1).values > 0.99).all()  # each centre is assigned to one codeword
+
+
+def test_hierarchical_exits_share_one_classifier_and_average_histograms() -> None:
+    cfg = ModelConfig(arch="resnet20", exit_after=(2, 5), hierarchical=True, bof=BoFConfig(codewords=16))
+    model = build_model(cfg).eval()
+    assert model.exit_classifier is not None
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        outputs = model.forward_exits(x)
+        _, (f2, f5) = model.forward_intermediates(x, [2, 5])
+        h2, h5 = model.exits["2"](f2), model.exits["5"](f5)
+        torch.testing.assert_close(outputs[0], model.exit_classifier(h2))
+        torch.testing.assert_close(outputs[1], model.exit_classifier((h2 + h5) / 2))
+
+
+def test_pool_head_and_bad_configs() -> None:
+    assert PoolLinearHead(16, 10)(torch.randn(2, 16, 4, 4)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown arch"):
+        ModelConfig(arch="resnet1000")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ModelConfig(exit_after=(4, 2))
+    with pytest.raises(ValueError, match="exit points"):
+        build_model(ModelConfig(exit_after=(9,)))
+    with pytest.raises(ValueError, match="hierarchical"):
+        ModelConfig(exit_head="pool", hierarchical=True)
+    with pytest.raises(ValueError, match="codewords"):
+        BoFConfig(codewords=1)
+    model = build_model(ModelConfig())
+    with pytest.raises(ValueError, match="split point"):
+        model.split_head(10)
+
+
+def test_model_config_round_trips_through_a_dict() -> None:
+    cfg = ModelConfig(arch="resnet32", exit_after=(1, 7), bof=BoFConfig(codewords=32, spatial="2x2"))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg

@@ -16,3 +16,11 @@ def _seed() -> None:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def reference_cifar() -> Path:
+    """The reference CIFAR-10 archive beside the project (CI has it at ../shared/data)."""
+    if not REFERENCE_CIFAR.exists():
+        pytest.skip(f"reference CIFAR-10 archive not found at {REFERENCE_CIFAR}")
+    return REFERENCE_CIFAR

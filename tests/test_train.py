@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from splitexit.checkpoint import CheckpointError, load_checkpoint, read_meta
+from splitexit.data import Dataset, Normalize, iterate_batches, load_digits
+from splitexit.models import ModelConfig, build_model
+from splitexit.train import TrainConfig, lr_at, train_cached
+
+TINY = dict(arch="resnet14_tiny", in_chans=1)
+FAST = dict(batch_size=64, lr=0.05, augment_pad=1, augment_flip=False)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    return load_digits()
+
+
+def _ce_per_exit(model, data: Dataset) -> np.ndarray:
+    """Plain cross-entropy of every exit on the validation split (not the training loss,
+    whose distillation term moves with the teacher)."""
+    model.eval()
+    with torch.no_grad():
+        x, y = next(iterate_batches(data.val, Normalize(data.mean, data.std), batch_size=300))
+        return np.array([float(torch.nn.functional.cross_entropy(o, y)) for o in model.forward_exits(x)])
+
+
+@pytest.mark.parametrize("head", ["bof", "pool"])
+def test_joint_training_lowers_the_loss_of_every_exit(digits: Dataset, cache_dir: Path, head: str) -> None:
+    cfg = ModelConfig(**TINY, exit_after=(1, 3, 5), exit_head=head)
+    train_cfg = TrainConfig(epochs=5, **FAST)
+    before = _ce_per_exit(build_model(cfg), digits)
+    model, meta, _ = train_cached(cfg, train_cfg, digits, cache_dir=cache_dir, on_epoch=None)
+    after = _ce_per_exit(model, digits)
+    assert (after < before).all(), (before, after)
+    assert (after[1:] < 0.6 * before[1:]).all(), (before, after)  # the 8x8x8 first exit learns slowest
+    history = meta.extra["history"]
+    assert len(history) == 5 and history[-1]["val_acc"][-1] > 0.8
+
+
+def test_exits_on_a_frozen_backbone_leave_the_backbone_untouched(digits: Dataset, cache_dir: Path) -> None:
+    backbone_cfg = ModelConfig(**TINY, exit_after=(3,))
+    _, _, backbone_path = train_cached(backbone_cfg, TrainConfig(epochs=3, **FAST), digits, cache_dir=cache_dir, on_epoch=None)
+    frozen_cfg = ModelConfig(**TINY, exit_after=(1, 2, 4), exit_head="bof")
+    train_cfg = TrainConfig(mode="exits", epochs=3, **FAST)
+    model, meta, _ = train_cached(frozen_cfg, train_cfg, digits, cache_dir=cache_dir, init=backbone_path, on_epoch=None)
+    before = _ce_per_exit(build_model(frozen_cfg), digits)
+    source, _ = load_checkpoint(backbone_path)
+    for name, tensor in source.state_dict().items():
+        if name.startswith(("stages.", "head.")):
+            torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    assert meta.extra["history"][-1]["loss"] < meta.extra["history"][0]["loss"]
+    assert (_ce_per_exit(model, digits)[:-1] < before[:-1]).all()
+
+
+def test_a_trained_configuration_is_loaded_not_retrained(digits: Dataset, cache_dir: Path) -> None:
+    cfg, train_cfg = ModelConfig(**TINY, exit_after=(2,)), TrainConfig(epochs=1, **FAST)
+    calls: list[int] = []
+    _, _, first = train_cached(cfg, train_cfg, digits, cache_dir=cache_dir, on_epoch=lambda r: calls.append(r.epoch))
+    _, _, second = train_cached(cfg, train_cfg, digits, cache_dir=cache_dir, on_epoch=lambda r: calls.append(r.epoch))
+    assert first == second and calls == [1]
+
+
+def test_an_interrupted_run_resumes_from_its_last_epoch(digits: Dataset, cache_dir: Path) -> None:
+    cfg, train_cfg = ModelConfig(**TINY, exit_after=(2,)), TrainConfig(epochs=3, **FAST)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(report) -> None:
+        if report.epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_cached(cfg, train_cfg, digits, cache_dir=cache_dir, on_epoch=stop_after_two)
+    # the epoch-2 state is written after on_epoch, so the resume restarts at epoch 2
+    epochs: list[int] = []
+    _, meta, path = train_cached(cfg, train_cfg, digits, cache_dir=cache_dir, on_epoch=lambda r: epochs.append(r.epoch))
+    assert epochs[-1] == 3 and epochs[0] >= 2
+    assert path.exists() and not (path.parent / "resume.safetensors").exists()
+
+
+def test_one_cycle_schedule_warms_up_then_decays() -> None:
+    cfg = TrainConfig(epochs=10, lr=0.1, warmup_frac=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] < lrs[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
+
+
+def test_checkpoint_errors_are_clear(tmp_path: Path, digits: Dataset, cache_dir: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_meta(bad)
+    _, _, path = train_cached(ModelConfig(**TINY, exit_after=(2,)), TrainConfig(epochs=1, **FAST), digits,
+                              cache_dir=cache_dir, on_epoch=None)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(truncated)
+
+
+def test_bad_training_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        TrainConfig(mode="sideways")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="distill"):
+        TrainConfig(distill=1.5)
+    with pytest.raises(ValueError, match="positive"):
+        TrainConfig(epochs=0)

@@ -1,0 +1,202 @@
+"""The one interface every exit rule implements, and the offline simulator that runs it.
+
+A policy sees exit k's probabilities for the rows of a batch that evaluated exit k, plus
+its own per-row state from earlier exits, and returns which rows exit (and, optionally,
+which exit each remaining row should evaluate next: Predictive Exit skips heads, a cascade
+policy may jump straight to the larger network). The edge agent, the cloud worker and the
+offline evaluator all drive policies through `step`, so a rule behaves the same everywhere.
+
+Exits are numbered 0..K-1 in this module (position in the ladder, not the stage index);
+exit K-1 is the final one and always answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+State = dict[str, torch.Tensor]  # per-row tensors, first dimension = rows
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a policy says about the rows that evaluated exit k."""
+
+    exit: torch.Tensor  # bool [B]: answer with exit k
+    # long [B]: for rows that go on, the next exit to evaluate (> k); None = k + 1
+    next_exit: torch.Tensor | None = None
+    # float [B, C]: what exiting rows answer with, where not exit k's own output (SDN's
+    # most-confident fallback answers with an earlier exit); None = `probs`
+    answer: torch.Tensor | None = None
+
+
+class ExitPolicy(Protocol):
+    """An exit rule. Implementations are small dataclasses of plain parameters."""
+
+    name: ClassVar[str]
+
+    def init_state(self, rows: int, num_classes: int) -> State:
+        """Per-row state before exit 0, every entry it will ever update (empty for
+        stateless rules)."""
+        ...
+
+    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
+        """Rows of `probs` [B, C] evaluated exit k; return the decision and the new state."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON/msgpack-able) for a bundle manifest; `from_dict` inverts it."""
+        ...
+
+
+class PolicyError(ValueError):
+    """A policy cannot be built, fit or loaded as asked."""
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """The exits a policy chooses among, with what reaching each costs (MACs or ms).
+
+    `net_cost[k]` is the backbone cost of exit k's network from its input up to exit k's
+    point; `head_cost[k]` the cost of evaluating exit k's head. `network[k]` names the
+    network each exit belongs to: moving to an exit of another network (a cascade's larger
+    network, run on the raw input) starts that network from scratch.
+    """
+
+    net_cost: tuple[float, ...]
+    head_cost: tuple[float, ...]
+    network: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        k = len(self.net_cost)
+        if k < 1 or len(self.head_cost) != k:
+            raise PolicyError(f"ladder needs K >= 1 exits with one head cost each, got {k} and {len(self.head_cost)}")
+        if not self.network:
+            object.__setattr__(self, "network", (0,) * k)
+        if not self.names:
+            object.__setattr__(self, "names", tuple(f"exit{i}" for i in range(k)))
+        if len(self.network) != k or len(self.names) != k:
+            raise PolicyError("network and names need one entry per exit")
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.net_cost)
+
+    def cumulative(self) -> np.ndarray:
+        """c_k: cost of leaving at exit k when every exit before it was evaluated in order."""
+        costs, spent = [], 0.0
+        prev = -1
+        for k in range(self.num_exits):
+            spent += self.step_cost(prev, k) + self.head_cost[k]
+            costs.append(spent)
+            prev = k
+        return np.asarray(costs)
+
+    def step_cost(self, prev: int, k: int) -> float:
+        """Backbone cost of moving on from exit `prev` (-1 = the input) to exit k's point."""
+        if prev < 0 or self.network[prev] != self.network[k]:
+            return float(self.net_cost[k])
+        return float(self.net_cost[k] - self.net_cost[prev])
+
+    @classmethod
+    def from_cumulative(cls, cumulative: Sequence[float], head_cost: Sequence[float] | None = None) -> "Ladder":
+        """A one-network ladder from c_k (head costs folded into the backbone if not given)."""
+        heads = list(head_cost) if head_cost is not None else [0.0] * len(cumulative)
+        net, heads_so_far = [], 0.0
+        for c, h in zip(cumulative, heads):
+            net.append(float(c) - heads_so_far - h)
+            heads_so_far += h
+        return cls(tuple(net), tuple(float(h) for h in heads))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A policy run over a whole set (offline): where each sample left and what it cost."""
+
+    exit_index: np.ndarray  # [N] exit that answered
+    label: np.ndarray  # [N] the answer
+    cost: np.ndarray  # [N] cost spent per sample
+    head_evals: np.ndarray  # [N] exit heads evaluated per sample
+    correct: np.ndarray | None = None  # [N] bool, when labels were given
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the policy's final state
+
+    @property
+    def acc(self) -> float:
+        if self.correct is None:
+            raise PolicyError("no labels: accuracy unknown")
+        return float(self.correct.mean())
+
+    @property
+    def mean_cost(self) -> float:
+        return float(self.cost.mean())
+
+    def exit_hist(self, num_exits: int) -> np.ndarray:
+        return np.bincount(self.exit_index, minlength=num_exits) / len(self.exit_index)
+
+
+def step(policy: ExitPolicy, k: int, probs: torch.Tensor, state: State, num_exits: int) -> tuple[Decision, State]:
+    """One policy decision with the rules every caller relies on: the last exit always
+    answers, and `next_exit` for continuing rows lies in k+1..K-1."""
+    decision, new_state = policy.decide(k, probs, state)
+    exits = decision.exit.to(torch.bool)
+    if k == num_exits - 1:
+        exits = torch.ones_like(exits)
+    nxt = decision.next_exit
+    if nxt is None:
+        nxt = torch.full(exits.shape, k + 1, dtype=torch.long)
+    nxt = nxt.to(torch.long).clamp(k + 1, num_exits - 1)
+    answer = probs if decision.answer is None else decision.answer
+    return Decision(exits, nxt, answer), new_state
+
+
+def _select(state: State, rows: torch.Tensor) -> State:
+    return {name: value[rows] for name, value in state.items()}
+
+
+def _assign(state: State, rows: torch.Tensor, update: State) -> None:
+    for name, value in update.items():
+        if name not in state:
+            raise PolicyError(f"policy state {name!r} was not created by init_state")
+        state[name][rows] = value
+
+
+def simulate(policy: ExitPolicy, probs: np.ndarray | torch.Tensor, ladder: Ladder,
+             labels: np.ndarray | None = None) -> Outcome:
+    """Run `policy` over cached outputs probs [K, N, C] exactly as a runtime would: rows
+    move through the exits, evaluate the ones the policy asks for, and leave when it says."""
+    p = torch.as_tensor(np.asarray(probs), dtype=torch.float32)
+    num_exits, n, num_classes = p.shape
+    if num_exits != ladder.num_exits:
+        raise PolicyError(f"outputs have {num_exits} exits, the ladder {ladder.num_exits}")
+    state = policy.init_state(n, num_classes)
+    exit_index = torch.full((n,), -1, dtype=torch.long)
+    cost = torch.zeros(n, dtype=torch.float64)
+    head_evals = torch.zeros(n, dtype=torch.long)
+    label = torch.zeros(n, dtype=torch.long)
+    at = torch.full((n,), -1, dtype=torch.long)  # the last exit point each row reached
+    target = torch.zeros(n, dtype=torch.long)  # the next exit each row evaluates
+    for k in range(num_exits):
+        rows = torch.nonzero((exit_index < 0) & (target == k)).flatten()
+        if len(rows) == 0:
+            continue
+        # backbone cost to get here from wherever each row last was
+        prev = at[rows]
+        for j in prev.unique().tolist():
+            cost[rows[prev == j]] += ladder.step_cost(j, k)
+        cost[rows] += ladder.head_cost[k]
+        head_evals[rows] += 1
+        at[rows] = k
+        decision, update = step(policy, k, p[k, rows], _select(state, rows), num_exits)
+        _assign(state, rows, update)
+        exit_index[rows[decision.exit]] = k
+        label[rows[decision.exit]] = decision.answer[decision.exit].argmax(-1)
+        target[rows] = decision.next_exit
+    assert bool((exit_index >= 0).all()), "every row leaves by the last exit"
+    correct = None if labels is None else label.numpy() == np.asarray(labels)
+    # the policy's final per-row state rides along (e.g. Predictive Exit's energy account)
+    extra = {name: value.numpy() for name, value in state.items()}
+    return Outcome(exit_index.numpy(), label.numpy(), cost.numpy(), head_evals.numpy(), correct, extra)

@@ -10,6 +10,7 @@ import argparse
 import os
 import shutil
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -197,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threshold", type=_probability, default=0.9)
     ev.add_argument("--out", type=Path, default=Path("runs/eval"), help="where eval.json and eval.png go")
     ev.set_defaults(func=cmd_eval)
+
+    # The other parts (sim: `bench`, later edge, cloud) add their commands through entry
+    # points, so this module never imports them (shared imports neither edge, cloud nor sim).
+    for command in sorted(entry_points(group="splitexit.commands"), key=lambda ep: ep.name):
+        command.load()(sub, common)
     return parser
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch only where a model is analysed
     import torch
 
     from splitexit.models import MultiExitNet
+    from splitexit.policies.base import Ladder
 
 __all__ = ["CostModel", "Timings", "cost_model", "format_cost_table", "measure_ms"]
 
@@ -136,6 +137,17 @@ class CostModel:
         head (exits on the cloud side are not evaluated there)."""
         self._check_stage(split)
         return sum(self.stage_macs[split + 1 :]) + self.head_macs
+
+    def exit_ladder(self, exit_points: Sequence[int] | None = None) -> "Ladder":
+        """The exits (`exit_points`, default all, then the final head) as a policy Ladder
+        in MACs: backbone MACs up to each exit point and each exit head's own MACs."""
+        from splitexit.policies.base import Ladder
+
+        points = self._exits(exit_points)
+        net = [float(sum(self.stage_macs[: k + 1])) for k in points] + [float(self.total_macs)]
+        heads = [float(self.exit_macs[k]) for k in points] + [0.0]
+        names = tuple(f"exit@{k}" for k in points) + ("final",)
+        return Ladder(net_cost=tuple(net), head_cost=tuple(heads), names=names)
 
     # --- bytes -----------------------------------------------------------------------
     def bytes_at(self, k: int, bytes_per_element: int = FP32) -> int:

@@ -1,8 +1,9 @@
-"""The reference models on CIFAR-10 that the benchmarks share.
+"""The reference models that the benchmarks share, and the exit ladder of a trained model.
 
-One place names their configurations, so `splitexit bench ...` and `splitexit bench models`
-hit the same training cache entries (keyed by configuration): whichever runs first trains,
-the others load.
+One place names their configurations, so every `splitexit bench ...` hits the same training
+cache entries (keyed by configuration): whichever runs first trains, the others load.
+`REFERENCE` is the real thing on CIFAR-10; `QUICK` the same recipe shrunk to the embedded
+digits so that `--quick` runs in seconds.
 """
 
 from __future__ import annotations
@@ -10,22 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from splitexit.data import Dataset
-from splitexit.models import ModelConfig, MultiExitNet
 from splitexit.checkpoint import CheckpointMeta
+from splitexit.data import Dataset, load_dataset
+from splitexit.models import ModelConfig, MultiExitNet
 from splitexit.train import TrainConfig, train_cached
-
-# The edge-size network: ResNet-20 with BoF exits after blocks 2, 4, 6 and 8, trained jointly.
-EDGE_MODEL = ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8), exit_head="bof")
-EDGE_TRAIN = TrainConfig(epochs=30, exit_weight=0.5, distill=0.5)
-
-# The larger cloud network of the cascade: ResNet-20 at twice the width, no exits.
-CLOUD_MODEL = ModelConfig(arch="resnet20x2", exit_after=())
-CLOUD_TRAIN = TrainConfig(epochs=12)
-
-# Exit heads alone on the trained edge backbone (frozen), at every block: BoF vs pooling.
-HEAD_EXITS = (1, 2, 3, 4, 5, 6, 7, 8)
-HEAD_TRAIN = TrainConfig(mode="exits", epochs=8, lr=0.05, weight_decay=1e-4)
 
 
 @dataclass(frozen=True)
@@ -35,24 +24,64 @@ class Trained:
     path: Path
 
 
-def quick(cfg: TrainConfig) -> TrainConfig:
-    """The `--quick` form of a training config: one epoch (used on small data by CI)."""
-    return replace(cfg, epochs=1)
+@dataclass(frozen=True)
+class Recipe:
+    """An edge network with exits, a larger cloud network, and exit heads on a frozen
+    edge backbone at every block (BoF vs pooling), with how to train each."""
+
+    data: str
+    edge_model: ModelConfig
+    edge_train: TrainConfig
+    cloud_model: ModelConfig
+    cloud_train: TrainConfig
+    head_exits: tuple[int, ...]
+    head_train: TrainConfig
+    val_size: int = 5000
+
+    def load_data(self, cache_dir: Path) -> Dataset:
+        return load_dataset(self.data, val_size=self.val_size, cache_dir=cache_dir)
+
+    def train_edge(self, dataset: Dataset, cache_dir: Path, *, threads: int | None = None) -> Trained:
+        return Trained(*train_cached(self.edge_model, replace(self.edge_train, threads=threads), dataset,
+                                     cache_dir=cache_dir))
+
+    def train_cloud(self, dataset: Dataset, cache_dir: Path, *, threads: int | None = None) -> Trained:
+        return Trained(*train_cached(self.cloud_model, replace(self.cloud_train, threads=threads), dataset,
+                                     cache_dir=cache_dir))
+
+    def train_heads(self, dataset: Dataset, cache_dir: Path, edge: Trained, head: str, *,
+                    threads: int | None = None) -> Trained:
+        """Exit heads of kind `head` ("bof" or "pool") at every block of the frozen edge backbone."""
+        model_cfg = replace(self.edge_model, exit_after=self.head_exits, exit_head=head)
+        return Trained(*train_cached(model_cfg, replace(self.head_train, threads=threads), dataset,
+                                     cache_dir=cache_dir, init=edge.path))
 
 
-def train_edge(dataset: Dataset, cache_dir: Path, *, epochs: int | None = None, threads: int | None = None) -> Trained:
-    cfg = replace(EDGE_TRAIN, epochs=epochs or EDGE_TRAIN.epochs, threads=threads)
-    return Trained(*train_cached(EDGE_MODEL, cfg, dataset, cache_dir=cache_dir))
+REFERENCE = Recipe(
+    data="../shared/data/cifar10-jpg.tar.gz",
+    # the edge-size network: ResNet-20 with BoF exits after blocks 2, 4, 6 and 8, trained jointly
+    edge_model=ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8), exit_head="bof"),
+    edge_train=TrainConfig(epochs=30, exit_weight=0.5, distill=0.5),
+    # the larger cloud network of the cascade: ResNet-20 at twice the width, no exits
+    cloud_model=ModelConfig(arch="resnet20x2", exit_after=()),
+    cloud_train=TrainConfig(epochs=12),
+    head_exits=(1, 2, 3, 4, 5, 6, 7, 8),
+    head_train=TrainConfig(mode="exits", epochs=8, lr=0.05, weight_decay=1e-4),
+)
+
+_DIGITS_TRAIN = TrainConfig(epochs=4, batch_size=64, lr=0.05, augment_pad=1, augment_flip=False)
+QUICK = Recipe(
+    data="digits",
+    edge_model=ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=(1, 2, 3, 4, 5), exit_head="bof"),
+    edge_train=_DIGITS_TRAIN,
+    cloud_model=ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=()),
+    cloud_train=replace(_DIGITS_TRAIN, seed=1),
+    head_exits=(1, 2, 3, 4, 5),
+    head_train=replace(_DIGITS_TRAIN, mode="exits", epochs=2),
+)
 
 
-def train_cloud(dataset: Dataset, cache_dir: Path, *, epochs: int | None = None, threads: int | None = None) -> Trained:
-    cfg = replace(CLOUD_TRAIN, epochs=epochs or CLOUD_TRAIN.epochs, threads=threads)
-    return Trained(*train_cached(CLOUD_MODEL, cfg, dataset, cache_dir=cache_dir))
-
-
-def train_head_variant(dataset: Dataset, cache_dir: Path, edge: Trained, head: str, *, epochs: int | None = None,
-                       threads: int | None = None) -> Trained:
-    """Exit heads of kind `head` ("bof" or "pool") at every block of the frozen edge backbone."""
-    model_cfg = replace(EDGE_MODEL, exit_after=HEAD_EXITS, exit_head=head)
-    cfg = replace(HEAD_TRAIN, epochs=epochs or HEAD_TRAIN.epochs, threads=threads)
-    return Trained(*train_cached(model_cfg, cfg, dataset, cache_dir=cache_dir, init=edge.path))
+def recipe(quick: bool, data: str | None = None) -> Recipe:
+    """The benchmark recipe: QUICK or REFERENCE, on another data set if `data` is given."""
+    base = QUICK if quick else REFERENCE
+    return base if data is None else replace(base, data=data)

@@ -1,0 +1,85 @@
+"""`bench overhead`: what the exit heads and the policy cost next to the edge network.
+
+`edge_ms` is the edge network alone (every stage and the final head, no exits) on a batch;
+`exit_ms` is every exit head on its stage's feature plus the policy's decision at each
+exit, on the same batch. Both are timed interleaved in one process (median of repeats), so
+the ratio holds on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from splitexit.policies import BoFBeta, step
+from splitexit.sim.bench.common import BenchContext, log
+
+HELP = "exit heads + policy time and MACs over the edge network's (ratio)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes to time")
+    parser.add_argument("--repeats", type=int, default=0, help="timed repeats (default 200, 20 with --quick)")
+
+
+def _time_pair(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median ms of a and b, alternating calls so drift and noise hit both alike."""
+    for _ in range(max(3, repeats // 10)):
+        a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
+def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
+    edge = ctx.edge()
+    model = edge.model.eval()
+    costs = ctx.costs(edge)
+    policy = BoFBeta.fit(ctx.outputs(edge, "train_stats").probs)
+    exits = model.exit_points
+    repeats = args.repeats or (20 if ctx.quick else 200)
+    result: dict = {
+        "edge_macs": costs.total_macs,
+        "head_macs": [costs.exit_macs[k] for k in exits],
+        "exit_macs": sum(costs.exit_macs[k] for k in exits),
+        "policy": "bof_beta",
+        "repeats": repeats,
+        "by_batch": {},
+    }
+    result["macs_ratio"] = round(result["exit_macs"] / result["edge_macs"], 5)
+    for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
+        x = torch.randn(batch, *ctx.input_shape)
+        with torch.inference_mode():
+            _, feats = model.forward_intermediates(x, indices=exits)
+
+            def backbone() -> object:
+                return model(x)
+
+            def heads_and_policy() -> object:
+                state = policy.init_state(batch, edge.meta.model.num_classes)
+                out = None
+                for i, k in enumerate(exits):
+                    probs = model.exit_logits(k, feats[i]).softmax(-1)
+                    out, state = step(policy, i, probs, state, len(exits) + 1)
+                return out
+
+            edge_ms, exit_ms = _time_pair(backbone, heads_and_policy, repeats)
+        result["by_batch"][str(batch)] = {"edge_ms": round(edge_ms, 4), "exit_ms": round(exit_ms, 4),
+                                          "ratio": round(exit_ms / edge_ms, 4)}
+        log(f"batch {batch}: edge {edge_ms:.3f} ms, exit heads + policy {exit_ms:.3f} ms, "
+            f"ratio {exit_ms / edge_ms:.4f}")
+    # the headline figure: the worst batch size measured
+    worst = max(result["by_batch"].values(), key=lambda r: r["ratio"])
+    result.update(edge_ms=worst["edge_ms"], exit_ms=worst["exit_ms"], ratio=worst["ratio"])
+    return result

@@ -1,0 +1,216 @@
+"""`bench tradeoff`: accuracy vs average MACs of every exit policy on the edge network.
+
+Everything is fit on the validation split (5,000 images held out of train) or, for BoF's
+per-exit statistics, on 5,000 training images, and reported on the test split. A policy's
+entry at a budget is chosen on validation (its best validation accuracy whose validation
+cost fits) and then measured on test: nothing is tuned on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from splitexit.evaluate import ExitOutputs, balance
+from splitexit.policies import (
+    BoFBeta, Entropy, ExitPolicy, Ladder, MaxProb, MSDNetBudget, Oracle, Outcome, Patience, PolicyError,
+    fit_scalar_to_budget, simulate,
+)
+from splitexit.policies.bof import STATISTICS
+from splitexit.sim.bench.common import BenchContext, log
+
+HELP = "accuracy vs average MACs of every exit policy, at budgets 0.3 / 0.5 / 0.7"
+BUDGETS = (0.3, 0.5, 0.7)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Sets:
+    """Cached outputs and the ladder they are simulated on."""
+
+    val: ExitOutputs
+    test: ExitOutputs
+    train_stats: ExitOutputs
+    ladder: Ladder
+    full_macs: float
+
+
+@dataclass(frozen=True)
+class Point:
+    param: float | str
+    policy: ExitPolicy
+    val: Outcome
+    test: Outcome
+
+    def to_dict(self, sets: Sets) -> dict:
+        k = sets.ladder.num_exits
+        hist = self.test.exit_hist(k)
+        return {
+            "param": self.param, "acc": round(self.test.acc, 5), "macs": round(self.test.mean_cost),
+            "macs_frac": round(self.test.mean_cost / sets.full_macs, 4),
+            "exit_hist": [round(float(h), 4) for h in hist], "balance": round(balance(hist), 4),
+            "head_evals": round(float(self.test.head_evals.mean()), 3),
+            "val_acc": round(self.val.acc, 5), "val_macs": round(self.val.mean_cost),
+        }
+
+
+def evaluate(policy: ExitPolicy, param: float | str, sets: Sets) -> Point:
+    return Point(param, policy,
+                 simulate(policy, sets.val.probs, sets.ladder, sets.val.labels),
+                 simulate(policy, sets.test.probs, sets.ladder, sets.test.labels))
+
+
+def budget_fits(fit: Callable[[float], ExitPolicy], sets: Sets, fractions: Iterable[float]) -> list[Point]:
+    """Fit a budget-calibrated policy at each budget it can meet (param = the fraction)."""
+    points = []
+    for f in fractions:
+        try:
+            points.append(evaluate(fit(f * sets.full_macs), round(float(f), 4), sets))
+        except PolicyError as exc:
+            log(f"  budget {f:.2f}: {exc}")
+    return points
+
+
+def sweeps(sets: Sets, quick: bool) -> dict[str, list[Point]]:
+    """Each policy's trade-off curve."""
+    val, k = sets.val, sets.ladder.num_exits
+    n = 8 if quick else 1
+    fractions = np.linspace(0.2, 1.0, 33)[::n]
+    thresholds = np.r_[np.linspace(0.2, 0.9, 15), 1 - np.geomspace(0.1, 1e-4, 16)][::n]
+    bof = BoFBeta.fit(sets.train_stats.probs)
+    lo, hi = bof.beta_range()
+    curves: dict[str, list[Point]] = {
+        "maxprob": [evaluate(MaxProb(float(t)), float(t), sets) for t in thresholds],
+        "entropy": [evaluate(Entropy(float(t)), float(t), sets)
+                    for t in np.geomspace(1e-4, np.log(val.probs.shape[-1]), 31)[::n]],
+        "patience": [evaluate(Patience(p), p, sets) for p in range(k)],
+        "bof_beta": [evaluate(bof.with_beta(b), round(float(b), 4), sets) for b in np.linspace(lo, hi, 41)[::n]],
+        "msdnet_budget": budget_fits(lambda b: MSDNetBudget.fit(val.probs, val.labels, sets.ladder, b), sets,
+                                     fractions),
+    }
+    return curves
+
+
+def best_at_budget(points: list[Point], budget: float) -> Point | None:
+    """The point with the best validation accuracy whose validation cost fits `budget`."""
+    fitting = [p for p in points if p.val.mean_cost <= budget]
+    return max(fitting, key=lambda p: (p.val.acc, -p.val.mean_cost), default=None)
+
+
+def bof_vs_maxprob(sets: Sets) -> list[dict]:
+    """BoF's β rule against one global max-prob threshold at equal validation cost, for
+    each statistic: accuracy and exit-histogram balance on test (METHODS.md §1's claim)."""
+    rows = []
+    for statistic in STATISTICS:
+        base = BoFBeta.fit(sets.train_stats.probs, statistic=statistic)
+        lo, hi = base.beta_range()
+        for fraction in BUDGETS:
+            budget = fraction * sets.full_macs
+            try:
+                bof, beta = fit_scalar_to_budget(base.with_beta, lo, hi, sets.val.probs, sets.ladder, budget)
+                # match the cost the β rule actually reached, so both spend the same
+                reached = simulate(bof, sets.val.probs, sets.ladder).mean_cost
+                mp, t = fit_scalar_to_budget(lambda x: MaxProb(x, fallback=False), 0.0, 1.0, sets.val.probs,
+                                             sets.ladder, reached)
+            except PolicyError as exc:
+                log(f"  bof {statistic} at {fraction}: {exc}")
+                continue
+            row = {"statistic": statistic, "budget": fraction, "beta": round(beta, 5), "threshold": round(t, 5)}
+            for name, policy in (("bof_beta", bof), ("maxprob", mp)):
+                out = simulate(policy, sets.test.probs, sets.ladder, sets.test.labels)
+                hist = out.exit_hist(sets.ladder.num_exits)
+                row[name] = {"acc": round(out.acc, 5), "macs_frac": round(out.mean_cost / sets.full_macs, 4),
+                             "balance": round(balance(hist), 4), "exit_hist": [round(float(h), 4) for h in hist]}
+            rows.append(row)
+    return rows
+
+
+def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
+    edge = ctx.edge()
+    costs = ctx.costs(edge)
+    ladder = costs.exit_ladder()
+    sets = Sets(ctx.outputs(edge, "val"), ctx.outputs(edge, "test"), ctx.outputs(edge, "train_stats"), ladder,
+                float(costs.total_macs))
+    log(f"exits {list(ladder.names)}, cumulative MMACs {[round(float(c) / 1e6, 2) for c in ladder.cumulative()]}")
+    full_acc = float(sets.test.correct()[-1].mean())
+    result: dict = {
+        "full": {"acc": round(full_acc, 5), "macs": costs.total_macs},
+        "exits": list(ladder.names),
+        "exit_acc": [round(float(a), 5) for a in sets.test.correct().mean(1)],
+        "cumulative_macs": [round(float(c)) for c in ladder.cumulative()],
+        "head_macs": [costs.exit_macs[k] for k in edge.model.exit_points],
+    }
+    oracle = simulate(Oracle(sets.test.labels), sets.test.probs, ladder, sets.test.labels)
+    result["oracle"] = {"acc": round(oracle.acc, 5), "macs": round(oracle.mean_cost)}
+
+    curves = sweeps(sets, ctx.quick)
+    result["policies"] = {name: [p.to_dict(sets) for p in points] for name, points in curves.items()}
+    at_budget = {}
+    for fraction in BUDGETS:
+        entry = {}
+        for name, points in curves.items():
+            best = best_at_budget(points, fraction * sets.full_macs)
+            if best is not None:
+                d = best.to_dict(sets)
+                entry[name] = {"acc": d["acc"], "macs": d["macs"], "macs_frac": d["macs_frac"], "param": d["param"]}
+        if entry:
+            top = max(entry, key=lambda n: entry[n]["acc"])
+            entry["best"] = {"policy": top, "acc": entry[top]["acc"],
+                             "gap_to_full_points": round(100 * (full_acc - entry[top]["acc"]), 3)}
+        at_budget[str(fraction)] = entry
+    result["at_budget"] = at_budget
+    result["bof_vs_maxprob"] = bof_vs_maxprob(sets)
+    for fraction, entry in at_budget.items():
+        if "best" in entry:
+            log(f"budget {fraction}: best {entry['best']['policy']} {entry['best']['acc']:.4f} "
+                f"({entry['best']['gap_to_full_points']:+.2f} points below full {full_acc:.4f})")
+    plot(ctx, result, curves, sets)
+    return result
+
+
+def plot(ctx: BenchContext, result: dict, curves: dict[str, list[Point]], sets: Sets) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, points in result["policies"].items():
+        pts = sorted(points, key=lambda p: p["macs_frac"])
+        ax.plot([p["macs_frac"] for p in pts], [p["acc"] for p in pts], ".-", label=name, alpha=0.85)
+    ax.plot([result["oracle"]["macs"] / sets.full_macs], [result["oracle"]["acc"]], "k*", markersize=12,
+            label="oracle")
+    ax.plot([1.0], [result["full"]["acc"]], "ks", label="full network")
+    for b in BUDGETS:
+        ax.axvline(b, color="gray", linewidth=0.5)
+    ax.set_xlabel("average MACs / full network")
+    ax.set_ylabel("test accuracy")
+    top = max(result["oracle"]["acc"], result["full"]["acc"])
+    ax.set_ylim(max(0.0, result["exit_acc"][0] - 0.05), min(1.0, top + 0.02))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("exit policies: accuracy vs cost")
+    fig.tight_layout()
+    fig.savefig(ctx.out / "tradeoff.png", dpi=120)
+    plt.close(fig)
+
+    chosen = {n: best_at_budget(p, 0.5 * sets.full_macs) for n, p in curves.items()}
+    chosen = {n: p for n, p in chosen.items() if p is not None}
+    fig, ax = plt.subplots(figsize=(9, 4))
+    k = sets.ladder.num_exits
+    width = 0.8 / max(1, len(chosen))
+    for i, (name, point) in enumerate(chosen.items()):
+        hist = point.test.exit_hist(k)
+        ax.bar(np.arange(k) + i * width, hist, width, label=f"{name} (balance {balance(hist):.2f})")
+    ax.set_xticks(np.arange(k) + 0.4 - width / 2, sets.ladder.names)
+    ax.set_ylabel("share of test samples")
+    ax.set_title("exit histograms at budget 0.5 x full MACs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ctx.out / "exit_hist.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,71 @@
+"""Every benchmark's --quick form runs end to end and writes the keys BENCH.md asks for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitexit.cli import build_parser, main
+
+POLICIES_REQUIRED = ("maxprob", "entropy", "patience", "bof_beta", "msdnet_budget")
+
+
+@pytest.fixture(scope="module")
+def bench_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One cache for the module: the quick models train once and every bench reuses them."""
+    root = tmp_path_factory.mktemp("bench")
+    return root / "cache", root / "out"
+
+
+def _bench(name: str, dirs: tuple[Path, Path], *extra: str) -> dict:
+    cache, out = dirs
+    assert main(["bench", name, "--quick", "--cache-dir", str(cache), "--out", str(out), *extra]) == 0
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_bench_is_a_subcommand_with_its_benchmarks() -> None:
+    parser = build_parser()
+    assert "bench" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "nonsense"])
+
+
+def test_tradeoff_quick_writes_every_required_key(bench_dirs: tuple[Path, Path]) -> None:
+    result = _bench("tradeoff", bench_dirs)
+    assert 0 < result["full"]["acc"] <= 1 and result["full"]["macs"] > 0
+    assert result["oracle"]["acc"] >= result["full"]["acc"]
+    for name in POLICIES_REQUIRED:
+        points = result["policies"][name]
+        assert points, name
+        for p in points:
+            assert {"param", "acc", "macs", "exit_hist", "balance"} <= set(p)
+            assert sum(p["exit_hist"]) == pytest.approx(1.0, abs=1e-3)
+    assert set(result["at_budget"]) == {"0.3", "0.5", "0.7"}
+    assert len(result["head_macs"]) == len(result["exits"]) - 1
+    assert (bench_dirs[1] / "tradeoff.png").stat().st_size > 0
+    assert (bench_dirs[1] / "exit_hist.png").stat().st_size > 0
+
+
+def test_overhead_quick_reports_the_ratio(bench_dirs: tuple[Path, Path]) -> None:
+    result = _bench("overhead", bench_dirs, "--repeats", "5")
+    for key in ("edge_macs", "exit_macs", "exit_ms", "edge_ms", "ratio"):
+        assert result[key] > 0, key
+    assert result["ratio"] == pytest.approx(result["exit_ms"] / result["edge_ms"], rel=1e-2)
+
+
+def test_models_quick_compares_bof_and_pool_heads(bench_dirs: tuple[Path, Path]) -> None:
+    result = _bench("models", bench_dirs)
+    for kind in ("bof", "pool"):
+        heads = result["heads"][kind]
+        assert heads["exit_head"] == kind and len(heads["exit_acc"]) == len(heads["exit_after"]) + 1
+        assert heads["train_mode"] == "exits"
+    assert result["edge"]["train_seconds"] > 0
+
+
+def test_full_bench_without_reference_data_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # ../shared/data is not beside this folder
+    assert main(["bench", "tradeoff", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")]) == 2
+    assert "reference data not found" in capsys.readouterr().err

@@ -21,5 +21,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Regenerates protos/splitexit/proto/*_pb2*.py(i) from the .proto files (commit them).
+protos: $(STAMP)
+	$(BIN)/python -m splitexit.proto.generate
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

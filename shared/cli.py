@@ -141,6 +141,68 @@ def cmd_eval(args: argparse.Namespace) -> None:
                          cache_dir=args.cache_dir, title=f"{meta.model.arch} ({meta.model.exit_head} exits)")
 
 
+def _budget(text: str) -> tuple[float, str]:
+    """'0.5' = half the full network's MACs; '2.5ms' = 2.5 ms per sample on this machine."""
+    unit = "ms" if text.strip().endswith("ms") else "macs"
+    try:
+        value = float(text.strip().removesuffix("ms"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction of full MACs (0.5) or milliseconds (2.5ms), got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a budget must be positive, got {text!r}")
+    return value, unit
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Fit a policy on the validation split's exit outputs and write it as JSON."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from splitexit.calibrate import FitInputs, FitOptions, describe_fit, fit_policy
+    from splitexit.checkpoint import load_checkpoint
+    from splitexit.cost import cost_model
+    from splitexit.data import Normalize, load_dataset
+    from splitexit.evaluate import cached_exit_outputs
+
+    model, meta = load_checkpoint(args.checkpoint)
+    if not model.exit_points:
+        raise CliError(f"{args.checkpoint} has no exits: nothing to calibrate")
+    dataset = load_dataset(args.data, val_size=args.val_size, cache_dir=args.cache_dir)
+    normalize = Normalize(meta.mean, meta.std)
+    val = cached_exit_outputs(model, dataset.val, normalize, cache_dir=args.cache_dir, tag="val")
+    stats = None
+    if args.policy == "bof_beta":  # per-exit statistics on training samples (METHODS.md §1)
+        rng = np.random.default_rng(0)
+        pick = np.sort(rng.permutation(len(dataset.train))[: min(5000, len(dataset.train))])
+        stats = cached_exit_outputs(model, dataset.train.subset(pick), normalize, cache_dir=args.cache_dir,
+                                    tag="train_stats")
+    budget, unit = args.budget if args.budget is not None else (None, "macs")
+    costs = cost_model(model, (dataset.in_chans, dataset.image_size, dataset.image_size), measure=unit == "ms")
+    ladder = costs.exit_ladder(unit=unit)
+    full = float(ladder.net_cost[-1])  # the network without exit heads
+    if budget is not None and unit == "macs":
+        budget *= full
+    options = FitOptions(budget=budget, threshold=args.threshold, patience=args.patience, beta=args.beta,
+                         statistic=args.statistic, extra={k: v for k, v in (("q", args.q), ("lam", args.lam)) if v is not None})
+    policy = fit_policy(args.policy, FitInputs(val, ladder, stats), options)
+    entry = describe_fit(policy, FitInputs(val, ladder, stats), full)
+    entry["fitted"] = {
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest(),
+        "data": args.data, "split": "val", "unit": unit, "budget": budget, "full_cost": full,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(entry, indent=2))
+    tmp.replace(args.out)  # never a half-written policy file
+    v = entry["validation"]
+    print(f"{args.policy}: validation accuracy {v['acc']:.4f} at {v['cost_frac']:.3f} x full "
+          f"({'ms' if unit == 'ms' else 'MACs'}), exit histogram {v['exit_hist']}")
+    print(f"wrote {args.out}")
+
+
 # --- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from splitexit import __version__
@@ -198,6 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threshold", type=_probability, default=0.9)
     ev.add_argument("--out", type=Path, default=Path("runs/eval"), help="where eval.json and eval.png go")
     ev.set_defaults(func=cmd_eval)
+
+    cal = sub.add_parser("calibrate", help="fit an exit policy on validation outputs (to a budget or a setting)")
+    common(cal)
+    cal.add_argument("checkpoint", type=Path, help="a trained multi-exit checkpoint (.safetensors)")
+    cal.add_argument("--data", required=True, help="the data set it was trained on (its validation split is used)")
+    cal.add_argument("--val-size", type=_positive_int, default=5000)
+    cal.add_argument("--policy", required=True,
+                     choices=("maxprob", "entropy", "patience", "bof_beta", "msdnet_budget", "bolukbasi", "oracle"))
+    cal.add_argument("--budget", type=_budget, help="average cost per sample: fraction of full MACs (0.5) or ms (2.5ms)")
+    cal.add_argument("--threshold", type=float, help="maxprob / entropy threshold")
+    cal.add_argument("--patience", type=int, help="patience: exits that must agree, minus one")
+    cal.add_argument("--beta", type=float, help="bof_beta's beta")
+    cal.add_argument("--statistic", choices=("maxprob", "margin", "maxprob_std"), default="maxprob",
+                     help="bof_beta's per-exit statistic")
+    cal.add_argument("--q", type=float, help="msdnet_budget: the geometric exit distribution's ratio")
+    cal.add_argument("--lambda", dest="lam", type=float, help="bolukbasi: cost weight lambda")
+    cal.add_argument("--out", type=Path, default=Path("runs/policy.json"), help="where the fitted policy goes")
+    cal.set_defaults(func=cmd_calibrate)
 
     # The other parts (sim: `bench`, later edge, cloud) add their commands through entry
     # points, so this module never imports them (shared imports neither edge, cloud nor sim).

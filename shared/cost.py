@@ -138,14 +138,26 @@ class CostModel:
         self._check_stage(split)
         return sum(self.stage_macs[split + 1 :]) + self.head_macs
 
-    def exit_ladder(self, exit_points: Sequence[int] | None = None) -> "Ladder":
-        """The exits (`exit_points`, default all, then the final head) as a policy Ladder
-        in MACs: backbone MACs up to each exit point and each exit head's own MACs."""
+    def exit_ladder(self, exit_points: Sequence[int] | None = None, *, unit: str = "macs") -> "Ladder":
+        """The exits (`exit_points`, default all, then the final head) as a policy Ladder:
+        backbone cost up to each exit point and each exit head's own cost, in MACs or in
+        measured milliseconds per sample (`unit="ms"`, needs a measured cost model)."""
         from splitexit.policies.base import Ladder
 
         points = self._exits(exit_points)
-        net = [float(sum(self.stage_macs[: k + 1])) for k in points] + [float(self.total_macs)]
-        heads = [float(self.exit_macs[k]) for k in points] + [0.0]
+        if unit == "macs":
+            stages, exits, head = self.stage_macs, self.exit_macs, self.head_macs
+        elif unit == "ms":
+            if self.stage_ms is None or self.exit_ms is None or self.head_ms is None:
+                raise ValueError("a budget in ms needs measured timings (cost_model(..., measure=True))")
+            per = 1.0 / self.batch_size
+            stages = tuple(t * per for t in self.stage_ms)
+            exits = {k: t * per for k, t in self.exit_ms.items()}
+            head = self.head_ms * per
+        else:
+            raise ValueError(f"unit must be 'macs' or 'ms', got {unit!r}")
+        net = [float(sum(stages[: k + 1])) for k in points] + [float(sum(stages) + head)]
+        heads = [float(exits[k]) for k in points] + [0.0]
         names = tuple(f"exit@{k}" for k in points) + ("final",)
         return Ladder(net_cost=tuple(net), head_cost=tuple(heads), names=names)
 

@@ -1,0 +1,70 @@
+"""`splitexit calibrate`: fits a policy on validation outputs to a budget or a setting,
+writes plain JSON that loads back, and refuses what cannot be met."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitexit.cli import main
+from splitexit.policies import policy_from_dict
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("calibrate")
+    ckpt = root / "digits.safetensors"
+    assert main(["train", "--data", "digits", "--arch", "resnet14_tiny", "--exit-after", "1,2,3,4",
+                 "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--augment-pad", "1", "--no-flip",
+                 "--cache-dir", str(root / "cache"), "--out", str(ckpt)]) == 0
+    return ckpt, root / "cache"
+
+
+def _calibrate(checkpoint: tuple[Path, Path], out: Path, *args: str) -> int:
+    ckpt, cache = checkpoint
+    return main(["calibrate", str(ckpt), "--data", "digits", "--cache-dir", str(cache), "--out", str(out), *args])
+
+
+@pytest.mark.parametrize("policy", ["maxprob", "entropy", "patience", "bof_beta", "msdnet_budget", "bolukbasi"])
+def test_budget_is_met_on_validation_and_the_policy_loads_back(policy: str, checkpoint, tmp_path: Path) -> None:
+    out = tmp_path / "policy.json"
+    assert _calibrate(checkpoint, out, "--policy", policy, "--budget", "0.8") == 0
+    entry = json.loads(out.read_text())
+    assert entry["name"] == policy
+    assert entry["validation"]["cost_frac"] <= 0.8 + 1e-9
+    assert sum(entry["validation"]["exit_hist"]) == pytest.approx(1.0, abs=1e-3)
+    assert policy_from_dict(entry).name == policy
+
+
+def test_a_setting_instead_of_a_budget(checkpoint, tmp_path: Path) -> None:
+    out = tmp_path / "policy.json"
+    assert _calibrate(checkpoint, out, "--policy", "bof_beta", "--beta", "0.9", "--statistic", "margin") == 0
+    assert json.loads(out.read_text())["params"]["beta"] == 0.9
+
+
+def test_budget_below_the_cheapest_exit_is_refused_and_nothing_written(checkpoint, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "policy.json"
+    assert _calibrate(checkpoint, out, "--policy", "msdnet_budget", "--budget", "0.05") == 2
+    assert "below the cheapest exit" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--policy", "oracle", "--budget", "0.5"), "needs each sample's label"),
+    (("--policy", "maxprob"), "needs --threshold or --budget"),
+])
+def test_impossible_requests_say_why(checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str], args,
+                                     message: str) -> None:
+    assert _calibrate(checkpoint, tmp_path / "p.json", *args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [("--policy", "magic"), ("--policy", "maxprob", "--budget", "abc"),
+                                  ("--policy", "maxprob", "--budget", "-1")])
+def test_bad_arguments_are_usage_errors(checkpoint, tmp_path: Path, args) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _calibrate(checkpoint, tmp_path / "p.json", *args)
+    assert exc.value.code == 2

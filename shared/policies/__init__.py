@@ -13,16 +13,17 @@ from splitexit.policies.bolukbasi import Bolukbasi
 from splitexit.policies.budget import MSDNetBudget, check_budget, fit_scalar_to_budget, sequential_thresholds
 from splitexit.policies.eenet import EENet
 from splitexit.policies.rules import Entropy, MaxProb, Oracle, Patience
+from splitexit.policies.predictive import Predictive
 
 __all__ = [
-    "POLICIES", "BoFBeta", "Bolukbasi", "Decision", "EENet", "Entropy", "ExitPolicy", "Ladder", "MSDNetBudget", "MaxProb",
-    "Oracle", "Outcome", "Patience", "PolicyError", "State", "check_budget", "fit_scalar_to_budget",
-    "policy_from_dict", "policy_to_dict", "sequential_thresholds", "simulate", "step",
+    "POLICIES", "BoFBeta", "Bolukbasi", "Decision", "EENet", "Entropy", "ExitPolicy", "Ladder", "MSDNetBudget",
+    "MaxProb", "Oracle", "Outcome", "Patience", "PolicyError", "Predictive", "State", "check_budget",
+    "fit_scalar_to_budget", "policy_from_dict", "policy_to_dict", "sequential_thresholds", "simulate", "step",
 ]
 
 # Every policy a bundle manifest may name. Read-only: a name means one rule forever.
 POLICIES: Mapping[str, type] = MappingProxyType({
-    cls.name: cls for cls in (MaxProb, Entropy, Patience, BoFBeta, MSDNetBudget, Bolukbasi, EENet, Oracle)
+    cls.name: cls for cls in (MaxProb, Entropy, Patience, BoFBeta, MSDNetBudget, Bolukbasi, EENet, Oracle, Predictive)
 })
 
 

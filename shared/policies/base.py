@@ -138,6 +138,13 @@ class Outcome:
         return np.bincount(self.exit_index, minlength=num_exits) / len(self.exit_index)
 
 
+def first_exit(policy: ExitPolicy, num_exits: int) -> int:
+    """The first exit a policy evaluates: 0, unless it defines `first_exit(num_exits)`
+    (Predictive Exit starts at its L0 and never pays for the heads before it)."""
+    start = getattr(policy, "first_exit", None)
+    return 0 if start is None else min(max(int(start(num_exits)), 0), num_exits - 1)
+
+
 def step(policy: ExitPolicy, k: int, probs: torch.Tensor, state: State, num_exits: int) -> tuple[Decision, State]:
     """One policy decision with the rules every caller relies on: the last exit always
     answers, and `next_exit` for continuing rows lies in k+1..K-1."""
@@ -178,7 +185,7 @@ def simulate(policy: ExitPolicy, probs: np.ndarray | torch.Tensor, ladder: Ladde
     head_evals = torch.zeros(n, dtype=torch.long)
     label = torch.zeros(n, dtype=torch.long)
     at = torch.full((n,), -1, dtype=torch.long)  # the last exit point each row reached
-    target = torch.zeros(n, dtype=torch.long)  # the next exit each row evaluates
+    target = torch.full((n,), first_exit(policy, num_exits), dtype=torch.long)  # next exit each row evaluates
     for k in range(num_exits):
         rows = torch.nonzero((exit_index < 0) & (target == k)).flatten()
         if len(rows) == 0:

@@ -109,6 +109,26 @@ def _fit_bolukbasi(inputs: FitInputs, options: FitOptions) -> ExitPolicy:
     return best[1]
 
 
+def _fit_eenet(inputs: FitInputs, options: FitOptions) -> ExitPolicy:
+    from splitexit.policies.eenet import EENet
+
+    budget = _need(options.budget, "--budget", "eenet")
+    return EENet.fit(inputs.val.probs, inputs.val.labels, inputs.ladder, budget)
+
+
+def _fit_predictive(inputs: FitInputs, options: FitOptions) -> ExitPolicy:
+    """Predictive Exit on the ladder's costs as ms at the board's top clock (give an ms
+    ladder: `splitexit calibrate` measures one); a budget picks the threshold."""
+    from splitexit.policies.predictive import Predictive
+
+    params = {k: options.extra[k] for k in ("l0", "board") if options.extra.get(k) is not None}
+    if options.threshold is not None:
+        return Predictive.from_ladder(inputs.ladder, threshold=options.threshold, **params)
+    make = lambda t: Predictive.from_ladder(inputs.ladder, threshold=min(max(t, 1e-3), 1.0), **params)  # noqa: E731
+    return fit_scalar_to_budget(make, 1e-3, 1.0, inputs.val.probs, inputs.ladder,
+                                _need(options.budget, "--threshold or --budget", "predictive"))[0]
+
+
 def _fit_oracle(inputs: FitInputs, options: FitOptions) -> ExitPolicy:
     raise PolicyError("the oracle is a bound that needs each sample's label: it cannot be calibrated or deployed")
 
@@ -120,6 +140,8 @@ FITTERS: dict[str, Callable[[FitInputs, FitOptions], ExitPolicy]] = {
     "bof_beta": _fit_bof_beta,
     "msdnet_budget": _fit_msdnet,
     "bolukbasi": _fit_bolukbasi,
+    "eenet": _fit_eenet,
+    "predictive": _fit_predictive,
     "oracle": _fit_oracle,
 }
 

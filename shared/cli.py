@@ -179,13 +179,20 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         stats = cached_exit_outputs(model, dataset.train.subset(pick), normalize, cache_dir=args.cache_dir,
                                     tag="train_stats")
     budget, unit = args.budget if args.budget is not None else (None, "macs")
-    costs = cost_model(model, (dataset.in_chans, dataset.image_size, dataset.image_size), measure=unit == "ms")
+    # Predictive Exit keeps time and energy in ms: it always gets a measured ladder
+    measure = unit == "ms" or args.policy == "predictive"
+    costs = cost_model(model, (dataset.in_chans, dataset.image_size, dataset.image_size), measure=measure)
+    if args.policy == "predictive" and unit == "macs":
+        unit = "ms"  # a fraction of the full network, taken in measured ms
+        if budget is not None:
+            budget *= float(costs.exit_ladder(unit="ms").net_cost[-1])
     ladder = costs.exit_ladder(unit=unit)
     full = float(ladder.net_cost[-1])  # the network without exit heads
     if budget is not None and unit == "macs":
         budget *= full
     options = FitOptions(budget=budget, threshold=args.threshold, patience=args.patience, beta=args.beta,
-                         statistic=args.statistic, extra={k: v for k, v in (("q", args.q), ("lam", args.lam)) if v is not None})
+                         statistic=args.statistic, extra={k: v for k, v in (("q", args.q), ("lam", args.lam), ("l0", args.l0),
+                                                 ("board", args.board)) if v is not None})
     policy = fit_policy(args.policy, FitInputs(val, ladder, stats), options)
     entry = describe_fit(policy, FitInputs(val, ladder, stats), full)
     entry["fitted"] = {
@@ -267,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--data", required=True, help="the data set it was trained on (its validation split is used)")
     cal.add_argument("--val-size", type=_positive_int, default=5000)
     cal.add_argument("--policy", required=True,
-                     choices=("maxprob", "entropy", "patience", "bof_beta", "msdnet_budget", "bolukbasi", "oracle"))
+                     choices=("maxprob", "entropy", "patience", "bof_beta", "msdnet_budget", "eenet", "bolukbasi",
+                              "predictive", "oracle"))
     cal.add_argument("--budget", type=_budget, help="average cost per sample: fraction of full MACs (0.5) or ms (2.5ms)")
     cal.add_argument("--threshold", type=float, help="maxprob / entropy threshold")
     cal.add_argument("--patience", type=int, help="patience: exits that must agree, minus one")
@@ -276,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bof_beta's per-exit statistic")
     cal.add_argument("--q", type=float, help="msdnet_budget: the geometric exit distribution's ratio")
     cal.add_argument("--lambda", dest="lam", type=float, help="bolukbasi: cost weight lambda")
+    cal.add_argument("--l0", type=int, help="predictive: the first exit evaluated")
+    cal.add_argument("--board", help="predictive: DVFS board (jetson-tx2-gpu, jetson-tx2-cpu, rk3399-a72, rk3399-gpu)")
     cal.add_argument("--out", type=Path, default=Path("runs/policy.json"), help="where the fitted policy goes")
     cal.set_defaults(func=cmd_calibrate)
 

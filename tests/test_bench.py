@@ -9,7 +9,8 @@ import pytest
 
 from splitexit.cli import build_parser, main
 
-POLICIES_REQUIRED = ("maxprob", "entropy", "patience", "bof_beta", "msdnet_budget")
+POLICIES_REQUIRED = ("maxprob", "entropy", "patience", "bof_beta", "msdnet_budget", "eenet", "bolukbasi",
+                     "predictive")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,14 @@ def test_tradeoff_quick_writes_every_required_key(bench_dirs: tuple[Path, Path])
             assert {"param", "acc", "macs", "exit_hist", "balance"} <= set(p)
             assert sum(p["exit_hist"]) == pytest.approx(1.0, abs=1e-3)
     assert set(result["at_budget"]) == {"0.3", "0.5", "0.7"}
+    for name in ("msdnet_budget", "eenet"):
+        assert set(result["calibration"][name]) == {"0.3", "0.5", "0.7"}
+    predictive = result["predictive"]
+    for key in ("exit_evals", "energy_mj", "per_exit_evals", "per_exit_energy_mj"):
+        assert predictive[key] > 0, key
+    assert abs(predictive["val"]["acc"] - predictive["val"]["per_exit_acc"]) <= 0.002 + 1e-9
+    assert result["cascade"]["speedup"] > 0 and "acc_delta" in result["cascade"]
+    assert len(result["bof_vs_maxprob"]) > 0
     assert len(result["head_macs"]) == len(result["exits"]) - 1
     assert (bench_dirs[1] / "tradeoff.png").stat().st_size > 0
     assert (bench_dirs[1] / "exit_hist.png").stat().st_size > 0

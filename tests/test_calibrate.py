@@ -27,7 +27,8 @@ def _calibrate(checkpoint: tuple[Path, Path], out: Path, *args: str) -> int:
     return main(["calibrate", str(ckpt), "--data", "digits", "--cache-dir", str(cache), "--out", str(out), *args])
 
 
-@pytest.mark.parametrize("policy", ["maxprob", "entropy", "patience", "bof_beta", "msdnet_budget", "bolukbasi"])
+@pytest.mark.parametrize("policy", ["maxprob", "entropy", "patience", "bof_beta", "msdnet_budget", "bolukbasi",
+                                    "eenet", "predictive"])
 def test_budget_is_met_on_validation_and_the_policy_loads_back(policy: str, checkpoint, tmp_path: Path) -> None:
     out = tmp_path / "policy.json"
     assert _calibrate(checkpoint, out, "--policy", policy, "--budget", "0.8") == 0

@@ -9,7 +9,7 @@ cost fits) and then measured on test: nothing is tuned on the test split.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -20,10 +20,19 @@ from splitexit.policies import (
     fit_scalar_to_budget, simulate,
 )
 from splitexit.policies.bof import STATISTICS
+from splitexit.policies.bolukbasi import cascade_ladder, cascade_report, select_lambda, stack_cascade, sweep_lambda
+from splitexit.policies.eenet import EENet, EENetConfig
+from splitexit.policies.predictive import Predictive, compare_all_exits, match_accuracy
 from splitexit.sim.bench.common import BenchContext, log
 
 HELP = "accuracy vs average MACs of every exit policy, at budgets 0.3 / 0.5 / 0.7"
 BUDGETS = (0.3, 0.5, 0.7)
+# Predictive Exit's time model: ms at f_max proportional to MACs (1 GMAC/s nominal), so the
+# energy figures depend on the network and the board's DVFS table, not on this machine's load
+MACS_PER_MS = 1e6
+PREDICTIVE_BOARD = "jetson-tx2-gpu"
+PREDICTIVE_REFERENCE_THRESHOLD = 0.9  # the per-exit max-prob rule Predictive Exit is matched to
+CASCADE_TOLERANCE = 0.005  # λ for the cascade: best speedup within 0.5 points of the larger network (val)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,11 +86,18 @@ def budget_fits(fit: Callable[[float], ExitPolicy], sets: Sets, fractions: Itera
     return points
 
 
+def predictive_base(ladder: Ladder, **params) -> Predictive:
+    ms = Ladder(tuple(c / MACS_PER_MS for c in ladder.net_cost), tuple(c / MACS_PER_MS for c in ladder.head_cost))
+    return Predictive.from_ladder(ms, board=PREDICTIVE_BOARD, **params)
+
+
 def sweeps(sets: Sets, quick: bool) -> dict[str, list[Point]]:
     """Each policy's trade-off curve."""
     val, k = sets.val, sets.ladder.num_exits
     n = 8 if quick else 1
     fractions = np.linspace(0.2, 1.0, 33)[::n]
+    eenet_fractions = (0.3, 0.5, 0.7) if quick else (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9)
+    eenet_cfg = EENetConfig(epochs=20, restarts=1) if quick else EENetConfig()
     thresholds = np.r_[np.linspace(0.2, 0.9, 15), 1 - np.geomspace(0.1, 1e-4, 16)][::n]
     bof = BoFBeta.fit(sets.train_stats.probs)
     lo, hi = bof.beta_range()
@@ -92,9 +108,81 @@ def sweeps(sets: Sets, quick: bool) -> dict[str, list[Point]]:
         "patience": [evaluate(Patience(p), p, sets) for p in range(k)],
         "bof_beta": [evaluate(bof.with_beta(b), round(float(b), 4), sets) for b in np.linspace(lo, hi, 41)[::n]],
         "msdnet_budget": budget_fits(lambda b: MSDNetBudget.fit(val.probs, val.labels, sets.ladder, b), sets,
-                                     fractions),
+                                     sorted({*fractions.round(4).tolist(), *BUDGETS})),
     }
+    log("  eenet: one scheduler per budget")
+    curves["eenet"] = budget_fits(lambda b: EENet.fit(val.probs, val.labels, sets.ladder, b, eenet_cfg), sets,
+                                  eenet_fractions)
+    log("  bolukbasi: one policy per lambda")
+    curves["bolukbasi"] = [evaluate(p, round(p.lam, 6), sets)
+                           for p in sweep_lambda(val.probs, val.labels, sets.ladder)[::n]]
+    curves["predictive"] = [evaluate(predictive_base(sets.ladder, threshold=float(t), l0=l0), f"t={t:.4f},L0={l0}",
+                                     sets)
+                            for l0 in (0, 1) for t in thresholds if t > 0]
     return curves
+
+
+def calibration(curves: dict[str, list[Point]], sets: Sets) -> dict:
+    """Budget-calibrated policies: requested vs realized average cost on test."""
+    out: dict = {}
+    for name in ("msdnet_budget", "eenet"):
+        out[name] = {}
+        for p in curves.get(name, []):
+            if p.param in BUDGETS:
+                realized = p.test.mean_cost / sets.full_macs
+                out[name][str(p.param)] = {"requested": p.param, "realized": round(realized, 4),
+                                           "rel_error": round(realized / float(p.param) - 1, 4),
+                                           "acc": round(p.test.acc, 5)}
+    return out
+
+
+def predictive_vs_all_exits(sets: Sets) -> dict:
+    """Predictive Exit matched on validation to the per-exit max-prob rule's accuracy
+    (±0.2 points), then both measured on test: head evaluations and energy at an equal
+    deadline on a DVFS board."""
+    base = predictive_base(sets.ladder, threshold=PREDICTIVE_REFERENCE_THRESHOLD)
+    try:
+        found = match_accuracy(sets.val.probs, sets.val.labels, base,
+                               reference_threshold=PREDICTIVE_REFERENCE_THRESHOLD)
+    except PolicyError as exc:
+        log(f"  predictive: {exc}")
+        return {"error": str(exc)}
+    test = compare_all_exits(found.policy, sets.test.probs, sets.test.labels)
+    reference = compare_all_exits(replace(found.policy, threshold=PREDICTIVE_REFERENCE_THRESHOLD, l0=0),
+                                  sets.test.probs, sets.test.labels).all_exits
+    return {
+        "board": PREDICTIVE_BOARD, "deadline_ms": round(test.deadline_ms, 4),
+        "threshold": found.policy.threshold, "l0": found.policy.l0,
+        "reference_threshold": PREDICTIVE_REFERENCE_THRESHOLD,
+        "acc": round(test.predictive.accuracy, 5), "per_exit_acc": round(reference.accuracy, 5),
+        "exit_evals": round(test.predictive.head_evals, 4), "per_exit_evals": round(reference.head_evals, 4),
+        "energy_mj": round(test.predictive.energy_mj, 4), "per_exit_energy_mj": round(reference.energy_mj, 4),
+        "time_ms": round(test.predictive.time_ms, 4), "per_exit_time_ms": round(reference.time_ms, 4),
+        "deadline_met": test.predictive.deadline_met,
+        "val": {"acc": round(found.predictive.accuracy, 5), "per_exit_acc": round(found.reference.accuracy, 5)},
+    }
+
+
+def cascade(ctx: BenchContext, sets: Sets) -> dict:
+    """Bolukbasi network selection over edge exits -> larger cloud network (run on the raw
+    input), λ chosen on validation; speedup over the larger network alone on test."""
+    cloud = ctx.cloud()
+    cloud_macs = float(ctx.costs(cloud).total_macs)
+    ladder = cascade_ladder(sets.ladder.net_cost, sets.ladder.head_cost, cloud_macs,
+                            names=(*sets.ladder.names, cloud.meta.model.arch))
+    val = stack_cascade(sets.val.probs, ctx.outputs(cloud, "val").probs)
+    test = stack_cascade(sets.test.probs, ctx.outputs(cloud, "test").probs)
+    policies = sweep_lambda(val, sets.val.labels, ladder)
+    try:
+        chosen = select_lambda(policies, val, sets.val.labels, ladder, tolerance=CASCADE_TOLERANCE)
+    except PolicyError as exc:
+        log(f"  cascade: {exc}")
+        return {"error": str(exc)}
+    report = cascade_report(chosen, test, sets.test.labels, ladder)
+    curve = [cascade_report(p, test, sets.test.labels, ladder).to_dict() for p in policies]
+    return {**{k: (round(v, 5) if isinstance(v, float) else v) for k, v in report.to_dict().items()},
+            "acc_delta": round(report.acc_change, 5), "large_macs": cloud_macs, "tolerance_val": CASCADE_TOLERANCE, "names": list(ladder.names),
+            "curve": curve}
 
 
 def best_at_budget(points: list[Point], budget: float) -> Point | None:
@@ -165,7 +253,12 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
                              "gap_to_full_points": round(100 * (full_acc - entry[top]["acc"]), 3)}
         at_budget[str(fraction)] = entry
     result["at_budget"] = at_budget
+    result["calibration"] = calibration(curves, sets)
     result["bof_vs_maxprob"] = bof_vs_maxprob(sets)
+    log("predictive exit vs every exit at full clock")
+    result["predictive"] = predictive_vs_all_exits(sets)
+    log("cascade: edge exits -> larger cloud network")
+    result["cascade"] = cascade(ctx, sets)
     for fraction, entry in at_budget.items():
         if "best" in entry:
             log(f"budget {fraction}: best {entry['best']['policy']} {entry['best']['acc']:.4f} "

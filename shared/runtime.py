@@ -1,0 +1,145 @@
+"""Running a multi-exit network on a batch with real compute skipping.
+
+`ExitRunner.run` takes a batch through a range of stages; at each exit it evaluates the
+head only on the rows the policy wants evaluated there, asks the policy (through
+`policies.step`, as the offline simulator does), answers the rows that exit and drops them
+from the batch, so later stages run on fewer rows (BranchyNet's row masking). The edge
+agent runs stages 0..split and ships what is left (feature + policy state); the cloud
+worker resumes from split+1 with that state. Same code, same decisions, on both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from splitexit.policies import ExitPolicy, PolicyError, State, step
+from splitexit.policies.base import first_exit
+
+NEXT_EXIT = "_next_exit"  # per-row: the exit (ladder index) the row evaluates next
+EVALUATED = "_evaluated"  # per-row: exit heads evaluated so far
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Rows that left at an exit: their positions in the original batch and the answer."""
+
+    rows: torch.Tensor  # long [n]
+    probs: torch.Tensor  # float [n, C]
+    exit_index: torch.Tensor  # long [n]: ladder index of the exit that answered
+    evaluated: torch.Tensor  # long [n]: exit heads evaluated for the row
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Rows still undecided after the stages run: what an offload request carries."""
+
+    rows: torch.Tensor  # long [m]
+    feature: torch.Tensor  # [m, ...] output of the last stage run
+    state: State  # per-row policy state, NEXT_EXIT and EVALUATED included
+
+
+@dataclass(frozen=True)
+class RunResult:
+    answered: list[Answered] = field(default_factory=list)
+    pending: Pending | None = None
+    # rows the policy sends to another network: it runs on their raw input, so no feature
+    escalate: Pending | None = None
+
+    def merged(self) -> Answered | None:
+        if not self.answered:
+            return None
+        return Answered(*(torch.cat([getattr(a, f) for a in self.answered])
+                          for f in ("rows", "probs", "exit_index", "evaluated")))
+
+
+class ExitRunner:
+    """A MultiExitNet (or the part of one a bundle carries) with a policy over its exits.
+
+    `exit_stages[k]` is the stage after which ladder exit k sits; the last entry is the
+    final head (after the last stage). `network[k]` marks exits of other networks (a
+    cascade's larger network): a row sent there leaves this runner as `escalate`.
+    """
+
+    def __init__(self, model, policy: ExitPolicy, *, num_classes: int, network: tuple[int, ...] | None = None) -> None:
+        self.model = model
+        self.policy = policy
+        self.num_classes = num_classes
+        self.exit_stages = [*model.exit_points, model.num_stages - 1]
+        own = len(self.exit_stages)
+        self.network = network or (0,) * own
+        if len(self.network) < own:
+            raise PolicyError(f"network ids for {len(self.network)} exits, the model has {own}")
+        self.num_exits = len(self.network)  # the policy's ladder (may extend past this net)
+        self._exit_at = {stage: k for k, stage in enumerate(self.exit_stages[:-1])}
+
+    def initial_state(self, rows: int) -> State:
+        state = self.policy.init_state(rows, self.num_classes)
+        state[NEXT_EXIT] = torch.full((rows,), first_exit(self.policy, self.num_exits), dtype=torch.long)
+        state[EVALUATED] = torch.zeros(rows, dtype=torch.long)
+        return state
+
+    def _exit_probs(self, stage: int, k: int, feature: torch.Tensor) -> torch.Tensor:
+        if k == len(self.exit_stages) - 1:
+            logits = self.model.head(feature)
+        else:
+            logits = self.model.exit_logits(stage, feature)
+        return logits.float().softmax(-1)
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None, state: State | None = None,
+            rows: torch.Tensor | None = None) -> RunResult:
+        """Run stages start..stop (inclusive; default to the last, final head included) on
+        `x`, the input of stage `start`. `state` continues an earlier run (None = fresh)."""
+        stop = self.model.num_stages - 1 if stop is None else stop
+        n = x.shape[0]
+        rows = torch.arange(n) if rows is None else rows
+        state = self.initial_state(n) if state is None else {k: v.clone() for k, v in state.items()}
+        if NEXT_EXIT not in state:
+            raise PolicyError("continued run without the policy's per-row state")
+        answered: list[Answered] = []
+        escalated: list[Pending] = []
+        net_ids = torch.tensor(self.network, dtype=torch.long)
+        own = len(self.exit_stages) - 1  # index of this network's final head
+        feature = x
+        for stage in range(start, stop + 1):
+            if len(rows) == 0:
+                break
+            feature = self.model.stages[stage](feature)
+            k = self._exit_at.get(stage, own if stage == self.model.num_stages - 1 else None)
+            if k is None:
+                continue
+            want = state[NEXT_EXIT] == k
+            if k == own and self.num_exits == own + 1:
+                want = torch.ones_like(want)  # the last exit of the ladder takes everyone left
+            if not bool(want.any()):
+                continue
+            idx = torch.nonzero(want).flatten()
+            probs = self._exit_probs(stage, k, feature[idx])
+            sub = {name: value[idx] for name, value in state.items() if not name.startswith("_")}
+            decision, update = step(self.policy, k, probs, sub, self.num_exits)
+            for name, value in update.items():
+                state[name][idx] = value
+            state[EVALUATED][idx] += 1
+            state[NEXT_EXIT][idx] = torch.where(decision.exit, torch.full_like(decision.next_exit, -1),
+                                                decision.next_exit)
+            leave = idx[decision.exit]
+            if len(leave):
+                answered.append(Answered(rows[leave], decision.answer[decision.exit],
+                                         torch.full((len(leave),), k, dtype=torch.long), state[EVALUATED][leave]))
+            # rows that left, or that the policy sends to another network, leave the batch
+            nxt = state[NEXT_EXIT]
+            away = (nxt >= 0) & (net_ids[nxt.clamp_min(0)] != self.network[0])
+            if bool(away.any()):
+                escalated.append(Pending(rows[away], feature[away], {n: v[away] for n, v in state.items()}))
+            keep = (nxt >= 0) & ~away
+            if not bool(keep.all()):
+                rows, feature = rows[keep], feature[keep]
+                state = {name: value[keep] for name, value in state.items()}
+        escalate = None
+        if escalated:
+            escalate = Pending(torch.cat([e.rows for e in escalated]), torch.empty(0),
+                               {n: torch.cat([e.state[n] for e in escalated]) for n in escalated[0].state})
+        pending = Pending(rows, feature, state) if len(rows) else None
+        return RunResult(answered, pending, escalate)

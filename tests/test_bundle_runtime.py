@@ -1,0 +1,137 @@
+"""The runtime with compute skipping makes the offline simulator's decisions, split or not,
+and bundles carry each side's weights, checked by hash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from splitexit.bundle import BundleError, export_bundle, load_bundle, read_manifest
+from splitexit.checkpoint import CheckpointMeta
+from splitexit.models import ModelConfig, build_model
+from splitexit.policies import Ladder, MaxProb, Patience, simulate
+from splitexit.policies.predictive import Predictive
+from splitexit.runtime import ExitRunner
+
+CONFIG = ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=(1, 2, 3, 4, 5))
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    model = build_model(CONFIG).eval()
+    # sharpen the random heads a little so that confidences spread over the exits
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    meta = CheckpointMeta(model=CONFIG, mean=(0.5,), std=(0.25,), classes=tuple(str(i) for i in range(10)))
+    return model, meta
+
+
+def _offline(model, x: torch.Tensor, policy) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        probs = torch.stack([z.softmax(-1) for z in model.forward_exits(x)]).numpy()
+    out = simulate(policy, probs, Ladder.from_cumulative(range(1, probs.shape[0] + 1)))
+    return out.exit_index, out.label
+
+
+def _policies(model, x):
+    with torch.no_grad():
+        conf = torch.stack([z.softmax(-1).max(-1).values for z in model.forward_exits(x)])
+    t = float(conf[:-1].median())
+    return [MaxProb(t), MaxProb(t, fallback=False), Patience(1),
+            Predictive(step_ms=(1.0,) * 6, threshold=t, l0=1)]
+
+
+def _answers(result, n: int) -> tuple[np.ndarray, np.ndarray]:
+    merged = result.merged()
+    exit_index = np.full(n, -1)
+    label = np.full(n, -1)
+    exit_index[merged.rows.numpy()] = merged.exit_index.numpy()
+    label[merged.rows.numpy()] = merged.probs.argmax(-1).numpy()
+    return exit_index, label
+
+
+def test_runner_makes_the_offline_decisions_and_skips_exited_rows(net) -> None:
+    model, _ = net
+    x = torch.randn(64, *SHAPE)
+    for policy in _policies(model, x):
+        result = ExitRunner(model, policy, num_classes=10).run(x)
+        assert result.pending is None
+        exit_index, label = _answers(result, len(x))
+        want_exit, want_label = _offline(model, x, policy)
+        assert np.array_equal(exit_index, want_exit), policy.name
+        assert np.array_equal(label, want_label), policy.name
+        if policy.name == "maxprob":
+            assert len(set(exit_index.tolist())) > 2, "the test needs rows leaving at different exits"
+
+
+@pytest.mark.parametrize("split", [0, 2, 4])
+def test_a_split_run_equals_the_whole_run(net, split: int) -> None:
+    model, _ = net
+    x = torch.randn(48, *SHAPE)
+    for policy in _policies(model, x):
+        runner = ExitRunner(model, policy, num_classes=10)
+        head = runner.run(x, stop=split)
+        both = head
+        if head.pending is not None:
+            p = head.pending
+            both = type(head)(head.answered + runner.run(p.feature, start=split + 1, state=p.state, rows=p.rows).answered)
+        assert np.array_equal(np.stack(_answers(both, len(x))), np.stack(_answers(runner.run(x), len(x))))
+
+
+def test_bundle_sides_carry_only_their_weights_and_reproduce_the_model(net, tmp_path: Path) -> None:
+    model, meta = net
+    x = torch.randn(32, *SHAPE)
+    policy = _policies(model, x)[0]
+    path = export_bundle(tmp_path / "b", model, meta, split=2, policy=policy, input_shape=SHAPE)
+    edge, cloud = load_bundle(path, "edge"), load_bundle(path, "cloud")
+    assert edge.hash == cloud.hash == read_manifest(path)["hash"]
+    assert edge.feature_shape == (8, 8, 8) and edge.manifest["edge_exits"] == [1, 2]
+    from safetensors.torch import load_file
+
+    edge_keys = set(load_file(str(path / "edge.safetensors")))
+    assert edge_keys and all(k.startswith(("stages.0.", "stages.1.", "stages.2.", "exits.1.", "exits.2."))
+                             for k in edge_keys)
+    head = ExitRunner(edge.model, edge.policy, num_classes=10).run(x, stop=edge.split)
+    p = head.pending
+    tail = ExitRunner(cloud.model, cloud.policy, num_classes=10).run(p.feature, start=cloud.split + 1,
+                                                                       state=p.state, rows=p.rows)
+    got = _answers(type(head)(head.answered + tail.answered), len(x))
+    assert np.array_equal(np.stack(got), np.stack(_offline(model, x, policy)))
+
+
+def test_tampered_or_mismatched_bundles_are_refused(net, tmp_path: Path) -> None:
+    model, meta = net
+    path = export_bundle(tmp_path / "b", model, meta, split=1, policy=MaxProb(0.5), input_shape=SHAPE)
+    good = read_manifest(path)["hash"]
+    with pytest.raises(BundleError, match="not the expected"):
+        load_bundle(path, "edge", expect_hash="0" * 64)
+    data = bytearray((path / "cloud.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "cloud.safetensors").write_bytes(bytes(data))
+    load_bundle(path, "edge", expect_hash=good)  # the edge side does not need the cloud file
+    with pytest.raises(BundleError, match="content hash mismatch"):
+        load_bundle(path, "cloud")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["split"] = 2
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="manifest hash mismatch"):
+        load_bundle(path, "edge")
+    (path / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="not a bundle"):
+        load_bundle(path, "edge")
+
+
+def test_export_refuses_what_cannot_be_split(net, tmp_path: Path) -> None:
+    model, meta = net
+    with pytest.raises(BundleError, match="split must be"):
+        export_bundle(tmp_path / "b", model, meta, split=6, policy=MaxProb(0.5), input_shape=SHAPE)
+    with pytest.raises(BundleError, match="codec"):
+        export_bundle(tmp_path / "b", model, meta, split=1, policy=MaxProb(0.5), input_shape=SHAPE, codec="zip")
+    assert not (tmp_path / "b").exists()  # nothing half-written

@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitexit/proto/inference.proto\x12\x0csplitexit.v1\"j\n\x0cQuantization\x12)\n\x06scheme\x18\x01 \x01(\x0e\x32\x19.splitexit.v1.QuantScheme\x12\x0c\n\x04\x61xis\x18\x02 \x01(\x05\x12\r\n\x05scale\x18\x03 \x03(\x02\x12\x12\n\nzero_point\x18\x04 \x03(\x05\"t\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.splitexit.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12)\n\x05quant\x18\x04 \x01(\x0b\x32\x1a.splitexit.v1.Quantization\"g\n\x0c\x45\x64geExitInfo\x12\x17\n\x0f\x65xits_evaluated\x18\x01 \x01(\x05\x12\x11\n\tbest_exit\x18\x02 \x01(\x05\x12\x17\n\x0f\x62\x65st_confidence\x18\x03 \x01(\x02\x12\x12\n\nbest_label\x18\x04 \x01(\x05\")\n\x08RawInput\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x03(\x0c\"\x96\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_hash\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05split\x18\x04 \x01(\x05\x12\x12\n\nsample_ids\x18\x05 \x03(\t\x12%\n\x07\x66\x65\x61ture\x18\x06 \x01(\x0b\x32\x14.splitexit.v1.Tensor\x12.\n\nedge_exits\x18\x07 \x03(\x0b\x32\x1a.splitexit.v1.EdgeExitInfo\x12\x1a\n\x12want_probabilities\x18\x08 \x01(\x08\x12\r\n\x05top_k\x18\t \x01(\x05\x12)\n\traw_input\x18\n \x01(\x0b\x32\x16.splitexit.v1.RawInput\"6\n\nClassScore\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\xa1\x01\n\tRowResult\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\x05\x12\'\n\x05top_k\x18\x03 \x03(\x0b\x32\x18.splitexit.v1.ClassScore\x12\x12\n\nexit_index\x18\x04 \x01(\x05\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x12\n\nconfidence\x18\x07 \x01(\x02\"H\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb4\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x04rows\x18\x02 \x03(\x0b\x32\x17.splitexit.v1.RowResult\x12*\n\x06timing\x18\x03 \x01(\x0b\x32\x1a.splitexit.v1.ServerTiming\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12)\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.splitexit.v1.RequestError\"\x12\n\x10ModelInfoRequest\"2\n\nSplitPoint\x12\r\n\x05split\x18\x01 \x01(\x05\x12\x15\n\rfeature_shape\x18\x02 \x03(\x03\"\xb1\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_hash\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12(\n\x06splits\x18\x04 \x03(\x0b\x32\x18.splitexit.v1.SplitPoint\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x0f\n\x07\x63lasses\x18\x06 \x03(\t\x12\x0e\n\x06\x63odecs\x18\x07 \x03(\t\x12\x13\n\x0braw_formats\x18\x08 \x03(\t\";\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x16\n\x0emax_batch_rows\x18\x02 \x01(\x05\"\x87\x01\n\tModelInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\x05\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.splitexit.v1.ModelSpec\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.splitexit.v1.Limits\x12\x11\n\tworker_id\x18\x04 \x01(\t*e\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04*_\n\x0bQuantScheme\x12\x15\n\x11QUANT_SCHEME_NONE\x10\x00\x12\x1b\n\x17QUANT_SCHEME_PER_TENSOR\x10\x01\x12\x1c\n\x18QUANT_SCHEME_PER_CHANNEL\x10\x02\x32\xe7\x01\n\x0eSplitInference\x12@\n\x05Infer\x12\x1a.splitexit.v1.InferRequest\x1a\x1b.splitexit.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.splitexit.v1.InferRequest\x1a\x1b.splitexit.v1.InferResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.splitexit.v1.ModelInfoRequest\x1a\x17.splitexit.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitexit/proto/inference.proto\x12\x0csplitexit.v1\"j\n\x0cQuantization\x12)\n\x06scheme\x18\x01 \x01(\x0e\x32\x19.splitexit.v1.QuantScheme\x12\x0c\n\x04\x61xis\x18\x02 \x01(\x05\x12\r\n\x05scale\x18\x03 \x03(\x02\x12\x12\n\nzero_point\x18\x04 \x03(\x05\"t\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.splitexit.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12)\n\x05quant\x18\x04 \x01(\x0b\x32\x1a.splitexit.v1.Quantization\"g\n\x0c\x45\x64geExitInfo\x12\x17\n\x0f\x65xits_evaluated\x18\x01 \x01(\x05\x12\x11\n\tbest_exit\x18\x02 \x01(\x05\x12\x17\n\x0f\x62\x65st_confidence\x18\x03 \x01(\x02\x12\x12\n\nbest_label\x18\x04 \x01(\x05\")\n\x08RawInput\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x03(\x0c\"\xa3\x03\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_hash\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05split\x18\x04 \x01(\x05\x12\x12\n\nsample_ids\x18\x05 \x03(\t\x12%\n\x07\x66\x65\x61ture\x18\x06 \x01(\x0b\x32\x14.splitexit.v1.Tensor\x12.\n\nedge_exits\x18\x07 \x03(\x0b\x32\x1a.splitexit.v1.EdgeExitInfo\x12\x1a\n\x12want_probabilities\x18\x08 \x01(\x08\x12\r\n\x05top_k\x18\t \x01(\x05\x12)\n\traw_input\x18\n \x01(\x0b\x32\x16.splitexit.v1.RawInput\x12\x41\n\x0cpolicy_state\x18\x0b \x03(\x0b\x32+.splitexit.v1.InferRequest.PolicyStateEntry\x1aH\n\x10PolicyStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.splitexit.v1.Tensor:\x02\x38\x01\"6\n\nClassScore\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\xa1\x01\n\tRowResult\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\x05\x12\'\n\x05top_k\x18\x03 \x03(\x0b\x32\x18.splitexit.v1.ClassScore\x12\x12\n\nexit_index\x18\x04 \x01(\x05\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x12\n\nconfidence\x18\x07 \x01(\x02\"H\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb4\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x04rows\x18\x02 \x03(\x0b\x32\x17.splitexit.v1.RowResult\x12*\n\x06timing\x18\x03 \x01(\x0b\x32\x1a.splitexit.v1.ServerTiming\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12)\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.splitexit.v1.RequestError\"\x12\n\x10ModelInfoRequest\"2\n\nSplitPoint\x12\r\n\x05split\x18\x01 \x01(\x05\x12\x15\n\rfeature_shape\x18\x02 \x03(\x03\"\xb1\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_hash\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12(\n\x06splits\x18\x04 \x03(\x0b\x32\x18.splitexit.v1.SplitPoint\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x0f\n\x07\x63lasses\x18\x06 \x03(\t\x12\x0e\n\x06\x63odecs\x18\x07 \x03(\t\x12\x13\n\x0braw_formats\x18\x08 \x03(\t\";\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x16\n\x0emax_batch_rows\x18\x02 \x01(\x05\"\x87\x01\n\tModelInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\x05\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.splitexit.v1.ModelSpec\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.splitexit.v1.Limits\x12\x11\n\tworker_id\x18\x04 \x01(\t*e\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04*_\n\x0bQuantScheme\x12\x15\n\x11QUANT_SCHEME_NONE\x10\x00\x12\x1b\n\x17QUANT_SCHEME_PER_TENSOR\x10\x01\x12\x1c\n\x18QUANT_SCHEME_PER_CHANNEL\x10\x02\x32\xe7\x01\n\x0eSplitInference\x12@\n\x05Infer\x12\x1a.splitexit.v1.InferRequest\x1a\x1b.splitexit.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.splitexit.v1.InferRequest\x1a\x1b.splitexit.v1.InferResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.splitexit.v1.ModelInfoRequest\x1a\x17.splitexit.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitexit.proto.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1679
-  _globals['_DTYPE']._serialized_end=1780
-  _globals['_QUANTSCHEME']._serialized_start=1782
-  _globals['_QUANTSCHEME']._serialized_end=1877
+  _globals['_INFERREQUEST_POLICYSTATEENTRY']._loaded_options = None
+  _globals['_INFERREQUEST_POLICYSTATEENTRY']._serialized_options = b'8\001'
+  _globals['_DTYPE']._serialized_start=1820
+  _globals['_DTYPE']._serialized_end=1921
+  _globals['_QUANTSCHEME']._serialized_start=1923
+  _globals['_QUANTSCHEME']._serialized_end=2018
   _globals['_QUANTIZATION']._serialized_start=49
   _globals['_QUANTIZATION']._serialized_end=155
   _globals['_TENSOR']._serialized_start=157
@@ -44,27 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAWINPUT']._serialized_start=380
   _globals['_RAWINPUT']._serialized_end=421
   _globals['_INFERREQUEST']._serialized_start=424
-  _globals['_INFERREQUEST']._serialized_end=702
-  _globals['_CLASSSCORE']._serialized_start=704
-  _globals['_CLASSSCORE']._serialized_end=758
-  _globals['_ROWRESULT']._serialized_start=761
-  _globals['_ROWRESULT']._serialized_end=922
-  _globals['_SERVERTIMING']._serialized_start=924
-  _globals['_SERVERTIMING']._serialized_end=996
-  _globals['_REQUESTERROR']._serialized_start=998
-  _globals['_REQUESTERROR']._serialized_end=1043
-  _globals['_INFERRESPONSE']._serialized_start=1046
-  _globals['_INFERRESPONSE']._serialized_end=1226
-  _globals['_MODELINFOREQUEST']._serialized_start=1228
-  _globals['_MODELINFOREQUEST']._serialized_end=1246
-  _globals['_SPLITPOINT']._serialized_start=1248
-  _globals['_SPLITPOINT']._serialized_end=1298
-  _globals['_MODELSPEC']._serialized_start=1301
-  _globals['_MODELSPEC']._serialized_end=1478
-  _globals['_LIMITS']._serialized_start=1480
-  _globals['_LIMITS']._serialized_end=1539
-  _globals['_MODELINFO']._serialized_start=1542
-  _globals['_MODELINFO']._serialized_end=1677
-  _globals['_SPLITINFERENCE']._serialized_start=1880
-  _globals['_SPLITINFERENCE']._serialized_end=2111
+  _globals['_INFERREQUEST']._serialized_end=843
+  _globals['_INFERREQUEST_POLICYSTATEENTRY']._serialized_start=771
+  _globals['_INFERREQUEST_POLICYSTATEENTRY']._serialized_end=843
+  _globals['_CLASSSCORE']._serialized_start=845
+  _globals['_CLASSSCORE']._serialized_end=899
+  _globals['_ROWRESULT']._serialized_start=902
+  _globals['_ROWRESULT']._serialized_end=1063
+  _globals['_SERVERTIMING']._serialized_start=1065
+  _globals['_SERVERTIMING']._serialized_end=1137
+  _globals['_REQUESTERROR']._serialized_start=1139
+  _globals['_REQUESTERROR']._serialized_end=1184
+  _globals['_INFERRESPONSE']._serialized_start=1187
+  _globals['_INFERRESPONSE']._serialized_end=1367
+  _globals['_MODELINFOREQUEST']._serialized_start=1369
+  _globals['_MODELINFOREQUEST']._serialized_end=1387
+  _globals['_SPLITPOINT']._serialized_start=1389
+  _globals['_SPLITPOINT']._serialized_end=1439
+  _globals['_MODELSPEC']._serialized_start=1442
+  _globals['_MODELSPEC']._serialized_end=1619
+  _globals['_LIMITS']._serialized_start=1621
+  _globals['_LIMITS']._serialized_end=1680
+  _globals['_MODELINFO']._serialized_start=1683
+  _globals['_MODELINFO']._serialized_end=1818
+  _globals['_SPLITINFERENCE']._serialized_start=2021
+  _globals['_SPLITINFERENCE']._serialized_end=2252
 # @@protoc_insertion_point(module_scope)

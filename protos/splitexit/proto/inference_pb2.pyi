@@ -74,7 +74,14 @@ class RawInput(_message.Message):
     def __init__(self, format: _Optional[str] = ..., items: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "bundle_hash", "model", "split", "sample_ids", "feature", "edge_exits", "want_probabilities", "top_k", "raw_input")
+    __slots__ = ("request_id", "bundle_hash", "model", "split", "sample_ids", "feature", "edge_exits", "want_probabilities", "top_k", "raw_input", "policy_state")
+    class PolicyStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_HASH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +92,7 @@ class InferRequest(_message.Message):
     WANT_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RAW_INPUT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_STATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     bundle_hash: str
     model: str
@@ -95,7 +103,8 @@ class InferRequest(_message.Message):
     want_probabilities: bool
     top_k: int
     raw_input: RawInput
-    def __init__(self, request_id: _Optional[str] = ..., bundle_hash: _Optional[str] = ..., model: _Optional[str] = ..., split: _Optional[int] = ..., sample_ids: _Optional[_Iterable[str]] = ..., feature: _Optional[_Union[Tensor, _Mapping]] = ..., edge_exits: _Optional[_Iterable[_Union[EdgeExitInfo, _Mapping]]] = ..., want_probabilities: _Optional[bool] = ..., top_k: _Optional[int] = ..., raw_input: _Optional[_Union[RawInput, _Mapping]] = ...) -> None: ...
+    policy_state: _containers.MessageMap[str, Tensor]
+    def __init__(self, request_id: _Optional[str] = ..., bundle_hash: _Optional[str] = ..., model: _Optional[str] = ..., split: _Optional[int] = ..., sample_ids: _Optional[_Iterable[str]] = ..., feature: _Optional[_Union[Tensor, _Mapping]] = ..., edge_exits: _Optional[_Iterable[_Union[EdgeExitInfo, _Mapping]]] = ..., want_probabilities: _Optional[bool] = ..., top_k: _Optional[int] = ..., raw_input: _Optional[_Union[RawInput, _Mapping]] = ..., policy_state: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("class_index", "probability")

@@ -19,6 +19,10 @@ from splitexit.policies.base import first_exit
 
 NEXT_EXIT = "_next_exit"  # per-row: the exit (ladder index) the row evaluates next
 EVALUATED = "_evaluated"  # per-row: exit heads evaluated so far
+# per-row: the most confident exit evaluated so far (max-prob), its index and output: what
+# the edge answers, flagged degraded, when the cloud cannot
+BEST_CONF, BEST_EXIT, BEST_PROBS = "_best_conf", "_best_exit", "_best_probs"
+RUNTIME_STATE = (NEXT_EXIT, EVALUATED, BEST_CONF, BEST_EXIT, BEST_PROBS)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ class ExitRunner:
         state = self.policy.init_state(rows, self.num_classes)
         state[NEXT_EXIT] = torch.full((rows,), first_exit(self.policy, self.num_exits), dtype=torch.long)
         state[EVALUATED] = torch.zeros(rows, dtype=torch.long)
+        state[BEST_CONF] = torch.full((rows,), -1.0)
+        state[BEST_EXIT] = torch.full((rows,), -1, dtype=torch.long)
+        state[BEST_PROBS] = torch.zeros(rows, self.num_classes)
         return state
 
     def _exit_probs(self, stage: int, k: int, feature: torch.Tensor) -> torch.Tensor:
@@ -96,8 +103,9 @@ class ExitRunner:
         n = x.shape[0]
         rows = torch.arange(n) if rows is None else rows
         state = self.initial_state(n) if state is None else {k: v.clone() for k, v in state.items()}
-        if NEXT_EXIT not in state:
-            raise PolicyError("continued run without the policy's per-row state")
+        missing = [name for name in RUNTIME_STATE if name not in state]
+        if missing:
+            raise PolicyError(f"continued run without the runtime's per-row state {missing}")
         answered: list[Answered] = []
         escalated: list[Pending] = []
         net_ids = torch.tensor(self.network, dtype=torch.long)
@@ -122,6 +130,13 @@ class ExitRunner:
             for name, value in update.items():
                 state[name][idx] = value
             state[EVALUATED][idx] += 1
+            conf = probs.max(-1).values
+            better = idx[conf > state[BEST_CONF][idx]]
+            if len(better):
+                pick = conf > state[BEST_CONF][idx]
+                state[BEST_CONF][better] = conf[pick]
+                state[BEST_EXIT][better] = k
+                state[BEST_PROBS][better] = probs[pick]
             state[NEXT_EXIT][idx] = torch.where(decision.exit, torch.full_like(decision.next_exit, -1),
                                                 decision.next_exit)
             leave = idx[decision.exit]

@@ -103,9 +103,12 @@ class ExitRunner:
         n = x.shape[0]
         rows = torch.arange(n) if rows is None else rows
         state = self.initial_state(n) if state is None else {k: v.clone() for k, v in state.items()}
-        missing = [name for name in RUNTIME_STATE if name not in state]
+        missing = [name for name in (NEXT_EXIT, EVALUATED) if name not in state]
         if missing:
             raise PolicyError(f"continued run without the runtime's per-row state {missing}")
+        fresh = self.initial_state(n)
+        for name in (BEST_CONF, BEST_EXIT, BEST_PROBS):  # optional on the wire: the edge keeps its own
+            state.setdefault(name, fresh[name])
         answered: list[Answered] = []
         escalated: list[Pending] = []
         net_ids = torch.tensor(self.network, dtype=torch.long)

@@ -210,6 +210,35 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Checkpoint + fitted policy -> a bundle directory (edge and cloud parts)."""
+    import json
+
+    from splitexit.bundle import export_bundle
+    from splitexit.checkpoint import load_checkpoint
+    from splitexit.policies import policy_from_dict
+
+    model, meta = load_checkpoint(args.checkpoint)
+    try:
+        entry = json.loads(args.policy.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CliError(f"{args.policy}: not a readable policy file ({exc})") from exc
+    policy = policy_from_dict(entry)
+    shape = meta.extra.get("input_shape")
+    if args.input_size is not None:
+        shape = [meta.model.in_chans, args.input_size, args.input_size]
+    if not shape:
+        raise CliError(f"{args.checkpoint} does not record its input size: give --input-size")
+    split = args.split if args.split is not None else (model.exit_points[-1] if model.exit_points else 0)
+    large = load_checkpoint(args.large) if args.large is not None else None
+    path = export_bundle(args.out, model, meta, split=split, policy=policy, input_shape=tuple(shape),
+                         name=args.name or "", codec=args.codec, calibration=entry.get("validation"), large=large)
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"bundle {path}: {manifest['name']} split after stage {split}, edge exits {manifest['edge_exits']}, "
+          f"cloud exits {manifest['cloud_exits']}, policy {policy.name}, codec {args.codec}")
+    print(f"hash {manifest['hash']}")
+
+
 # --- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from splitexit import __version__
@@ -288,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--board", help="predictive: DVFS board (jetson-tx2-gpu, jetson-tx2-cpu, rk3399-a72, rk3399-gpu)")
     cal.add_argument("--out", type=Path, default=Path("runs/policy.json"), help="where the fitted policy goes")
     cal.set_defaults(func=cmd_calibrate)
+
+    exp = sub.add_parser("export", help="write a bundle: edge and cloud weights, policy, manifest with hash")
+    common(exp)
+    exp.add_argument("checkpoint", type=Path)
+    exp.add_argument("--policy", type=Path, required=True, help="a policy file from `splitexit calibrate`")
+    exp.add_argument("--split", type=int, help="stage index the edge runs through (default: the last exit's stage)")
+    exp.add_argument("--codec", choices=("fp32", "fp16", "int8", "int8-per-channel"), default="fp32")
+    exp.add_argument("--large", type=Path, help="the cascade's larger network (a checkpoint), served by the cloud")
+    exp.add_argument("--name", help="model name on the wire (default: the architecture)")
+    exp.add_argument("--input-size", type=_positive_int, help="input side in pixels, if the checkpoint lacks it")
+    exp.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    exp.set_defaults(func=cmd_export)
 
     # The other parts (sim: `bench`, later edge, cloud) add their commands through entry
     # points, so this module never imports them (shared imports neither edge, cloud nor sim).

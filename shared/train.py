@@ -283,7 +283,8 @@ def train_cached(
     meta = CheckpointMeta(
         model=model_cfg, mean=dataset.mean, std=dataset.std, classes=dataset.classes,
         extra={"train": asdict(train_cfg), "dataset": dataset.name, "history": history,
-               "train_seconds": float(sum(h["seconds"] for h in history)), "init": str(init) if init else None},
+               "train_seconds": float(sum(h["seconds"] for h in history)), "init": str(init) if init else None,
+               "input_shape": [dataset.in_chans, dataset.image_size, dataset.image_size]},
     )
     save_checkpoint(final_path, model, meta)
     state_path.unlink(missing_ok=True)

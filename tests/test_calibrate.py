@@ -69,3 +69,21 @@ def test_bad_arguments_are_usage_errors(checkpoint, tmp_path: Path, args) -> Non
     with pytest.raises(SystemExit) as exc:
         _calibrate(checkpoint, tmp_path / "p.json", *args)
     assert exc.value.code == 2
+
+
+def test_export_writes_a_bundle_both_sides_load(checkpoint, tmp_path: Path, capsys) -> None:
+    from splitexit.bundle import load_bundle
+
+    policy = tmp_path / "policy.json"
+    assert _calibrate(checkpoint, policy, "--policy", "maxprob", "--budget", "0.8") == 0
+    out = tmp_path / "bundle"
+    assert main(["export", str(checkpoint[0]), "--policy", str(policy), "--split", "2", "--codec", "fp16",
+                 "--out", str(out)]) == 0
+    edge, cloud = load_bundle(out, "edge"), load_bundle(out, "cloud")
+    assert edge.hash == cloud.hash and edge.split == 2 and edge.codec == "fp16"
+    assert edge.input_shape == (1, 8, 8)
+    assert edge.manifest["calibration"]["cost_frac"] <= 0.8 + 1e-9
+    assert edge.hash in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["export", str(checkpoint[0]), "--policy", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b2")]) == 2
+    assert not (tmp_path / "b2").exists()

@@ -17,23 +17,11 @@ from splitexit.policies.bolukbasi import (
     NO_JUMP, cascade_ladder, cascade_report, exit_features, jump_targets, objective, select_lambda, stack_cascade,
     sweep_lambda,
 )
+from splitexit.policies.synthetic import synthetic_outputs
 
 LADDER = Ladder.from_cumulative([1.0, 2.0, 3.0, 4.0])
 
 
-def synthetic_outputs(k: int = 4, n: int = 2000, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Later exits are sharper and more often right, with a per-sample difficulty shared
-    by all exits (as in a trained multi-exit net)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    hard = rng.random(n)
-    probs = []
-    for i in range(k):
-        skill = 0.5 + 0.5 * (i + 1) / k
-        logits = rng.normal(size=(n, classes))
-        logits[np.arange(n), labels] += 4.0 * skill * (1.2 - hard)
-        probs.append(torch.tensor(logits * (1 + i)).softmax(-1).numpy())
-    return np.stack(probs).astype(np.float32), labels
 
 
 def peaked(top: np.ndarray, conf: np.ndarray, classes: int = 4) -> np.ndarray:

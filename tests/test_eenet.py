@@ -15,24 +15,13 @@ from splitexit.policies import (
     POLICIES, Ladder, MSDNetBudget, PolicyError, policy_from_dict, policy_to_dict, sequential_thresholds, simulate,
 )
 from splitexit.policies.eenet import EENet, EENetConfig, cost_term, expected_cost
+from splitexit.policies.synthetic import synthetic_outputs
 
 # small enough that a fit takes well under a second; the defaults are for ~5,000 rows
 FAST = EENetConfig(epochs=40, restarts=2)
 LADDER = Ladder.from_cumulative([1.0, 2.0, 3.0, 4.0])
 
 
-def synthetic_outputs(k: int = 4, n: int = 2000, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Later exits are sharper and more often right, as in a trained multi-exit net."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    hard = rng.random(n)  # per-sample difficulty shared by all exits
-    probs = []
-    for i in range(k):
-        skill = 0.5 + 0.5 * (i + 1) / k
-        logits = rng.normal(size=(n, classes))
-        logits[np.arange(n), labels] += 4.0 * skill * (1.2 - hard)
-        probs.append(torch.tensor(logits * (1 + i)).softmax(-1).numpy())
-    return np.stack(probs).astype(np.float32), labels
 
 
 def two_class(conf: list[float]) -> np.ndarray:

@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from splitexit.policies import (
     POLICIES, BoFBeta, Entropy, Ladder, MaxProb, MSDNetBudget, Oracle, Patience, PolicyError, check_budget,
     fit_scalar_to_budget, policy_from_dict, policy_to_dict, sequential_thresholds, simulate,
 )
+from splitexit.policies.synthetic import synthetic_outputs as make_synthetic
 
 
 def one_hot_ish(labels: list[int], conf: list[float], classes: int = 4) -> np.ndarray:
@@ -26,17 +26,7 @@ def one_hot_ish(labels: list[int], conf: list[float], classes: int = 4) -> np.nd
 
 
 def synthetic_outputs(k: int = 4, n: int = 4000, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Later exits are sharper and more often right, as in a trained multi-exit net."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    hard = rng.random(n)  # per-sample difficulty shared by all exits
-    probs = []
-    for i in range(k):
-        skill = 0.5 + 0.5 * (i + 1) / k
-        logits = rng.normal(size=(n, classes))
-        logits[np.arange(n), labels] += 4.0 * skill * (1.2 - hard)
-        probs.append(torch.tensor(logits * (1 + i)).softmax(-1).numpy())
-    return np.stack(probs).astype(np.float32), labels
+    return make_synthetic(k, n, classes, seed)
 
 
 LADDER = Ladder.from_cumulative([1.0, 2.0, 3.0, 4.0])

@@ -114,6 +114,14 @@ class ExitRunner:
         net_ids = torch.tensor(self.network, dtype=torch.long)
         own = len(self.exit_stages) - 1  # index of this network's final head
         feature = x
+        # rows that arrive already bound for another network (a cascade's larger one) leave first
+        arrived_away = net_ids[state[NEXT_EXIT].clamp_min(0)] != self.network[0]
+        if bool(arrived_away.any()):
+            escalated.append(Pending(rows[arrived_away], feature[arrived_away],
+                                     {n: v[arrived_away] for n, v in state.items()}))
+            keep = ~arrived_away
+            rows, feature = rows[keep], feature[keep]
+            state = {name: value[keep] for name, value in state.items()}
         for stage in range(start, stop + 1):
             if len(rows) == 0:
                 break

@@ -1,0 +1,218 @@
+"""Dynamic batching: requests with the same key share one tail call.
+
+Requests are queued per key (the servicer uses (model, split, dtype, feature shape, ...)),
+and a worker task per key forms a batch when `max_batch` rows are waiting or the oldest
+request has waited `max_queue_delay_ms`, whichever comes first. A batch always takes at
+least one request and never splits one. The batch runs in `run_batch` on the compute
+executor (a thread, so the event loop keeps accepting and refusing requests meanwhile);
+per-request results are handed back to the waiting callers.
+
+Admission is decided at once: past `queue_limit_rows` or `queue_limit_requests` waiting
+(all keys together), `submit` raises RequestError(RESOURCE_EXHAUSTED) without queueing.
+A request whose deadline passes while it waits is dropped before compute
+(DEADLINE_EXCEEDED), and one whose caller went away (cancelled) is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+from splitexit.cloud.errors import RequestError
+
+__all__ = ["BatchInfo", "Batcher", "BatcherConfig", "RunBatch"]
+
+# run_batch(key, payloads) -> one result per payload; an Exception instance in the list
+# fails only that request (a RequestError keeps its code, anything else is INTERNAL).
+RunBatch = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatcherConfig:
+    max_batch: int = 32  # rows per tail call: large enough to amortize, small enough for latency
+    max_queue_delay_ms: float = 2.0  # the most a lone request waits for company
+    queue_limit_rows: int = 2048  # waiting rows, all keys together; beyond: RESOURCE_EXHAUSTED
+    queue_limit_requests: int = 512  # waiting requests, all keys together
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if not 0 <= self.max_queue_delay_ms <= 10_000:
+            raise ValueError(f"max_queue_delay_ms must be in 0..10000, got {self.max_queue_delay_ms}")
+        if self.queue_limit_rows < 1 or self.queue_limit_requests < 1:
+            raise ValueError("queue limits must be >= 1")
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """Where one request's time went inside the worker."""
+
+    queue_s: float  # arrival -> start of its batch
+    compute_s: float  # the batch's run_batch call
+    batch_rows: int  # rows in that batch (>= the request's)
+
+
+@dataclass(eq=False)
+class _Item:
+    rows: int
+    payload: Any
+    arrival: float
+    deadline: float | None  # time.monotonic() value, None = none
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    """Queues per key and one worker task per key; compute goes to `executor`.
+
+    Create and use it inside one running event loop; `close()` it when done.
+    """
+
+    def __init__(self, config: BatcherConfig, run_batch: RunBatch, *, executor: Executor,
+                 on_depth: Callable[[int], None] | None = None,
+                 on_batch: Callable[[Hashable, int, float], None] | None = None) -> None:
+        self.config = config
+        self._run_batch = run_batch
+        self._executor = executor
+        self._on_depth = on_depth  # queued rows changed (a gauge)
+        self._on_batch = on_batch  # (key, rows, compute seconds) after each batch
+        self._queues: dict[Hashable, collections.deque[_Item]] = {}
+        self._wakes: dict[Hashable, asyncio.Event] = {}
+        self._workers: dict[Hashable, asyncio.Task[None]] = {}
+        self._queued_rows = 0
+        self._queued_requests = 0
+        self._closed = False
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def queued_requests(self) -> int:
+        return self._queued_requests
+
+    async def submit(self, key: Hashable, payload: Any, *, rows: int, deadline: float | None = None,
+                     arrival: float | None = None) -> tuple[Any, BatchInfo]:
+        """Queue `payload` (`rows` rows) under `key` and wait for its result.
+
+        deadline: a time.monotonic() value after which the request is not computed.
+        Raises RequestError: RESOURCE_EXHAUSTED (queue full, at once), DEADLINE_EXCEEDED,
+        UNAVAILABLE (closed), or the per-request error run_batch returned.
+        """
+        if self._closed:
+            raise RequestError("UNAVAILABLE", "the worker is shutting down")
+        c = self.config
+        if self._queued_requests + 1 > c.queue_limit_requests or self._queued_rows + rows > c.queue_limit_rows:
+            raise RequestError("RESOURCE_EXHAUSTED",
+                               f"queue full ({self._queued_requests} requests, {self._queued_rows} rows waiting; "
+                               f"limits {c.queue_limit_requests} requests, {c.queue_limit_rows} rows): retry later")
+        loop = asyncio.get_running_loop()
+        item = _Item(rows, payload, time.monotonic() if arrival is None else arrival, deadline, loop.create_future())
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = collections.deque()
+            self._wakes[key] = asyncio.Event()
+            self._workers[key] = asyncio.create_task(self._work(key), name=f"batcher:{key}")
+        queue.append(item)
+        self._depth(rows, 1)
+        self._wakes[key].set()
+        try:
+            return await item.future
+        finally:
+            if not item.future.done():  # the caller was cancelled: the worker skips it
+                item.future.cancel()
+
+    def _depth(self, rows: int, requests: int) -> None:
+        self._queued_rows += rows
+        self._queued_requests += requests
+        if self._on_depth is not None:
+            self._on_depth(self._queued_rows)
+
+    async def _gather(self, key: Hashable) -> list[_Item]:
+        """Wait for the batch of `key` to be due and take it out of the queue."""
+        queue, wake = self._queues[key], self._wakes[key]
+        delay = self.config.max_queue_delay_ms / 1000
+        while not queue:
+            wake.clear()
+            await wake.wait()
+        while True:
+            rows = sum(i.rows for i in queue)
+            due = queue[0].arrival + delay  # from the oldest request's arrival, not from now
+            left = due - time.monotonic()
+            if rows >= self.config.max_batch or left <= 0:
+                break
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), left)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                break
+        batch = [queue.popleft()]
+        taken = batch[0].rows
+        while queue and taken + queue[0].rows <= self.config.max_batch:
+            taken += queue[0].rows
+            batch.append(queue.popleft())
+        self._depth(-taken, -len(batch))
+        return batch
+
+    async def _work(self, key: Hashable) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather(key)
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if item.future.done():  # cancelled by its caller while waiting
+                    continue
+                if item.deadline is not None and item.deadline <= now:
+                    item.future.set_exception(RequestError(
+                        "DEADLINE_EXCEEDED", f"deadline passed after {1000 * (now - item.arrival):.1f} ms in the queue"))
+                    continue
+                live.append(item)
+            if not live:
+                continue
+            rows = sum(i.rows for i in live)
+            started = time.monotonic()
+            try:
+                results: Sequence[Any] = await loop.run_in_executor(
+                    self._executor, self._run_batch, key, [i.payload for i in live])
+                if len(results) != len(live):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} requests")
+            except asyncio.CancelledError:
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(RequestError("UNAVAILABLE", "the worker is shutting down"))
+                raise
+            except Exception as exc:  # a bug in run_batch fails its batch, never the worker
+                results = [RequestError("INTERNAL", f"batch failed: {type(exc).__name__}: {exc}")] * len(live)
+            compute = time.monotonic() - started
+            if self._on_batch is not None:
+                self._on_batch(key, rows, compute)
+            for item, result in zip(live, results):
+                if item.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result if isinstance(result, RequestError)
+                                              else RequestError("INTERNAL", f"{type(result).__name__}: {result}"))
+                else:
+                    item.future.set_result((result, BatchInfo(started - item.arrival, compute, rows)))
+
+    async def close(self) -> None:
+        """Stop the workers; requests still waiting get UNAVAILABLE."""
+        self._closed = True
+        for task in self._workers.values():
+            task.cancel()
+        for task in self._workers.values():
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        for queue in self._queues.values():
+            while queue:
+                item = queue.popleft()
+                self._depth(-item.rows, -1)
+                if not item.future.done():
+                    item.future.set_exception(RequestError("UNAVAILABLE", "the worker is shutting down"))
+        self._workers.clear()

@@ -1,0 +1,187 @@
+"""Inputs for the edge agent: image files, folders, .tar.gz archives and numpy arrays.
+
+Everything is read and checked before the first answer is computed, so a bad file stops a
+run before anything is written (one clear `InputError` naming the file and why).
+
+- an image file (.jpg .jpeg .png .bmp): one sample, id = the file name
+- a folder: every image under it (recursively, sorted), id = the path inside the folder
+- a .tar / .tar.gz / .tgz archive: every image member, id = the member name
+- a .npy array: uint8 images [N, H, W, C] (or [N, H, W] with one channel, or one image
+  [H, W, C]), or float inputs [N, C, H, W] already normalized; id = "name.npy:i"
+- a .npz archive: its array "x" (else "images", else its only array) as above, and
+  sample ids from an optional string array "ids"
+
+Images are converted to the bundle's channels (L or RGB). A size that differs from the
+bundle's input is refused unless `resize=True` (then bilinear resize).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+__all__ = ["IMAGE_SUFFIXES", "InputError", "InputSet", "load_inputs"]
+
+# splitexit.data's list (not imported from there: it loads torch, and this module must not)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_MODES = {1: "L", 3: "RGB"}
+
+
+class InputError(ValueError):
+    """An input that cannot be read or does not fit the bundle."""
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """Samples ready for `EdgeAgent.infer`: uint8 images [N, H, W, C] or normalized float
+    inputs [N, C, H, W], with one id per sample."""
+
+    ids: tuple[str, ...]
+    data: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batches(self, size: int) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+        for start in range(0, len(self.ids), size):
+            yield self.ids[start:start + size], self.data[start:start + size]
+
+
+def _decode(data: bytes, where: str, shape: tuple[int, int, int], resize: bool) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    if c not in _MODES:
+        raise InputError(f"the bundle takes {c}-channel inputs; images can feed 1 or 3 channels (use .npy)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.size != (w, h):
+                if not resize:
+                    raise InputError(f"{where}: image is {img.size[0]}x{img.size[1]}, the bundle takes {w}x{h} "
+                                     f"(resize it, or pass --resize)")
+                img = img.convert(_MODES[c]).resize((w, h), Image.BILINEAR)
+            pixels = np.asarray(img.convert(_MODES[c]), dtype=np.uint8)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from None
+    return pixels.reshape(h, w, c)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES) and not Path(name).name.startswith(".")
+
+
+def _iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and _is_image(member.name):
+                    handle = tar.extractfile(member)
+                    if handle is None:
+                        raise InputError(f"{path}: cannot read member {member.name}")
+                    yield member.name, handle.read()
+    except (tarfile.TarError, EOFError, OSError) as exc:  # gzip errors surface as OSError/EOFError
+        raise InputError(f"{path}: corrupt or unreadable archive ({exc})") from None
+
+
+def _iter_folder(path: Path) -> Iterator[tuple[str, bytes]]:
+    for file in sorted(path.rglob("*")):
+        name = file.relative_to(path).as_posix()
+        if file.is_file() and _is_image(name):
+            try:
+                yield name, file.read_bytes()
+            except OSError as exc:
+                raise InputError(f"{file}: cannot read ({exc.strerror or exc})") from None
+
+
+def _array(values: np.ndarray, where: str, shape: tuple[int, int, int]) -> np.ndarray:
+    c, h, w = shape
+    if values.dtype == np.uint8:
+        if values.ndim == 3 and values.shape == (h, w, c):
+            values = values[None]
+        elif values.ndim == 3 and c == 1 and values.shape[1:] == (h, w):
+            values = values[..., None]
+        if values.ndim != 4 or values.shape[1:] != (h, w, c):
+            raise InputError(f"{where}: uint8 images must be [N, {h}, {w}, {c}] for this bundle, "
+                             f"got {list(values.shape)}")
+        return np.ascontiguousarray(values)
+    if values.dtype.kind == "f":
+        if values.ndim == 3 and values.shape == (c, h, w):
+            values = values[None]
+        if values.ndim != 4 or values.shape[1:] != (c, h, w):
+            raise InputError(f"{where}: float inputs must be normalized [N, {c}, {h}, {w}] for this bundle, "
+                             f"got {list(values.shape)}")
+        values = values.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise InputError(f"{where}: {int((~np.isfinite(values)).sum())} NaN/inf values")
+        return np.ascontiguousarray(values)
+    raise InputError(f"{where}: arrays must be uint8 images or float inputs, got {values.dtype}")
+
+
+def _load_numpy(path: Path, shape: tuple[int, int, int]) -> InputSet:
+    try:
+        if path.suffix == ".npy":
+            values = np.load(path, allow_pickle=False)
+            ids = None
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                names = list(z.files)
+                key = next((k for k in ("x", "images") if k in names), names[0] if len(names) == 1 else None)
+                if key is None:
+                    raise InputError(f"{path}: no array 'x' or 'images' among {names}")
+                values = z[key]
+                ids = [str(s) for s in z["ids"].tolist()] if "ids" in names else None
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:  # also object arrays refused without pickle
+        raise InputError(f"{path}: not a readable numpy file ({exc})") from None
+    values = _array(values, str(path), shape)
+    if ids is None:
+        ids = [f"{path.name}:{i}" for i in range(len(values))]
+    elif len(ids) != len(values):
+        raise InputError(f"{path}: {len(ids)} ids for {len(values)} samples")
+    return InputSet(tuple(ids), values)
+
+
+def load_inputs(path: str | Path, input_shape: tuple[int, ...], *, resize: bool = False) -> InputSet:
+    """Read every sample of `path` for a bundle taking inputs of `input_shape` [C, H, W]."""
+    path = Path(path)
+    if len(input_shape) != 3:
+        raise InputError(f"the bundle's input shape {list(input_shape)} is not [C, H, W]")
+    shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    name = path.name.lower()
+    if path.is_file() and name.endswith((".npy", ".npz")):
+        inputs = _load_numpy(path, shape)
+    else:
+        if path.is_dir():
+            members: Iterator[tuple[str, bytes]] = _iter_folder(path)
+        elif name.endswith(_ARCHIVE_SUFFIXES):
+            members = _iter_archive(path)
+        elif _is_image(name):
+            try:
+                members = iter([(path.name, path.read_bytes())])
+            except OSError as exc:
+                raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        else:
+            raise InputError(f"{path}: not an image, folder, .tar.gz archive, .npy or .npz file")
+        ids: list[str] = []
+        images: list[np.ndarray] = []
+        for member, data in members:
+            where = str(path / member) if path.is_dir() else f"{path}:{member}" if member != path.name else str(path)
+            images.append(_decode(data, where, shape, resize))
+            ids.append(member)
+        if not images:
+            raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        inputs = InputSet(tuple(ids), np.stack(images))
+    if len(inputs) == 0:
+        raise InputError(f"{path}: no samples")
+    return inputs

@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/splitexit demo
 
-test: $(STAMP)
+# buf: a standard gRPC command-line client (server reflection) for tests/test_cloud_grpc_cli.py;
+# from the npm registry when npm is there, else that one test is skipped
+TOOLS  := .tools/.installed
+$(TOOLS):
+	@if command -v npm >/dev/null 2>&1 && npm install --silent --prefix .tools @bufbuild/buf@1.75.0; \
+	then touch $(TOOLS); else echo "note: buf not installed (no npm?): the gRPC CLI test will be skipped"; fi
+
+test: $(STAMP) $(TOOLS)
 	$(BIN)/python -m pytest -q
 
 # Regenerates protos/splitexit/proto/*_pb2*.py(i) from the .proto files (commit them).
@@ -26,4 +33,4 @@ protos: $(STAMP)
 	$(BIN)/python -m splitexit.proto.generate
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .tools

@@ -47,6 +47,25 @@ class BoFConfig:
         return self.codewords * (4 if self.spatial == "2x2" else 1)
 
 
+def _pool_sum(x: torch.Tensor, size: int | None) -> tuple[torch.Tensor, float]:
+    """Average-pool a map [B, D, H, W] down to side `size` as (sums, 1 / cells), so the
+    caller can fold the 1 / cells into its next linear op. Halving by strided slices is
+    several times faster on CPU than the pooling kernels for these small maps; other
+    shapes fall back to adaptive average pooling."""
+    h, w = x.shape[-2:]
+    if size is None or max(h, w) <= size:
+        return x, 1.0
+    fh, fw = h // size, w // size
+    if h % size or w % size or fh != fw or fh & (fh - 1):
+        return F.adaptive_avg_pool2d(x, size), 1.0
+    factor = fh
+    while factor > 1:
+        x = x[..., 0::2, :] + x[..., 1::2, :]
+        x = x[..., 0::2] + x[..., 1::2]
+        factor //= 2
+    return x, 1.0 / (fh * fw)
+
+
 class BoFHistogram(nn.Module):
     """Feature map -> soft codeword histogram [B, histogram_dim] (rows sum to 1 per cell)."""
 
@@ -65,21 +84,28 @@ class BoFHistogram(nn.Module):
     def membership(self, x: torch.Tensor) -> torch.Tensor:
         """Per-position soft assignment u [B, N_K, H', W'], summing to 1 over codewords."""
         cfg = self.config
-        if cfg.pool_to is not None and max(x.shape[-2:]) > cfg.pool_to:
-            x = F.adaptive_avg_pool2d(x, cfg.pool_to)
+        x, scale = _pool_sum(x, cfg.pool_to)  # x * scale is the average-pooled map
+        b, d, h, w = x.shape
         if cfg.kernel == "logistic":
-            s = (torch.tanh(self.a * self.codebook(x) + self.c) + 1) / 2  # [B, N_K, H, W] in (0, 1)
-            return s / (s.sum(dim=1, keepdim=True) + cfg.eps)
-        # RBF: -||x - w||^2 = 2 x.w - ||x||^2 - ||w||^2; softmax over codewords.
-        w = self.codebook.weight  # [N_K, D, 1, 1]
+            # (tanh(a·s + c) + 1) / 2 == sigmoid(2a·s + 2c), and s = W·(x·scale) + bias: fold the
+            # scalars into the codebook so the map sees one matmul, one add and one sigmoid
+            # (tanh is ~6x slower than sigmoid on CPU, and 1x1 convs on tiny maps pay for mkldnn)
+            weight = self.codebook.weight.flatten(1) * (2 * self.a * scale)  # [N_K, D]
+            bias = 2 * (self.a * self.codebook.bias + self.c)  # [N_K]
+            s = torch.sigmoid(torch.matmul(weight, x.flatten(2)) + bias[:, None])  # [B, N_K, HW]
+            u = s / (s.sum(dim=1, keepdim=True) + cfg.eps)
+            return u.view(b, -1, h, w)
+        x = x * scale
+        w_ = self.codebook.weight  # [N_K, D, 1, 1]
         dot = self.codebook(x)
-        sq_dist = (x * x).sum(dim=1, keepdim=True) - 2 * dot + (w * w).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+        sq_dist = (x * x).sum(dim=1, keepdim=True) - 2 * dot + (w_ * w_).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
         return torch.softmax(-sq_dist / (2 * torch.exp(2 * self.log_sigma)), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.membership(x)
-        grid = 2 if self.config.spatial == "2x2" else 1
-        return F.adaptive_avg_pool2d(u, grid).flatten(1)  # [B, N_K * grid^2]
+        if self.config.spatial == "2x2":
+            return F.adaptive_avg_pool2d(u, 2).flatten(1)  # [B, N_K * 4]
+        return u.flatten(2).mean(-1)  # [B, N_K]
 
     @torch.no_grad()
     def init_codebook(self, features: torch.Tensor, *, max_vectors: int = 20000, seed: int = 0) -> None:
@@ -87,8 +113,8 @@ class BoFHistogram(nn.Module):
         from sklearn.cluster import KMeans  # only needed here; keeps import light
 
         cfg = self.config
-        if cfg.pool_to is not None and max(features.shape[-2:]) > cfg.pool_to:
-            features = F.adaptive_avg_pool2d(features, cfg.pool_to)
+        features, scale = _pool_sum(features, cfg.pool_to)
+        features = features * scale
         vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         generator = torch.Generator().manual_seed(seed)
         if len(vectors) > max_vectors:

@@ -69,14 +69,15 @@ def test_bof_histogram_sums_to_one_per_sample(kernel: str, spatial: str) -> None
 
 def test_bof_pools_large_maps_before_the_codebook() -> None:
     head = BoFHead(4, 3, BoFConfig(codewords=8, pool_to=4))
-    seen: list[tuple[int, ...]] = []
-    head.bof.codebook.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
-    assert head(torch.randn(2, 4, 16, 16)).shape == (2, 3)
-    assert seen == [(2, 8, 4, 4)]
+    x = torch.randn(2, 4, 16, 16)
+    assert head(x).shape == (2, 3)
+    assert head.bof.membership(x).shape == (2, 8, 4, 4)
+    # pooling first is exactly the codebook on the average-pooled map (the fast path's sums)
     full_res = BoFHead(4, 3, BoFConfig(codewords=8, pool_to=None))
-    full_res.bof.codebook.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
-    full_res(torch.randn(2, 4, 16, 16))
-    assert seen[-1] == (2, 8, 16, 16)
+    full_res.load_state_dict(head.state_dict())
+    assert full_res.bof.membership(x).shape == (2, 8, 16, 16)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4)
+    assert torch.allclose(head.bof.membership(x), full_res.bof.membership(pooled), atol=1e-6)
 
 
 def test_kmeans_codebook_init_puts_codewords_on_clusters() -> None:

@@ -58,6 +58,8 @@ def _pool_sum(x: torch.Tensor, size: int | None) -> tuple[torch.Tensor, float]:
     fh, fw = h // size, w // size
     if h % size or w % size or fh != fw or fh & (fh - 1):
         return F.adaptive_avg_pool2d(x, size), 1.0
+    if x.numel() <= 1 << 16:  # small batches: one pooling call beats the per-op overhead of slicing
+        return F.avg_pool2d(x, fh), 1.0
     factor = fh
     while factor > 1:
         x = x[..., 0::2, :] + x[..., 1::2, :]
@@ -74,6 +76,7 @@ class BoFHistogram(nn.Module):
         self.config = config
         # The codebook is a 1x1 convolution: similarity of each position to each codeword.
         self.codebook = nn.Conv2d(in_channels, config.codewords, kernel_size=1, bias=config.kernel == "logistic")
+        self._cache: tuple | None = None  # folded codebook for inference (see _folded)
         if config.kernel == "logistic":
             self.a = nn.Parameter(torch.ones(()))  # kernel slope
             self.c = nn.Parameter(torch.zeros(()))  # kernel offset
@@ -90,8 +93,7 @@ class BoFHistogram(nn.Module):
             # (tanh(a·s + c) + 1) / 2 == sigmoid(2a·s + 2c), and s = W·(x·scale) + bias: fold the
             # scalars into the codebook so the map sees one matmul, one add and one sigmoid
             # (tanh is ~6x slower than sigmoid on CPU, and 1x1 convs on tiny maps pay for mkldnn)
-            weight = self.codebook.weight.flatten(1) * (2 * self.a * scale)  # [N_K, D]
-            bias = 2 * (self.a * self.codebook.bias + self.c)  # [N_K]
+            weight, bias = self._folded(scale)
             s = torch.sigmoid(torch.matmul(weight, x.flatten(2)) + bias[:, None])  # [B, N_K, HW]
             u = s / (s.sum(dim=1, keepdim=True) + cfg.eps)
             return u.view(b, -1, h, w)
@@ -100,6 +102,21 @@ class BoFHistogram(nn.Module):
         dot = self.codebook(x)
         sq_dist = (x * x).sum(dim=1, keepdim=True) - 2 * dot + (w_ * w_).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
         return torch.softmax(-sq_dist / (2 * torch.exp(2 * self.log_sigma)), dim=1)
+
+    def _folded(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codebook weight [N_K, D] and bias [N_K] with the kernel's scalars and the pooling
+        scale folded in. Cached outside training (keyed by the parameters' versions, which
+        every in-place update such as an optimizer step or load_state_dict bumps): at batch 1
+        the handful of tiny ops that fold them would cost as much as the head itself."""
+        params = (self.codebook.weight, self.codebook.bias, self.a, self.c)
+        key = (scale, *(p._version for p in params))
+        if not (self.training or torch.is_grad_enabled()) and self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        weight = self.codebook.weight.flatten(1) * (2 * self.a * scale)
+        bias = 2 * (self.a * self.codebook.bias + self.c)
+        if not (self.training or torch.is_grad_enabled()):
+            self._cache = (key, weight, bias)
+        return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.membership(x)

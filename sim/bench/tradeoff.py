@@ -36,7 +36,8 @@ CASCADE_TOLERANCE = 0.005  # λ for the cascade: best speedup within 0.5 points 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--no-cascade", action="store_true",
+                        help="skip the edge -> cloud network cascade (it needs the larger network trained)")
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,9 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
     result["bof_vs_maxprob"] = bof_vs_maxprob(sets)
     log("predictive exit vs every exit at full clock")
     result["predictive"] = predictive_vs_all_exits(sets)
-    log("cascade: edge exits -> larger cloud network")
-    result["cascade"] = cascade(ctx, sets)
+    if not args.no_cascade:
+        log("cascade: edge exits -> larger cloud network")
+        result["cascade"] = cascade(ctx, sets)
     for fraction, entry in at_budget.items():
         if "best" in entry:
             log(f"budget {fraction}: best {entry['best']['policy']} {entry['best']['acc']:.4f} "

@@ -108,7 +108,7 @@ def budget_fits(fit: Callable[[float], ExitPolicy], sets: Sets, fractions: Itera
 
 def predictive_base(ladder: Ladder, **params) -> Predictive:
     ms = Ladder(tuple(c / MACS_PER_MS for c in ladder.net_cost), tuple(c / MACS_PER_MS for c in ladder.head_cost))
-    return Predictive.from_ladder(ms, board=PREDICTIVE_BOARD, **params)
+    return Predictive.from_ladder(ms, **{"board": PREDICTIVE_BOARDS[0], **params})
 
 
 def sweeps(sets: Sets, quick: bool) -> dict[str, list[Point]]:

@@ -7,10 +7,17 @@ least one request and never splits one. The batch runs in `run_batch` on the com
 executor (a thread, so the event loop keeps accepting and refusing requests meanwhile);
 per-request results are handed back to the waiting callers.
 
+While a batch computes, the next one is formed as soon as it is full and handed to the
+executor behind it (`queued_batches`), so that it starts the moment the compute thread is
+free: under load the event loop is busy answering the last batch's requests and would
+otherwise leave the compute thread idle until it comes round. A partial batch is not sent
+ahead: with the compute busy there is no point in cutting the wait for company short.
+
 Admission is decided at once: past `queue_limit_rows` or `queue_limit_requests` waiting
-(all keys together), `submit` raises RequestError(RESOURCE_EXHAUSTED) without queueing.
-A request whose deadline passes while it waits is dropped before compute
-(DEADLINE_EXCEEDED), and one whose caller went away (cancelled) is skipped.
+(all keys together; a batch handed ahead still counts until it starts), `submit` raises
+RequestError(RESOURCE_EXHAUSTED) without queueing. A request whose deadline passes while
+it waits is dropped before compute (DEADLINE_EXCEEDED), and one whose caller went away
+(cancelled) is skipped.
 """
 
 from __future__ import annotations
@@ -37,8 +44,11 @@ class BatcherConfig:
     max_queue_delay_ms: float = 2.0  # the most a lone request waits for company
     queue_limit_rows: int = 2048  # waiting rows, all keys together; beyond: RESOURCE_EXHAUSTED
     queue_limit_requests: int = 512  # waiting requests, all keys together
+    queued_batches: int = 1  # full batches handed to the executor ahead of the running one; 0 = none
 
     def __post_init__(self) -> None:
+        if self.queued_batches < 0:
+            raise ValueError(f"queued_batches must be >= 0, got {self.queued_batches}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if not 0 <= self.max_queue_delay_ms <= 10_000:
@@ -131,8 +141,10 @@ class Batcher:
         if self._on_depth is not None:
             self._on_depth(self._queued_rows)
 
-    async def _gather(self, key: Hashable) -> list[_Item]:
-        """Wait for the batch of `key` to be due and take it out of the queue."""
+    async def _gather(self, key: Hashable, busy: Callable[[], bool]) -> list[_Item]:
+        """Wait for the batch of `key` to be due and take it out of the queue: full, or,
+        with the compute free (`busy()` false), once its oldest request has waited the
+        queue delay."""
         queue, wake = self._queues[key], self._wakes[key]
         delay = self.config.max_queue_delay_ms / 1000
         while not queue:
@@ -140,11 +152,15 @@ class Batcher:
             await wake.wait()
         while True:
             rows = sum(i.rows for i in queue)
-            due = queue[0].arrival + delay  # from the oldest request's arrival, not from now
-            left = due - time.monotonic()
-            if rows >= self.config.max_batch or left <= 0:
+            if rows >= self.config.max_batch:
                 break
             wake.clear()
+            if busy():  # a batch finishing sets `wake` too: then the delay rule applies
+                await wake.wait()
+                continue
+            left = queue[0].arrival + delay - time.monotonic()  # from the oldest request's arrival
+            if left <= 0:
+                break
             try:
                 await asyncio.wait_for(wake.wait(), left)
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
@@ -154,50 +170,82 @@ class Batcher:
         while queue and taken + queue[0].rows <= self.config.max_batch:
             taken += queue[0].rows
             batch.append(queue.popleft())
-        self._depth(-taken, -len(batch))
         return batch
 
     async def _work(self, key: Hashable) -> None:
+        running: set[asyncio.Task[None]] = set()  # batches handed to the executor, not yet answered
+        wake = self._wakes[key]  # set by a new request, and by a batch answered: `_gather` looks again
+        try:
+            while True:
+                while len(running) > self.config.queued_batches:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                batch = await self._gather(key, busy=lambda: bool(running))
+                now = time.monotonic()
+                live = []
+                for item in batch:
+                    if item.future.done():  # cancelled by its caller while waiting
+                        self._depth(-item.rows, -1)
+                        continue
+                    if item.deadline is not None and item.deadline <= now:
+                        self._depth(-item.rows, -1)
+                        item.future.set_exception(RequestError(
+                            "DEADLINE_EXCEEDED", f"deadline passed after {1000 * (now - item.arrival):.1f} ms in the queue"))
+                        continue
+                    live.append(item)  # still counted as waiting until its batch starts
+                if not live:
+                    continue
+                task = asyncio.create_task(self._compute(key, live), name=f"batch:{key}")
+                running.add(task)
+                task.add_done_callback(lambda t: (running.discard(t), wake.set()))  # the compute is freer
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    def _run_timed(self, key: Hashable, items: list[_Item], loop: asyncio.AbstractEventLoop
+                   ) -> tuple[list[Any], float, float]:
+        """In the compute thread: the batch's results (an error for a request whose
+        deadline passed while the batch waited behind another), and when it ran."""
+        started = time.monotonic()
+        loop.call_soon_threadsafe(self._depth, -sum(i.rows for i in items), -len(items))  # no longer waiting
+        due = [i for i, item in enumerate(items) if item.deadline is None or item.deadline > started]
+        results: list[Any] = [RequestError("DEADLINE_EXCEEDED", "deadline passed in the queue")] * len(items)
+        if due:
+            computed = self._run_batch(key, [items[i].payload for i in due])
+            if len(computed) != len(due):
+                raise RuntimeError(f"run_batch returned {len(computed)} results for {len(due)} requests")
+            for i, result in zip(due, computed):
+                results[i] = result
+        return results, started, time.monotonic()
+
+    async def _compute(self, key: Hashable, live: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._gather(key)
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if item.future.done():  # cancelled by its caller while waiting
-                    continue
-                if item.deadline is not None and item.deadline <= now:
-                    item.future.set_exception(RequestError(
-                        "DEADLINE_EXCEEDED", f"deadline passed after {1000 * (now - item.arrival):.1f} ms in the queue"))
-                    continue
-                live.append(item)
-            if not live:
+        rows = sum(i.rows for i in live)
+        started = ended = time.monotonic()
+        job = self._executor.submit(self._run_timed, key, live, loop)
+        try:
+            results, started, ended = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if job.cancel():  # it never started (and now never will): its rows stop waiting here
+                self._depth(-rows, -len(live))
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(RequestError("UNAVAILABLE", "the worker is shutting down"))
+            raise
+        except Exception as exc:  # a bug in run_batch fails its batch, never the worker
+            results = [RequestError("INTERNAL", f"batch failed: {type(exc).__name__}: {exc}")] * len(live)
+            ended = time.monotonic()
+        compute = ended - started
+        if self._on_batch is not None:
+            self._on_batch(key, rows, compute)
+        for item, result in zip(live, results):
+            if item.future.done():
                 continue
-            rows = sum(i.rows for i in live)
-            started = time.monotonic()
-            try:
-                results: Sequence[Any] = await loop.run_in_executor(
-                    self._executor, self._run_batch, key, [i.payload for i in live])
-                if len(results) != len(live):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} requests")
-            except asyncio.CancelledError:
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(RequestError("UNAVAILABLE", "the worker is shutting down"))
-                raise
-            except Exception as exc:  # a bug in run_batch fails its batch, never the worker
-                results = [RequestError("INTERNAL", f"batch failed: {type(exc).__name__}: {exc}")] * len(live)
-            compute = time.monotonic() - started
-            if self._on_batch is not None:
-                self._on_batch(key, rows, compute)
-            for item, result in zip(live, results):
-                if item.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    item.future.set_exception(result if isinstance(result, RequestError)
-                                              else RequestError("INTERNAL", f"{type(result).__name__}: {result}"))
-                else:
-                    item.future.set_result((result, BatchInfo(started - item.arrival, compute, rows)))
+            if isinstance(result, BaseException):
+                item.future.set_exception(result if isinstance(result, RequestError)
+                                          else RequestError("INTERNAL", f"{type(result).__name__}: {result}"))
+            else:
+                item.future.set_result((result, BatchInfo(started - item.arrival, compute, rows)))
 
     async def close(self) -> None:
         """Stop the workers; requests still waiting get UNAVAILABLE."""

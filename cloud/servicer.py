@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Hashable, Mapping, Sequence
 
@@ -45,7 +45,7 @@ from google.protobuf.message import DecodeError
 from splitexit.bundle import Bundle, BundleError, load_bundle, on_edge
 from splitexit.cloud.batcher import BatchInfo, Batcher
 from splitexit.cloud.errors import RequestError
-from splitexit.codec import CODECS, CodecError, decode
+from splitexit.codec import CODECS, CodecError, EncodedTensor, decode
 from splitexit.policies import PolicyError, step
 from splitexit.proto import PROTOCOL_VERSION
 from splitexit.proto import inference_pb2 as pb
@@ -173,8 +173,19 @@ class ServedModel:
 
     # -- compute (in the batcher's thread) -----------------------------------------------
     def run_batch(self, items: Sequence["Parsed"]) -> list["list[pb.RowResult] | RequestError"]:
-        """Answers for a batch of parsed requests of this model (one key); a whole-batch
+        """Answers for a batch of parsed requests of this model (one key). Bodies left
+        undecoded by `parse_request(..., defer_decode=True)` are decoded here first, a
+        batch's together; a request that fails to decode fails alone. A whole-batch
         failure is retried request by request so that it fails only the request at fault."""
+        decoded = self.decode_bodies(items)
+        live = [i for i, d in enumerate(decoded) if isinstance(d, Parsed)]
+        out: list[list[pb.RowResult] | RequestError] = [d if isinstance(d, RequestError) else [] for d in decoded]
+        if live:
+            for i, answer in zip(live, self._run_isolated([decoded[i] for i in live])):  # type: ignore[misc]
+                out[i] = answer
+        return out
+
+    def _run_isolated(self, items: Sequence["Parsed"]) -> list["list[pb.RowResult] | RequestError"]:
         try:
             return self._run(items)
         except Exception as exc:
@@ -187,6 +198,54 @@ class ServedModel:
             except Exception as exc:
                 out.append(_compute_error(exc))
         return out
+
+    def decode_bodies(self, items: Sequence["Parsed"]) -> list["Parsed | RequestError"]:
+        """Decode the deferred feature and policy state of `items` (those with a body).
+
+        Why here and together: decoding is many small numpy/torch calls per request; on
+        the event loop it held the GIL between every RPC. Bodies of one batch share a key
+        (same feature dtype and shape), so they decode as one tensor per entry. When that
+        merged decode fails, each body is decoded alone: the error goes to the request at
+        fault, with the message an eager `parse_request` gives."""
+        out: list[Parsed | RequestError] = list(items)
+        deferred = [i for i, item in enumerate(items) if item.body is not None]
+        merged = self._decode_merged([items[i] for i in deferred]) if len(deferred) > 1 else None
+        for j, i in enumerate(deferred):
+            out[i] = merged[j] if merged is not None else self._decode_one(items[i])
+        return out
+
+    def _decode_one(self, item: "Parsed") -> "Parsed | RequestError":
+        assert item.body is not None
+        try:
+            feature = _decode_feature(item.body.feature, self, item.rows)
+            state = _decode_state(item.body.policy_state, self, item.rows, raw_start=False)
+        except RequestError as exc:
+            return exc
+        return replace(item, feature=feature, state=state, body=None)
+
+    def _decode_merged(self, items: Sequence["Parsed"]) -> "list[Parsed] | None":
+        """One decode per entry for all of `items`, or None when any check fails or the
+        state cannot be merged (differing names or layouts). Features that cannot be
+        merged (each int8 request has its own quantization) decode one by one."""
+        bodies = [item.body for item in items if item.body is not None]
+        counts = [item.rows for item in items]
+        total = sum(counts)
+        try:
+            try:
+                features = _decode_feature(_concat([b.feature for b in bodies], total), self, total).split(counts)
+            except _Unmergeable:
+                features = tuple(_decode_feature(b.feature, self, n) for b, n in zip(bodies, counts))
+            names = set(bodies[0].policy_state)
+            if any(set(b.policy_state) != names for b in bodies):
+                return None
+            received = {name: _concat([EncodedTensor.from_proto(b.policy_state[name]) for b in bodies], total)
+                        for name in names}
+            state = _decode_state(received, self, total, raw_start=False)
+        except (RequestError, CodecError, _Unmergeable):
+            return None
+        states = {name: value.split(counts) for name, value in state.items()}
+        return [replace(item, feature=features[j], state={name: v[j] for name, v in states.items()}, body=None)
+                for j, item in enumerate(items)]
 
     def _normalize(self, images: torch.Tensor, *, large: bool) -> torch.Tensor:
         """uint8 [B, H, W, C] -> float [B, C, H, W] with the network's mean/std."""
@@ -223,7 +282,7 @@ class ServedModel:
         x = torch.cat([inputs[i] for i in live])  # [N, ...]
         state = {name: torch.cat([items[i].state[name] for i in live]) for name in self.spec}
         n = x.shape[0]
-        has_raw = torch.tensor([items[int(o)].raw_items is not None for o in owner], dtype=torch.bool)
+        has_raw = torch.tensor([items[i].raw_items is not None for i in live], dtype=torch.bool).repeat_interleave(counts)
 
         probs = torch.zeros(n, self.num_classes)
         exit_stage = torch.full((n,), -1, dtype=torch.long)
@@ -243,8 +302,11 @@ class ServedModel:
         esc_state = {name: value.clone() for name, value in state.items()}
         if len(keep):
             start = 0 if raw_start else self.bundle.split + 1
-            sub = {name: value[keep] for name, value in state.items()}
-            result = self.runner.run(x[keep], start=start, state=sub, rows=keep)
+            if len(keep) == n:  # the usual case: no copy of the batch (the runner copies the state itself)
+                result = self.runner.run(x, start=start, state=state, rows=keep)
+            else:
+                result = self.runner.run(x[keep], start=start, state={name: value[keep] for name, value in state.items()},
+                                         rows=keep)
             merged = result.merged()
             if merged is not None:
                 probs[merged.rows] = merged.probs
@@ -367,13 +429,66 @@ class Parsed:
     request_id: str
     sample_ids: tuple[str, ...]
     rows: int
-    feature: torch.Tensor | None  # float32 [B, *feature_shape]; None = start from the raw input
-    state: dict[str, torch.Tensor]  # every entry of the model's state spec, B rows
+    # float32 [B, *feature_shape]; None = start from the raw input (or, with a body, not yet decoded)
+    feature: torch.Tensor | None
+    state: dict[str, torch.Tensor]  # every entry of the model's state spec, B rows ({} with a body)
     key: Hashable  # the batching key
     raw_format: str | None = None
     raw_items: tuple[bytes, ...] | None = None
     want_probabilities: bool = False
     top_k: int = 0
+    body: "Body | None" = None  # feature and policy state still to decode (in the compute thread)
+
+
+@dataclass(frozen=True)
+class Body:
+    """A request's feature, checked for structure (dtype, shape, size, quantization
+    parameters) but not yet decoded, and its policy state as received."""
+
+    feature: EncodedTensor
+    policy_state: Mapping[str, pb.Tensor]
+
+
+class _Unmergeable(Exception):
+    """Wire tensors that cannot be decoded as one (their layouts differ)."""
+
+
+def _concat(tensors: Sequence[EncodedTensor], rows: int) -> EncodedTensor:
+    """Wire tensors of one layout (dtype, row shape, quantization) stacked along their
+    first axis: row-major bytes concatenate."""
+    first = tensors[0]
+    same = all(t.dtype == first.dtype and t.shape[1:] == first.shape[1:] and t.quant == first.quant for t in tensors)
+    if not same or (first.quant is not None and first.quant.scheme == "per_channel" and first.quant.axis == 0):
+        raise _Unmergeable()
+    return EncodedTensor(dtype=first.dtype, shape=(rows, *first.shape[1:]), data=b"".join(t.data for t in tensors),
+                         quant=first.quant)
+
+
+def _decode_feature(tensor: "EncodedTensor | pb.Tensor", model: ServedModel, rows: int, *,
+                    max_bytes: int | None = None) -> torch.Tensor:
+    try:
+        feature = decode(tensor, expect_shape=model.bundle.feature_shape, max_bytes=max_bytes)
+    except CodecError as exc:
+        raise RequestError("INVALID_ARGUMENT", f"feature: {exc}") from None
+    if feature.shape[0] != rows:
+        raise RequestError("INVALID_ARGUMENT", f"{rows} sample_ids for a feature of {feature.shape[0]} rows")
+    return feature
+
+
+def _decode_state(received: "Mapping[str, EncodedTensor | pb.Tensor]", model: ServedModel, rows: int, *,
+                  raw_start: bool) -> dict[str, torch.Tensor]:
+    """The policy state of `rows` rows: decoded and checked, or fresh when none was sent."""
+    if not received:
+        return model.fresh_state(rows, raw_start=raw_start)
+    try:
+        state = decode_policy_state(received, model.spec, rows=rows)
+    except StateError as exc:
+        raise RequestError("INVALID_ARGUMENT", str(exc)) from None
+    fresh = model.runner.initial_state(rows)
+    for name in model.spec:  # optional entries left out: the worker's own start values
+        state.setdefault(name, fresh[name])
+    _check_runtime_state(state, model, raw_start=raw_start)
+    return state
 
 
 def _check_runtime_state(state: Mapping[str, torch.Tensor], model: ServedModel, *, raw_start: bool) -> None:
@@ -395,12 +510,17 @@ def _check_runtime_state(state: Mapping[str, torch.Tensor], model: ServedModel, 
 
 
 def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], ServedModel],
-                  limits: ServiceLimits) -> Parsed:
+                  limits: ServiceLimits, *, defer_decode: bool = False) -> Parsed:
     """Validate an InferRequest against the served models; raises RequestError.
 
     Order: model (NOT_FOUND), bundle hash (FAILED_PRECONDITION), rows and ids, split point
     (NOT_FOUND), feature (INVALID_ARGUMENT: dtype, shape, size, quantization, NaN/inf),
     raw input, policy state (INVALID_ARGUMENT: names, shapes, dtypes, values).
+
+    defer_decode: for a request with a feature and no raw input, check the feature's
+    structure and the rows only; its values and the policy state are decoded and checked
+    by `ServedModel.run_batch` (`Parsed.body`), with the same errors. The servicer does
+    this so that the event loop only reads headers (see `ServedModel.decode_bodies`).
     """
     if not request.model:
         raise RequestError("INVALID_ARGUMENT", "model is not set")
@@ -432,13 +552,9 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
         if request.split != model.bundle.split:
             raise RequestError("NOT_FOUND", f"split point {request.split} is not served for model {model.name}; "
                                             f"served: [{model.bundle.split}]")
-        try:
-            feature = decode(request.feature, expect_shape=model.bundle.feature_shape,
-                             max_bytes=limits.max_message_bytes)
-        except CodecError as exc:
-            raise RequestError("INVALID_ARGUMENT", f"feature: {exc}") from None
-        if feature.shape[0] != rows:
-            raise RequestError("INVALID_ARGUMENT", f"{rows} sample_ids for a feature of {feature.shape[0]} rows")
+        if defer_decode and not has_raw:
+            return _deferred(request, model, limits, rows)
+        feature = _decode_feature(request.feature, model, rows, max_bytes=limits.max_message_bytes)
     if len(request.edge_exits) not in (0, rows):
         raise RequestError("INVALID_ARGUMENT", f"{len(request.edge_exits)} edge_exits for {rows} rows (0 or one per row)")
     raw_format = raw_items = None
@@ -457,17 +573,7 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
                                                    f"{limits.max_raw_item_bytes} bytes")
         raw_format, raw_items = raw.format, tuple(raw.items)
     raw_start = feature is None
-    if request.policy_state:
-        try:
-            state = decode_policy_state(request.policy_state, model.spec, rows=rows)
-        except StateError as exc:
-            raise RequestError("INVALID_ARGUMENT", str(exc)) from None
-        fresh = model.runner.initial_state(rows)
-        for name in model.spec:  # optional entries left out: the worker's own start values
-            state.setdefault(name, fresh[name])
-        _check_runtime_state(state, model, raw_start=raw_start)
-    else:
-        state = model.fresh_state(rows, raw_start=raw_start)
+    state = _decode_state(request.policy_state, model, rows, raw_start=raw_start)
     # Raw input alone runs this network from stage 0 (edge weights needed), except for rows
     # already bound for the larger network (an edge-side escalation), which go straight there.
     if raw_start and not model.can_start_raw and not bool((state[NEXT_EXIT] >= model.own_exits).all()):
@@ -481,6 +587,26 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
     return Parsed(model=model, request_id=request.request_id, sample_ids=tuple(request.sample_ids), rows=rows,
                   feature=feature, state=state, key=key, raw_format=raw_format, raw_items=raw_items,
                   want_probabilities=request.want_probabilities, top_k=request.top_k)
+
+
+def _deferred(request: pb.InferRequest, model: ServedModel, limits: ServiceLimits, rows: int) -> Parsed:
+    """A feature-only request with its body left to decode (the checks that stay here
+    are the cheap structural ones, in `decode`'s order)."""
+    data = request.feature.data
+    try:
+        if len(data) > limits.max_message_bytes:
+            raise CodecError(f"tensor data is {len(data)} bytes; the limit is {limits.max_message_bytes}")
+        tensor = EncodedTensor.from_proto(request.feature)  # dtype, shape, size, quantization
+    except CodecError as exc:
+        raise RequestError("INVALID_ARGUMENT", f"feature: {exc}") from None
+    if tensor.shape[0] != rows:
+        raise RequestError("INVALID_ARGUMENT", f"{rows} sample_ids for a feature of {tensor.shape[0]} rows")
+    if len(request.edge_exits) not in (0, rows):
+        raise RequestError("INVALID_ARGUMENT", f"{len(request.edge_exits)} edge_exits for {rows} rows (0 or one per row)")
+    key = (model.name, model.hash, "feature", request.split, request.feature.dtype, tensor.shape[1:])
+    return Parsed(model=model, request_id=request.request_id, sample_ids=tuple(request.sample_ids), rows=rows,
+                  feature=None, state={}, key=key, want_probabilities=request.want_probabilities,
+                  top_k=request.top_k, body=Body(tensor, request.policy_state))
 
 
 # --- gRPC --------------------------------------------------------------------------------
@@ -558,7 +684,8 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             raise RequestError("UNAVAILABLE", f"the worker is {self.phase}: try another worker or retry later")
         if deadline is not None and deadline <= arrival:
             raise RequestError("DEADLINE_EXCEEDED", "the deadline passed before the request arrived")
-        parsed = parse_request(request, self.models, self.limits)
+        # headers only on the event loop: the body decodes with its batch in the compute thread
+        parsed = parse_request(request, self.models, self.limits, defer_decode=True)
         self._inflight += 1
         self._idle.clear()
         try:

@@ -205,6 +205,49 @@ def test_every_bad_request_is_refused_with_its_code_and_a_clear_message(bundles,
         assert fragment in info.value.message, (name, info.value.message)
 
 
+def _refusal(request: pb.InferRequest, models) -> RequestError | None:
+    """The error a deferred parse gives: at parse time, or from the compute call."""
+    try:
+        parsed = parse_request(request, models, LIMITS, defer_decode=True)
+    except RequestError as exc:
+        return exc
+    out = parsed.model.run_batch([parsed])[0]
+    return out if isinstance(out, RequestError) else None
+
+
+def test_deferred_decoding_refuses_what_eager_parsing_refuses_with_the_same_message(bundles, models) -> None:
+    good, _ = _edge_request(bundles["plain"], _images(12))
+    assert _refusal(good, models) is None
+    for name, mutate, code, fragment in _mutations(good):
+        bad = pb.InferRequest()
+        bad.CopyFrom(good)
+        mutate(bad)
+        error = _refusal(bad, models)
+        assert error is not None, f"{name}: accepted"
+        assert (error.code, fragment in error.message) == (code, True), (name, error)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8", "int8-per-channel"])
+def test_deferred_bodies_decode_together_and_a_bad_one_fails_alone(bundles, models, codec: str) -> None:
+    images = _images(48, seed=3)
+    reqs = [_edge_request(bundles["plain"], images[16 * k: 16 * k + 16], codec=codec, ids_from=16 * k)[0]
+            for k in range(3)]
+    eager = _run(models, *reqs)
+    deferred = [parse_request(r, models, LIMITS, defer_decode=True) for r in reqs]
+    assert all(p.body is not None and p.feature is None for p in deferred)
+    assert len({p.key for p in deferred}) == 1
+    assert deferred[0].model.run_batch(deferred) == eager
+    bad = pb.InferRequest()
+    bad.CopyFrom(reqs[1])
+    rows = len(bad.sample_ids)
+    bad.policy_state["best_conf"].CopyFrom(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[rows],
+                                                     data=np.full(rows, np.nan, "<f4").tobytes()))
+    mixed = [parse_request(r, models, LIMITS, defer_decode=True) for r in (reqs[0], bad, reqs[2])]
+    got = mixed[0].model.run_batch(mixed)
+    assert isinstance(got[1], RequestError) and got[1].code == "INVALID_ARGUMENT" and "NaN" in got[1].message
+    assert got[0] == eager[0] and got[2] == eager[2]
+
+
 # --- compute -----------------------------------------------------------------------------
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
 def test_a_batch_of_requests_decides_exactly_as_the_unsplit_runner(bundles, models, codec: str) -> None:

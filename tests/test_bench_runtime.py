@@ -1,0 +1,79 @@
+"""The runtime benchmarks' --quick forms (`wire`, `serve`) run end to end through a real
+cloud worker on loopback and write the keys BENCH.md asks for."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from splitexit.cli import main
+
+pytestmark = pytest.mark.loopback
+
+CODECS = ("fp32", "fp16", "int8", "int8-per-channel")
+
+
+@pytest.fixture(scope="module")
+def bench_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One cache for the module: the quick edge network trains once and both benches reuse it."""
+    root = tmp_path_factory.mktemp("bench-runtime")
+    return root / "cache", root / "out"
+
+
+def _bench(name: str, dirs: tuple[Path, Path], *extra: str) -> dict:
+    cache, out = dirs
+    assert main(["bench", name, "--quick", "--cache-dir", str(cache), "--out", str(out), *extra]) == 0
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_wire_quick_reports_every_codec_through_the_real_path(bench_dirs: tuple[Path, Path]) -> None:
+    result = _bench("wire", bench_dirs)
+    assert result["input_png_bytes"] > 0 and result["input_jpeg_bytes"] > 0
+    fp32 = result["codecs"]["fp32"]
+    assert result["fp32_feature_bytes"] == 4 * math.prod(result["feature_shape"])
+    for codec in CODECS:
+        c = result["codecs"][codec]
+        for key in ("bytes_per_sample", "bytes_per_input_sample", "acc", "agreement", "offload_rate", "degraded"):
+            assert key in c, (codec, key)
+        assert 0 <= c["acc"] <= 1 and 0 < c["offload_rate"] <= 1
+        assert c["degraded"] == 0, c["degraded_reasons"]
+        # the same rows leave the edge whatever the codec: the policy decides before encoding
+        assert c["offloaded"] == fp32["offloaded"]
+        assert c["bytes_per_input_sample"] == pytest.approx(c["bytes_per_sample"] * c["offload_rate"], rel=0.01)
+    # fp32 is lossless: the split run answers as the whole network in one process
+    assert fp32["agreement"] >= 0.999 and result["fp32_agreement_ok"]
+    assert fp32["bytes_per_sample"] >= result["fp32_feature_bytes"]  # the feature itself, plus its header
+    sizes = [result["codecs"][c]["bytes_per_sample"] for c in ("fp32", "fp16", "int8")]
+    assert sizes == sorted(sizes, reverse=True)
+    assert result["int8_bytes_ratio"] == pytest.approx(
+        fp32["bytes_per_sample"] / result["codecs"]["int8"]["bytes_per_sample"], rel=1e-3)
+    assert result["int8_bytes_ratio"] > 3
+    assert result["int8_acc_delta_points"] == pytest.approx(
+        100 * (result["codecs"]["int8"]["acc"] - fp32["acc"]), abs=1e-3)
+    assert (bench_dirs[1] / "wire.png").stat().st_size > 0
+
+
+def test_serve_quick_reports_throughput_ratio_latency_and_batches(bench_dirs: tuple[Path, Path]) -> None:
+    result = _bench("serve", bench_dirs, "--clients", "2", "--inflight", "4", "--server-threads", "1")
+    for key in ("raw_tail_sps", "served_sps", "ratio", "p50_ms", "p99_ms"):
+        assert result[key] > 0, key
+    assert result["ratio"] == pytest.approx(result["served_sps"] / result["raw_tail_sps"], rel=1e-2)
+    assert result["p99_ms"] >= result["p50_ms"]
+    assert not result["errors"]
+    settings = result["settings"]
+    assert settings["clients"] == 2 and settings["server_threads_effective"] == 1 and settings["batch"] == 32
+    hist = result["batch_hist"]
+    assert hist and all(0 < int(size) <= settings["batch"] for size in hist)
+    assert sum(result["batch_rows_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    for key in ("tail_ms", "run_batch_ms", "parse_ms", "respond_ms", "cpu_ms"):
+        assert key in result["profile"], key
+    assert (bench_dirs[1] / "serve.png").stat().st_size > 0
+
+
+def test_serve_refuses_bad_settings(bench_dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cache, out = bench_dirs
+    assert main(["bench", "serve", "--quick", "--cache-dir", str(cache), "--out", str(out), "--rows", "64"]) == 2
+    assert "exceeds --batch" in capsys.readouterr().err

@@ -18,7 +18,6 @@ bundle's input is refused unless `resize=True` (then bilinear resize).
 from __future__ import annotations
 
 import io
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -79,16 +78,13 @@ def _is_image(name: str) -> bool:
 
 
 def _iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
+    """The images of an archive (splitexit.data's reader), with the edge's own error type."""
+    from splitexit.data import DataError, iter_archive  # torch-importing module: only when needed
+
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                if member.isfile() and _is_image(member.name):
-                    handle = tar.extractfile(member)
-                    if handle is None:
-                        raise InputError(f"{path}: cannot read member {member.name}")
-                    yield member.name, handle.read()
-    except (tarfile.TarError, EOFError, OSError) as exc:  # gzip errors surface as OSError/EOFError
-        raise InputError(f"{path}: corrupt or unreadable archive ({exc})") from None
+        yield from iter_archive(path, _is_image)
+    except DataError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _iter_folder(path: Path) -> Iterator[tuple[str, bytes]]:

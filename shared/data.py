@@ -12,7 +12,7 @@ import io
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -140,11 +140,13 @@ def _split_class(member: str) -> tuple[str, str] | None:
     return parts[-3], parts[-2]
 
 
-def _iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
+def iter_archive(path: Path, keep: Callable[[str], object]) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of the regular files of a tar(.gz) archive that `keep` accepts;
+    a corrupt or unreadable archive is a DataError that says so."""
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
-                if member.isfile() and _split_class(member.name):
+                if member.isfile() and keep(member.name):
                     handle = tar.extractfile(member)
                     if handle is None:
                         raise DataError(f"{path}: cannot read member {member.name}")
@@ -162,7 +164,7 @@ def _iter_folder(path: Path) -> Iterator[tuple[str, bytes]]:
 
 
 def _read_splits(path: Path) -> dict[str, dict[str, list[tuple[str, np.ndarray]]]]:
-    members = _iter_archive(path) if path.is_file() else _iter_folder(path)
+    members = iter_archive(path, _split_class) if path.is_file() else _iter_folder(path)
     splits: dict[str, dict[str, list[tuple[str, np.ndarray]]]] = {}
     for name, data in members:
         split, cls = _split_class(name)  # type: ignore[misc]

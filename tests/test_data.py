@@ -138,10 +138,10 @@ def test_augmentation_crops_and_flips_in_torch() -> None:
 
 @pytest.mark.data
 def test_reference_cifar_archive_has_the_expected_layout(reference_cifar: Path) -> None:
-    from splitexit.data import _iter_archive, _split_class
+    from splitexit.data import _split_class, iter_archive
 
     seen = {}
-    for i, (name, data) in enumerate(_iter_archive(reference_cifar)):
+    for i, (name, data) in enumerate(iter_archive(reference_cifar, _split_class)):
         seen[_split_class(name)] = Image.open(io.BytesIO(data)).size
         if i >= 200:
             break

@@ -5,8 +5,6 @@ lost when the cloud dies mid-run, and spooled rows are refined when it is back."
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +30,8 @@ from splitexit.proto import inference_pb2 as pb
 from splitexit.runtime import BEST_EXIT, BEST_PROBS, ExitRunner
 
 
-def _support():
-    name = "splitexit_tests_edge_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("edge_support.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+import splitexit_tests_edge_support as S  # noqa: E402  (registered by conftest.py)
 
-
-S = _support()
 N = 48
 
 

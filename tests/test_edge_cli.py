@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import json
-import sys
 from concurrent import futures
 from pathlib import Path
 
@@ -23,17 +21,8 @@ from splitexit.policies import MaxProb
 from splitexit.proto import inference_pb2_grpc as pb_grpc
 
 
-def _support():
-    name = "splitexit_tests_edge_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("edge_support.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+import splitexit_tests_edge_support as S  # noqa: E402  (registered by conftest.py)
 
-
-S = _support()
 pytestmark = pytest.mark.loopback  # servers on 127.0.0.1 only
 N = 12
 

@@ -5,9 +5,7 @@ ignored, and a worker that says goodbye leaves the pool."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import socket
-import sys
 import threading
 from pathlib import Path
 
@@ -21,17 +19,8 @@ from splitexit.policies import MaxProb
 from splitexit.proto import inference_pb2_grpc as pb_grpc
 
 
-def _support():
-    name = "splitexit_tests_edge_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("edge_support.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+import splitexit_tests_edge_support as S  # noqa: E402  (registered by conftest.py)
 
-
-S = _support()
 pytestmark = pytest.mark.loopback  # servers on 127.0.0.1 only
 TYPE = "_splitexit._tcp.local."
 

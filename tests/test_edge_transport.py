@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import importlib.util
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -35,17 +33,8 @@ from splitexit.proto import inference_pb2 as pb
 from splitexit.proto import inference_pb2_grpc as pb_grpc
 
 
-def _support():
-    name = "splitexit_tests_edge_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("edge_support.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+import splitexit_tests_edge_support as S  # noqa: E402  (registered by conftest.py)
 
-
-S = _support()
 pytestmark = pytest.mark.loopback  # servers on 127.0.0.1 only
 N = 32
 

@@ -16,6 +16,7 @@ Metric names (all prefixed `splitexit_`):
 | queue_seconds                | histogram | model         | arrival -> start of the request's batch |
 | compute_seconds              | histogram | model         | one batch's compute                    |
 | request_seconds              | histogram | method        | whole request inside the worker        |
+| duplicate_requests_total     | counter   |               | retries answered from the answer cache |
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class Metrics:
                                          buckets=_LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("splitexit_request_seconds", "Whole request inside the worker", ("method",),
                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.duplicates = Counter("splitexit_duplicate_requests", "Retried requests (same request id) answered "
+                                  "without computing again", registry=r)
         self._http: tuple[Any, threading.Thread] | None = None
 
     # -- recording -------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 What it wires up, each for a reason:
 - `SplitInference` (splitexit.v1) with dynamic batching (`splitexit.cloud.batcher`) and a
   single compute thread: torch gets the CPU, the event loop stays free to accept, refuse
-  and answer.
+  and answer. With `compute="process"` that thread hands each batch to a child process
+  with a GIL of its own (`splitexit.cloud.compute`).
 - `grpc.health.v1.Health`: "" and "splitexit.v1.SplitInference" are NOT_SERVING while the
   worker warms up (the tail runs once on a dummy batch), SERVING after, and NOT_SERVING
   again, for good, once it drains. Kubernetes gRPC probes and the edge's confirmation
@@ -55,7 +56,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitexit.cloud.answers import AnswerCacheConfig
 from splitexit.cloud.batcher import Batcher, BatcherConfig
+from splitexit.cloud.compute import Compute, ComputeError, ComputeKind, make_compute
 from splitexit.cloud.metrics import Metrics
 from splitexit.cloud.servicer import SERVICE_NAME, ServedModel, ServiceLimits, SplitInferenceServicer, add_to_server
 
@@ -95,7 +98,11 @@ class ServerConfig:
     max_request_rows: int = 256
     max_raw_item_bytes: int = 4 * 1024 * 1024
     stream_inflight: int = 64
-    compute_threads: int | None = None  # torch intra-op threads of the compute thread; None = torch's default
+    compute_threads: int | None = None  # torch intra-op threads of the compute; None = torch's default
+    # "thread": batches compute in a thread of this process; "process": in a child process
+    # with its own GIL (faster under load, see splitexit.cloud.compute; a second copy of the models)
+    compute: ComputeKind = "thread"
+    answer_cache: AnswerCacheConfig = field(default_factory=AnswerCacheConfig)  # retried request ids
     drain_grace_s: float = 10.0
     metrics_port: int = 0  # 0 = no HTTP endpoint (metrics stay readable in-process)
     metrics_host: str | None = None  # default: host
@@ -119,6 +126,8 @@ class ServerConfig:
                               f"{self.batching.queue_limit_rows} rows: such a request could never be queued")
         if self.compute_threads is not None and self.compute_threads < 1:
             raise ServerError("compute_threads must be >= 1")
+        if self.compute not in ("thread", "process"):
+            raise ServerError(f"compute must be 'thread' or 'process', got {self.compute!r}")
         if self.drain_grace_s < 0 or min(self.keepalive_time_s, self.keepalive_timeout_s,
                                          self.min_client_ping_interval_s) <= 0:
             raise ServerError("drain grace must be >= 0 and keepalive times > 0")
@@ -231,7 +240,7 @@ class CloudServer:
 
     def __init__(self, *, server: grpc.aio.Server, port: int, config: ServerConfig, servicer: SplitInferenceServicer,
                  health_servicer: health.aio.HealthServicer, batcher: Batcher, metrics: Metrics,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor, compute: Compute) -> None:
         self.server = server
         self.port = port
         self.config = config
@@ -241,6 +250,8 @@ class CloudServer:
         self.metrics = metrics
         self.metrics_port: int | None = None
         self._executor = executor
+        self.compute = compute
+        self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
         self._drain_task: asyncio.Task[None] | None = None
         self._started = False
 
@@ -278,16 +289,27 @@ class CloudServer:
                                   f"{exc.strerror or exc}") from None
         await self.server.start()
         self._started = True
-        loop = asyncio.get_running_loop()
-        for model in self.models.values():
-            try:
-                await loop.run_in_executor(self._executor, model.warm_up)
-            except Exception as exc:
-                raise ServerError(f"warm-up of {model.name} failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.compute.start)
+        except ComputeError as exc:
+            raise ServerError(str(exc)) from exc
         self.servicer.phase = "serving"
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", ", ".join(f"{m.name}@{m.hash[:12]}" for m in self.models.values()), self.address)
+
+    def on_drain(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run `hook` when draining (or stopping) starts, e.g. withdraw the mDNS
+        advertisement so that no new edge picks a worker on its way out."""
+        self._drain_hooks.append(hook)
+
+    async def _run_drain_hooks(self) -> None:
+        hooks, self._drain_hooks = self._drain_hooks, []
+        for hook in hooks:
+            try:
+                await hook()
+            except Exception as exc:  # a hook must not keep the worker from stopping
+                log.warning("drain hook failed: %s: %s", type(exc).__name__, exc)
 
     def drain(self, grace: float | None = None) -> asyncio.Task[None]:
         """Start draining (idempotent) and return the task; await it to wait for the stop."""
@@ -299,6 +321,7 @@ class CloudServer:
         ends = time.monotonic() + grace
         self.servicer.phase = "draining"
         await self.health.enter_graceful_shutdown()  # NOT_SERVING for every service, for good
+        await self._run_drain_hooks()
         idle = await self.servicer.wait_idle(grace)
         if not idle:
             log.warning("drain: requests still in flight after %.1f s; cancelling them", grace)
@@ -308,13 +331,16 @@ class CloudServer:
 
     async def _close(self) -> None:
         await self.batcher.close()
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._executor.shutdown)
+        await loop.run_in_executor(None, self.compute.close)
         self.metrics.close()
 
     async def stop(self) -> None:
         """Stop at once (no grace): tests and second signals."""
         self.servicer.phase = "draining"
         await self.health.enter_graceful_shutdown()
+        await self._run_drain_hooks()
         await self.server.stop(None)
         await self._close()
 
@@ -359,15 +385,14 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitexit-compute",
                                   initializer=_init_compute_thread, initargs=(config.compute_threads,))
 
-    def run_batch(key: Any, items: Any) -> Any:
-        return items[0].model.run_batch(items)
-
-    batcher = Batcher(config.batching, run_batch, executor=executor, on_depth=metrics.queue_rows.set,
+    compute = make_compute(config.compute, models, config.compute_threads)
+    batcher = Batcher(config.batching, compute.run_batch, executor=executor, on_depth=metrics.queue_rows.set,
                       on_batch=lambda key, rows, s: metrics.batch_done(str(key[0]), rows, s))
     limits = ServiceLimits(max_message_bytes=config.max_message_bytes, max_request_rows=config.max_request_rows,
                            max_raw_item_bytes=config.max_raw_item_bytes, stream_inflight=config.stream_inflight)
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    servicer = SplitInferenceServicer(models, batcher=batcher, limits=limits, worker_id=worker_id, metrics=metrics)
+    servicer = SplitInferenceServicer(models, batcher=batcher, limits=limits, worker_id=worker_id, metrics=metrics,
+                                      answers=config.answer_cache)
     interceptors = []
     if config.token is not None:
         interceptors.append(_TokenAuth(config.token, lambda method: metrics.request_done(
@@ -401,4 +426,4 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
         executor.shutdown(wait=False)
         raise
     return CloudServer(server=server, port=port, config=config, servicer=servicer, health_servicer=health_servicer,
-                       batcher=batcher, metrics=metrics, executor=executor)
+                       batcher=batcher, metrics=metrics, executor=executor, compute=compute)

@@ -43,6 +43,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from splitexit.bundle import Bundle, BundleError, load_bundle, on_edge
+from splitexit.cloud.answers import AnswerCache, AnswerCacheConfig
 from splitexit.cloud.batcher import BatchInfo, Batcher
 from splitexit.cloud.errors import RequestError
 from splitexit.codec import CODECS, CodecError, EncodedTensor, decode
@@ -661,7 +662,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
     answer UNAVAILABLE, "serving" serves."""
 
     def __init__(self, models: Mapping[tuple[str, str], ServedModel], *, batcher: Batcher, limits: ServiceLimits,
-                 worker_id: str, metrics: "Metrics | None" = None) -> None:
+                 worker_id: str, metrics: "Metrics | None" = None, answers: AnswerCacheConfig | None = None) -> None:
         if not models:
             raise ValueError("a worker needs at least one model")
         self.models = dict(models)
@@ -670,6 +671,8 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         self.worker_id = worker_id
         self.metrics = metrics
         self.phase = "starting"
+        self.answers = AnswerCache(answers or AnswerCacheConfig(),
+                                   on_hit=None if metrics is None else metrics.duplicates.inc)
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -686,6 +689,13 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             raise RequestError("DEADLINE_EXCEEDED", "the deadline passed before the request arrived")
         # headers only on the event loop: the body decodes with its batch in the compute thread
         parsed = parse_request(request, self.models, self.limits, defer_decode=True)
+        if not parsed.request_id:
+            return await self._compute(parsed, deadline, arrival)
+        # a retry (same id, same rows) shares the first try's answer instead of computing again
+        key = (parsed.request_id, parsed.model.name, parsed.model.hash, parsed.sample_ids)
+        return await self.answers.answer(key, lambda: self._compute(parsed, deadline, arrival))
+
+    async def _compute(self, parsed: Parsed, deadline: float | None, arrival: float) -> pb.InferResponse:
         self._inflight += 1
         self._idle.clear()
         try:

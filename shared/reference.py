@@ -27,46 +27,60 @@ class Trained:
 @dataclass(frozen=True)
 class Recipe:
     """An edge network with exits, a larger cloud network, and exit heads on a frozen
-    edge backbone at every block (BoF vs pooling), with how to train each."""
+    edge backbone at every block (BoF vs pooling), with how to train each.
+
+    The edge network is trained in METHODS.md's order: the backbone alone first
+    (`edge_train`, no exits), then its exits on the frozen backbone (`exit_train`), so the
+    final exit keeps the backbone's accuracy and every head kind sees the same features.
+    """
 
     data: str
     edge_model: ModelConfig
     edge_train: TrainConfig
+    exit_train: TrainConfig
     cloud_model: ModelConfig
     cloud_train: TrainConfig
     head_exits: tuple[int, ...]
-    head_train: TrainConfig
     val_size: int = 5000
 
     def load_data(self, cache_dir: Path) -> Dataset:
         return load_dataset(self.data, val_size=self.val_size, cache_dir=cache_dir)
 
-    def train_edge(self, dataset: Dataset, cache_dir: Path, *, threads: int | None = None) -> Trained:
-        return Trained(*train_cached(self.edge_model, replace(self.edge_train, threads=threads), dataset,
+    def train_backbone(self, dataset: Dataset, cache_dir: Path, *, threads: int | None = None) -> Trained:
+        """The edge network without exits."""
+        return Trained(*train_cached(replace(self.edge_model, exit_after=()),
+                                     replace(self.edge_train, mode="joint", threads=threads), dataset,
                                      cache_dir=cache_dir))
+
+    def train_edge(self, dataset: Dataset, cache_dir: Path, *, threads: int | None = None) -> Trained:
+        """The edge network: the backbone, then its exits trained with the backbone frozen."""
+        backbone = self.train_backbone(dataset, cache_dir, threads=threads)
+        return Trained(*train_cached(self.edge_model, replace(self.exit_train, mode="exits", threads=threads),
+                                     dataset, cache_dir=cache_dir, init=backbone.path))
 
     def train_cloud(self, dataset: Dataset, cache_dir: Path, *, threads: int | None = None) -> Trained:
         return Trained(*train_cached(self.cloud_model, replace(self.cloud_train, threads=threads), dataset,
                                      cache_dir=cache_dir))
 
-    def train_heads(self, dataset: Dataset, cache_dir: Path, edge: Trained, head: str, *,
+    def train_heads(self, dataset: Dataset, cache_dir: Path, head: str, *,
                     threads: int | None = None) -> Trained:
         """Exit heads of kind `head` ("bof" or "pool") at every block of the frozen edge backbone."""
+        backbone = self.train_backbone(dataset, cache_dir, threads=threads)
         model_cfg = replace(self.edge_model, exit_after=self.head_exits, exit_head=head)
-        return Trained(*train_cached(model_cfg, replace(self.head_train, threads=threads), dataset,
-                                     cache_dir=cache_dir, init=edge.path))
+        return Trained(*train_cached(model_cfg, replace(self.exit_train, mode="exits", threads=threads), dataset,
+                                     cache_dir=cache_dir, init=backbone.path))
 
 
 REFERENCE = Recipe(
     data="../shared/data/cifar10-jpg.tar.gz",
-    # the edge-size network: ResNet-20 with BoF exits after blocks 2, 4, 6 and 8, trained jointly
+    # the edge-size network: ResNet-20 (25 epochs), then BoF exits after blocks 2, 4, 6 and 8
     edge_model=ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8), exit_head="bof"),
-    edge_train=TrainConfig(epochs=30, exit_weight=0.5, distill=0.5),
+    edge_train=TrainConfig(epochs=25),
+    exit_train=TrainConfig(mode="exits", epochs=8, lr=0.05, weight_decay=1e-4),
     # the larger cloud network of the cascade: ResNet-20 at twice the width, no exits
     cloud_model=ModelConfig(arch="resnet20x2", exit_after=()),
     cloud_train=TrainConfig(epochs=12),
     head_exits=(1, 2, 3, 4, 5, 6, 7, 8),
-    head_train=TrainConfig(mode="exits", epochs=8, lr=0.05, weight_decay=1e-4),
 )
 
 _DIGITS_TRAIN = TrainConfig(epochs=4, batch_size=64, lr=0.05, augment_pad=1, augment_flip=False)
@@ -74,10 +88,10 @@ QUICK = Recipe(
     data="digits",
     edge_model=ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=(1, 2, 3, 4, 5), exit_head="bof"),
     edge_train=_DIGITS_TRAIN,
+    exit_train=replace(_DIGITS_TRAIN, mode="exits", epochs=2),
     cloud_model=ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=()),
     cloud_train=replace(_DIGITS_TRAIN, seed=1),
     head_exits=(1, 2, 3, 4, 5),
-    head_train=replace(_DIGITS_TRAIN, mode="exits", epochs=2),
 )
 
 

@@ -161,6 +161,68 @@ def test_concurrent_requests_are_batched_and_answer_as_the_unsplit_model(bundle,
     _run(body())
 
 
+def test_a_compute_process_answers_as_the_thread_and_comes_back_after_it_is_killed(bundle, models, served) -> None:
+    images = torch.randint(0, 256, (48, 8, 8, 1), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    requests = _edge_requests(bundle, images, parts=4)
+
+    async def answers(compute: str, *, kill: bool = False) -> list[list[tuple]]:
+        async with serving(models, compute=compute, compute_threads=1) as (server, stub):
+            if kill:
+                import os
+                import signal
+
+                pid = server.compute.pid
+                assert pid is not None and pid != os.getpid()
+                os.kill(pid, signal.SIGKILL)
+                assert await _code(stub.Infer(requests[0], timeout=T)) == grpc.StatusCode.UNAVAILABLE
+                assert server.compute.restarts == 1
+            # after a kill the first call waits for the new child to load (seconds on a busy machine)
+            responses = [await stub.Infer(r, timeout=60 if kill else T) for r in requests]
+            if kill:
+                assert server.compute.pid not in (None, pid)  # a new child answered
+        return [[(row.sample_id, row.label, row.exit_index, row.degraded) for row in r.rows] for r in responses]
+
+    in_thread = asyncio.run(answers("thread"))
+    assert asyncio.run(answers("process")) == in_thread
+    assert asyncio.run(answers("process", kill=True)) == in_thread
+
+
+def test_a_compute_process_that_cannot_load_its_model_fails_the_start(tmp_path: Path, bundle, models) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    moved = load_models([copy])
+    for file in copy.glob("*.safetensors"):
+        file.write_bytes(b"not weights")  # what the child loads is broken after the server loaded it
+
+    async def body() -> None:
+        server = build_server(ServerConfig(compute="process"), moved)
+        with pytest.raises(ServerError, match="safetensors|weights|hash|Bundle"):
+            await server.start()
+
+    _run(body())
+    with pytest.raises(ServerError, match="compute must be"):
+        ServerConfig(compute="gpu")  # type: ignore[arg-type]
+
+
+def test_a_retried_request_id_is_answered_once(models, served) -> None:
+    request = _feature_request(served, 3, "retry-me")
+    other_rows = _feature_request(served, 2, "retry-me")  # the same id for other rows is another request
+
+    async def body() -> None:
+        async with serving(models) as (server, stub):
+            first, second = await asyncio.gather(stub.Infer(request, timeout=T), stub.Infer(request, timeout=T))
+            third = await stub.Infer(request, timeout=T)
+            assert first == second == third
+            other = await stub.Infer(other_rows, timeout=T)
+            assert len(other.rows) == 2
+            assert server.metrics.value("splitexit_duplicate_requests_total") == 2
+            assert server.metrics.value("splitexit_rows_total", {"model": "tiny"}) == 3 + 2
+
+    _run(body())
+
+
 def test_get_model_info_and_stream(models, served) -> None:
     async def body() -> None:
         async with serving(models) as (server, stub):
@@ -288,6 +350,12 @@ def test_health_goes_serving_after_warm_up_and_not_serving_on_drain(monkeypatch,
 
     async def body() -> None:
         server = build_server(ServerConfig(host="127.0.0.1", port=0), models)
+        withdrawn: list[int] = []
+
+        async def withdraw() -> None:  # what `splitexit cloud serve` hooks here: the mDNS withdrawal
+            withdrawn.append(server.servicer._inflight)
+
+        server.on_drain(withdraw)
         starting = asyncio.ensure_future(server.start())
         try:
             async with grpc.aio.insecure_channel(server.address) as channel:
@@ -309,6 +377,8 @@ def test_health_goes_serving_after_warm_up_and_not_serving_on_drain(monkeypatch,
                 draining = server.drain(grace=5)
                 await _until(lambda: server.servicer.phase == "draining")
                 assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+                await _until(lambda: bool(withdrawn))
+                assert withdrawn == [1]  # at the drain's start, with the request still in flight
                 refused = await _code(stub.Infer(_feature_request(served, 1, "new"), timeout=T))
                 assert refused == grpc.StatusCode.UNAVAILABLE
                 gate.set()

@@ -46,8 +46,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
     heads = {}
     for kind in ("bof", "pool"):
         log(f"{kind} exit heads at blocks {list(ctx.recipe.head_exits)} on the frozen edge backbone")
-        heads[kind] = _summary(ctx, ctx.recipe.train_heads(ctx.dataset, ctx.cache_dir, edge, kind,
-                                                            threads=ctx.threads))
+        heads[kind] = _summary(ctx, ctx.recipe.train_heads(ctx.dataset, ctx.cache_dir, kind, threads=ctx.threads))
         log(f"{kind}: exits {heads[kind]['exit_acc'][:-1]}")
     result["heads"] = heads
     _plot(ctx, result)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import tempfile
 import threading
@@ -76,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-nice", type=int, default=10,
                         help="niceness added to the client processes, so that on a shared machine they take "
                              "CPU from the worker only when it leaves some (default: 10; 0 = equal)")
+    parser.add_argument("--compute", choices=("process", "thread"), default="process",
+                        help="where the worker's batches compute, as `splitexit cloud serve --compute` "
+                             "(default: %(default)s, the CLI's default)")
     parser.add_argument("--server-threads", type=int, default=None,
                         help="torch threads of the worker's compute thread (default: torch's default)")
     parser.add_argument("--duration", type=float, default=0.0, help="measured seconds (default 10, 1.5 with --quick)")
@@ -93,6 +97,7 @@ class Settings:
     clients: int
     inflight: int
     server_threads: int | None  # as asked (None: torch's default)
+    compute: str  # "process" or "thread"
     client_nice: int
     duration_s: float
     warmup_s: float
@@ -101,7 +106,8 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace, quick: bool) -> "Settings":
         s = cls(batch=args.batch, max_delay_ms=args.max_delay_ms, rows=args.rows, clients=args.clients,
-                inflight=args.inflight, server_threads=args.server_threads, client_nice=args.client_nice,
+                inflight=args.inflight, server_threads=args.server_threads, compute=args.compute,
+                client_nice=args.client_nice,
                 duration_s=args.duration or (1.5 if quick else 10.0),
                 warmup_s=args.warmup if args.warmup >= 0 else (0.5 if quick else 2.0),
                 tail_s=args.tail_seconds or (0.3 if quick else 2.0))
@@ -217,7 +223,19 @@ def _metrics_point(worker: WorkerThread, model: str) -> MetricsPoint:
     m = worker.server.metrics
     labels = {"model": model}
     return MetricsPoint(m.value("splitexit_compute_seconds_sum", labels), m.value("splitexit_batch_rows_count", labels),
-                        m.value("splitexit_batch_rows_sum", labels), time.process_time())
+                        m.value("splitexit_batch_rows_sum", labels),
+                        time.process_time() + _cpu_seconds(getattr(worker.server.compute, "pid", None)))
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of a live process, from /proc (0 without one)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -316,7 +334,7 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
     models = load_models([bundle_path])
     served = next(iter(models.values()))
     config = ServerConfig(host="127.0.0.1", port=0, drain_grace_s=1.0, compute_threads=s.server_threads,
-                          max_request_rows=max(256, s.rows),
+                          compute=s.compute, max_request_rows=max(256, s.rows),
                           batching=BatcherConfig(max_batch=s.batch, max_queue_delay_ms=s.max_delay_ms))
     limits = ServiceLimits(max_request_rows=config.max_request_rows)
     per_batch = max(1, s.batch // s.rows)  # requests in one served batch
@@ -403,7 +421,8 @@ def _report(s: Settings, r: ServedRun, parts: Parts, before: Timing, after: Timi
         },
         "note": "per batch of `batch` rows. *_ms: wall, each part timed alone with the worker idle; "
                 "serving_compute_ms and compute_busy: the worker's compute thread while serving (its metrics); "
-                "cpu_ms: CPU time of the worker's process (all threads) per batch, alone and while serving, "
+                "cpu_ms: CPU time of the worker (all threads, its compute process included) per batch, "
+                "alone and while serving, "
                 "and of the client processes while serving",
     }
     result = {

@@ -3,7 +3,8 @@
 Each client process opens one gRPC channel and keeps `inflight` prebuilt, serialized
 InferRequests in flight (a new one goes out as soon as one is answered). Requests are sent
 as bytes and answers parsed only for their row count and ServerTiming, so a client spends
-as little CPU as it can. It imports grpc and protobuf but never torch, so a spawned client
+as little CPU as it can. Every send carries a request id of its own (the worker answers a
+repeated id from its answer cache, which would measure the cache, not the tail). It imports grpc and protobuf but never torch, so a spawned client
 starts quickly, and, being a process, its Python never takes the worker's GIL.
 
 All clients start together: each connects and sends one request, then waits on a barrier
@@ -55,6 +56,16 @@ class ClientReport:
     cpu_s: float = 0.0  # this client process's CPU time inside the window
 
 
+def with_request_id(payload: bytes, request_id: str) -> bytes:
+    """A serialized InferRequest with its request_id replaced: protobuf keeps the last
+    value of a scalar field that appears twice, so appending field 1 (tag 0x0a, a
+    length-delimited string) is a valid re-encoding, without parsing the message."""
+    data = request_id.encode()
+    if len(data) > 127:  # one-byte varint length
+        raise ValueError("request id too long")
+    return payload + bytes((0x0A, len(data))) + data
+
+
 async def _client(plan: ClientPlan, barrier: Any, go: Any, window: Any) -> ClientReport:
     import grpc
 
@@ -76,6 +87,8 @@ async def _client(plan: ClientPlan, barrier: Any, go: Any, window: Any) -> Clien
             raise TimeoutError(f"no start signal within {_SYNC_TIMEOUT_S} s")
         start, end = float(window[0]), float(window[1])
 
+        tag = f"{os.getpid()}-"
+
         async def one_lane(lane: int) -> None:
             nonlocal rows
             i = lane
@@ -84,7 +97,8 @@ async def _client(plan: ClientPlan, barrier: Any, go: Any, window: Any) -> Clien
                 if sent >= end:
                     return
                 try:
-                    raw = await infer(plan.payloads[i % len(plan.payloads)], timeout=plan.timeout_s)
+                    request = with_request_id(plan.payloads[i % len(plan.payloads)], f"{tag}{i}")
+                    raw = await infer(request, timeout=plan.timeout_s)
                 except grpc.aio.AioRpcError as exc:
                     errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
                     continue

@@ -360,10 +360,12 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
         before = compute.submit(_timed, lambda: tail(x), s.tail_s).result()
         log(f"bare tail before: {s.batch / before.median_s:.0f} samples/s ({threads} torch threads)")
         served_r = served_run(worker, served.name, payloads, s)
+        # every send has an id of its own: none may be answered from the worker's answer cache
+        duplicates = int(worker.server.metrics.value("splitexit_duplicate_requests_total"))
         after = compute.submit(_timed, lambda: tail(x), s.tail_s).result()
         log(f"bare tail after: {s.batch / after.median_s:.0f} samples/s")
     parts = Parts(tail=before.joined(after), run_batch=run_batch_t, parse=parse_t, respond=respond_t)
-    return _report(s, served_r, parts, before, after, threads, extra or {})
+    return _report(s, served_r, parts, before, after, threads, {**(extra or {}), "answered_from_cache": duplicates})
 
 
 @dataclass(frozen=True)

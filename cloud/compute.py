@@ -1,8 +1,9 @@
 """Where a worker's batches compute: a thread of the server's process, or a child process.
 
-The batcher hands each batch to one compute thread. `InThreadCompute` runs it right
-there. `ChildProcessCompute` sends it to a child process that holds its own copy of the
-served models and answers over a pipe.
+The batcher hands each batch to a compute thread. `InThreadCompute` runs it right there,
+one batch at a time. `ChildProcessCompute` sends it to a child process that holds its own
+copy of the served models and answers over a pipe, with the next batch already sent
+while one computes.
 
 Why a child process: in one process the grpc.aio event loop and the compute thread share
 one GIL. The loop's Python per request (protobuf, header checks, answers) and the batch's
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+import threading
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -51,8 +53,12 @@ class Compute(Protocol):
 
     def close(self) -> None: ...
 
+    threads_wanted: int  # compute threads the server should run
+
 
 class InThreadCompute:
+    threads_wanted = 1  # one batch at a time: torch has the CPU to itself
+
     def __init__(self, models: Mapping[tuple[str, str], ServedModel]) -> None:
         self.models = models
 
@@ -72,7 +78,16 @@ class InThreadCompute:
 
 class ChildProcessCompute:
     """Batches run in a child process (spawned: a fresh interpreter, no forked locks) that
-    loads the same bundles as the server."""
+    loads the same bundles as the server.
+
+    Two compute threads may call `run_batch` at once (the batcher hands the next batch over
+    while one runs): the second batch is sent while the first computes, so the child finds
+    it waiting instead of idling while this process, busy with the event loop, gets round
+    to sending it. The child answers in order; each thread receives its own answer by its
+    ticket (the order of sending).
+    """
+
+    threads_wanted = 2  # compute threads of the server for this kind
 
     def __init__(self, models: Mapping[tuple[str, str], ServedModel], threads: int | None) -> None:
         self.paths = [model.bundle.path for model in models.values()]
@@ -81,15 +96,22 @@ class ChildProcessCompute:
         self._process: Any = None
         self._conn: Connection | None = None
         self._ready = False
+        self._lock = threading.Lock()  # the child's lifecycle and sending
+        self._turn = threading.Condition()  # receiving, in ticket order
+        self._generation = 0  # bumped at each restart: tickets of a dead child are void
+        self._sent = 0  # tickets handed out
+        self._received = 0  # answers received (the next ticket to receive)
         self.restarts = 0
 
     @property
     def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
+        process = self._process
+        return None if process is None else process.pid
 
     def start(self) -> None:
-        self._spawn()
-        self._wait_ready()
+        with self._lock:
+            self._spawn()
+            self._wait_ready()
 
     def _spawn(self) -> None:
         parent, child = self._context.Pipe()
@@ -101,8 +123,8 @@ class ChildProcessCompute:
 
     def _wait_ready(self) -> None:
         """Block until the spawned child has loaded and warmed up; raises ComputeError."""
-        process, conn = self._process, self._conn
-        assert process is not None and conn is not None
+        conn = self._conn
+        assert conn is not None
         try:
             if not conn.poll(START_TIMEOUT_S):
                 self._reap()
@@ -116,20 +138,48 @@ class ChildProcessCompute:
         self._ready = True
 
     def run_batch(self, key: Hashable, items: Sequence[Parsed]) -> Sequence[Any]:
-        if self._conn is None:
-            self._spawn()
-        if not self._ready:
-            self._wait_ready()  # raises ComputeError: the batcher fails this batch with INTERNAL
-        assert self._conn is not None
-        try:
-            self._conn.send((key, [_detached(item) for item in items]))
-            return self._conn.recv()
-        except (EOFError, OSError):
+        message = (key, [_detached(item) for item in items])
+        died = [RequestError("UNAVAILABLE", "the worker's compute process died during this batch; retry")] * len(items)
+        with self._lock:
+            if self._conn is None:
+                self._spawn()
+            if not self._ready:
+                self._wait_ready()  # raises ComputeError: the batcher fails this batch with INTERNAL
+            conn, generation = self._conn, self._generation
+            assert conn is not None
+            ticket, self._sent = self._sent, self._sent + 1
+            try:
+                conn.send(message)
+            except OSError:
+                sent = False
+            else:
+                sent = True
+        with self._turn:
+            while generation == self._generation and self._received != ticket:
+                self._turn.wait()
+            if generation != self._generation:
+                return died  # the child died with this batch in its pipe
+            try:
+                answers = conn.recv() if sent else None
+            except (EOFError, OSError):
+                answers = None
+            if answers is None:
+                self._restart()
+                return died
+            self._received += 1
+            self._turn.notify_all()
+            return answers
+
+    def _restart(self) -> None:
+        """With `_turn` held: the child is gone; void its tickets and start a new one."""
+        with self._lock:
             code = self._reap()
             log.error("the compute process died (exit code %s); starting a new one", code)
             self.restarts += 1
+            self._generation += 1
+            self._received = self._sent
             self._spawn()  # loads while this batch's callers hear UNAVAILABLE; the next batch waits for it
-            return [RequestError("UNAVAILABLE", "the worker's compute process died during this batch; retry")] * len(items)
+        self._turn.notify_all()
 
     def _reap(self) -> int | None:
         process, conn = self._process, self._conn
@@ -145,12 +195,13 @@ class ChildProcessCompute:
         return process.exitcode
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.send(None)  # a clean exit
-            except OSError:
-                pass
-        self._reap()
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.send(None)  # a clean exit
+                except OSError:
+                    pass
+            self._reap()
 
 
 def make_compute(kind: ComputeKind, models: Mapping[tuple[str, str], ServedModel],

@@ -382,10 +382,10 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
     if not models:
         raise ServerError("no models to serve")
     metrics = Metrics()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitexit-compute",
+    compute = make_compute(config.compute, models, config.compute_threads)
+    executor = ThreadPoolExecutor(max_workers=compute.threads_wanted, thread_name_prefix="splitexit-compute",
                                   initializer=_init_compute_thread, initargs=(config.compute_threads,))
 
-    compute = make_compute(config.compute, models, config.compute_threads)
     batcher = Batcher(config.batching, compute.run_batch, executor=executor, on_depth=metrics.queue_rows.set,
                       on_batch=lambda key, rows, s: metrics.batch_done(str(key[0]), rows, s))
     limits = ServiceLimits(max_message_bytes=config.max_message_bytes, max_request_rows=config.max_request_rows,

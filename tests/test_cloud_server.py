@@ -187,6 +187,27 @@ def test_a_compute_process_answers_as_the_thread_and_comes_back_after_it_is_kill
     assert asyncio.run(answers("process", kill=True)) == in_thread
 
 
+def test_a_compute_process_matches_each_answer_to_its_batch_with_two_in_flight(bundle, models, served) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from splitexit.cloud.compute import ChildProcessCompute
+    from splitexit.cloud.servicer import ServiceLimits, parse_request
+
+    images = torch.randint(0, 256, (64, 8, 8, 1), generator=torch.Generator().manual_seed(6), dtype=torch.uint8)
+    batches = [[parse_request(r, models, ServiceLimits(), defer_decode=True)] for r in _edge_requests(bundle, images, 8)]
+    want = [served.run_batch(b) for b in batches]
+    compute = ChildProcessCompute(models, threads=1)
+    compute.start()
+    try:
+        with ThreadPoolExecutor(max_workers=compute.threads_wanted) as pool:
+            for _ in range(3):  # batches of different sizes overtake each other if tickets mix up
+                got = list(pool.map(lambda b: compute.run_batch(b[0].key, b), batches))
+                assert got == want
+    finally:
+        compute.close()
+    assert compute.pid is None
+
+
 def test_a_compute_process_that_cannot_load_its_model_fails_the_start(tmp_path: Path, bundle, models) -> None:
     import shutil
 

@@ -50,15 +50,16 @@ class BoFConfig:
 def _pool_sum(x: torch.Tensor, size: int | None) -> tuple[torch.Tensor, float]:
     """Average-pool a map [B, D, H, W] down to side `size` as (sums, 1 / cells), so the
     caller can fold the 1 / cells into its next linear op. Halving by strided slices is
-    several times faster on CPU than the pooling kernels for these small maps; other
-    shapes fall back to adaptive average pooling."""
+    several times faster on CPU than the pooling kernels for these small maps (e.g. 17 vs
+    115 us for [8, 32, 16, 16] at 1 thread); other shapes fall back to adaptive average
+    pooling."""
     h, w = x.shape[-2:]
     if size is None or max(h, w) <= size:
         return x, 1.0
     fh, fw = h // size, w // size
     if h % size or w % size or fh != fw or fh & (fh - 1):
         return F.adaptive_avg_pool2d(x, size), 1.0
-    if x.numel() <= 1 << 16:  # small batches: one pooling call beats the per-op overhead of slicing
+    if fh > 2 and x.numel() <= 1 << 14:  # one image, 4x4 cells: one pooling call beats four slices
         return F.avg_pool2d(x, fh), 1.0
     factor = fh
     while factor > 1:

@@ -64,9 +64,9 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     serve_p.add_argument("--queue-limit", type=_positive(int), default=2048,
                          help="rows waiting before RESOURCE_EXHAUSTED (default: %(default)s)")
     serve_p.add_argument("--max-rows", type=_positive(int), default=256, help="rows in one request (default: %(default)s)")
-    serve_p.add_argument("--compute", choices=("process", "thread"), default="process",
-                         help="where batches compute: a child process with its own GIL (faster under load) or a "
-                              "thread of the server's process (one copy of the models) (default: %(default)s)")
+    serve_p.add_argument("--switch-interval-ms", type=_positive(float), default=None,
+                         help="the process's GIL switch interval: shorter lets the compute thread back in sooner "
+                              "between torch ops (default: 0.5)")
     serve_p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS)")
     serve_p.add_argument("--tls-key", type=Path, help="PEM private key (TLS)")
     serve_p.add_argument("--client-ca", type=Path, help="PEM CA that client certificates must chain to (mTLS)")
@@ -101,7 +101,6 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
     return ServerConfig(
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
         token=token, max_request_rows=min(args.max_rows, args.queue_limit), compute_threads=args.threads,
-        compute=args.compute,
         batching=BatcherConfig(max_batch=args.max_batch, max_queue_delay_ms=args.max_delay_ms,
                                queue_limit_rows=args.queue_limit),
         drain_grace_s=args.grace, metrics_port=args.metrics_port, worker_id=args.worker_id,
@@ -162,7 +161,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     interfaces = [a.strip() for a in args.interfaces.split(",") if a.strip()] if args.interfaces else None
+    from splitexit.cloud.server import SWITCH_INTERVAL_MS
+
     config = build_config(args)
+    sys.setswitchinterval((args.switch_interval_ms or SWITCH_INTERVAL_MS) / 1000)
     models = load_models(args.bundles)
     asyncio.run(serve(config, models, advertise=args.advertise, interfaces=interfaces,
                       stats_interval=args.stats_interval))

@@ -21,8 +21,5 @@ class RequestError(Exception):
         self.code: Code = code
         self.message = message
 
-    def __reduce__(self) -> tuple:  # pickles (a compute process sends them back)
-        return (RequestError, (self.code, self.message))
-
     def __repr__(self) -> str:
         return f"RequestError({self.code}, {self.message!r})"

@@ -3,8 +3,7 @@
 What it wires up, each for a reason:
 - `SplitInference` (splitexit.v1) with dynamic batching (`splitexit.cloud.batcher`) and a
   single compute thread: torch gets the CPU, the event loop stays free to accept, refuse
-  and answer. With `compute="process"` that thread hands each batch to a child process
-  with a GIL of its own (`splitexit.cloud.compute`).
+  and answer.
 - `grpc.health.v1.Health`: "" and "splitexit.v1.SplitInference" are NOT_SERVING while the
   worker warms up (the tail runs once on a dummy batch), SERVING after, and NOT_SERVING
   again, for good, once it drains. Kubernetes gRPC probes and the edge's confirmation
@@ -58,7 +57,6 @@ from grpc_reflection.v1alpha import reflection
 
 from splitexit.cloud.answers import AnswerCacheConfig
 from splitexit.cloud.batcher import Batcher, BatcherConfig
-from splitexit.cloud.compute import Compute, ComputeError, ComputeKind, make_compute
 from splitexit.cloud.metrics import Metrics
 from splitexit.cloud.servicer import SERVICE_NAME, ServedModel, ServiceLimits, SplitInferenceServicer, add_to_server
 
@@ -69,6 +67,14 @@ log = logging.getLogger("splitexit.cloud")
 # Health is reported for the whole server ("") and for the inference service.
 HEALTH_SERVICES = ("", SERVICE_NAME)
 _OPEN_METHODS = ("/grpc.health.v1.Health/",)  # never behind the token (probes)
+
+
+# The GIL switch interval a worker process should run with (`sys.setswitchinterval`; the
+# CLI sets it, a process embedding a worker may). The event loop (gRPC callbacks, protobuf)
+# and the compute thread share the GIL: at Python's default of 5 ms the compute thread,
+# between two torch ops, may wait that long for the loop to let go. bench serve on 2 cores:
+# 0.68 of the bare tail's samples/s at 5 ms, 0.70 at 0.5 ms.
+SWITCH_INTERVAL_MS = 0.5
 
 
 class ServerError(ValueError):
@@ -98,10 +104,7 @@ class ServerConfig:
     max_request_rows: int = 256
     max_raw_item_bytes: int = 4 * 1024 * 1024
     stream_inflight: int = 64
-    compute_threads: int | None = None  # torch intra-op threads of the compute; None = torch's default
-    # "thread": batches compute in a thread of this process; "process": in a child process
-    # with its own GIL (faster under load, see splitexit.cloud.compute; a second copy of the models)
-    compute: ComputeKind = "thread"
+    compute_threads: int | None = None  # torch intra-op threads of the compute thread; None = torch's default
     answer_cache: AnswerCacheConfig = field(default_factory=AnswerCacheConfig)  # retried request ids
     drain_grace_s: float = 10.0
     metrics_port: int = 0  # 0 = no HTTP endpoint (metrics stay readable in-process)
@@ -126,8 +129,6 @@ class ServerConfig:
                               f"{self.batching.queue_limit_rows} rows: such a request could never be queued")
         if self.compute_threads is not None and self.compute_threads < 1:
             raise ServerError("compute_threads must be >= 1")
-        if self.compute not in ("thread", "process"):
-            raise ServerError(f"compute must be 'thread' or 'process', got {self.compute!r}")
         if self.drain_grace_s < 0 or min(self.keepalive_time_s, self.keepalive_timeout_s,
                                          self.min_client_ping_interval_s) <= 0:
             raise ServerError("drain grace must be >= 0 and keepalive times > 0")
@@ -240,7 +241,7 @@ class CloudServer:
 
     def __init__(self, *, server: grpc.aio.Server, port: int, config: ServerConfig, servicer: SplitInferenceServicer,
                  health_servicer: health.aio.HealthServicer, batcher: Batcher, metrics: Metrics,
-                 executor: ThreadPoolExecutor, compute: Compute) -> None:
+                 executor: ThreadPoolExecutor) -> None:
         self.server = server
         self.port = port
         self.config = config
@@ -250,7 +251,6 @@ class CloudServer:
         self.metrics = metrics
         self.metrics_port: int | None = None
         self._executor = executor
-        self.compute = compute
         self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
         self._drain_task: asyncio.Task[None] | None = None
         self._started = False
@@ -289,10 +289,12 @@ class CloudServer:
                                   f"{exc.strerror or exc}") from None
         await self.server.start()
         self._started = True
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.compute.start)
-        except ComputeError as exc:
-            raise ServerError(str(exc)) from exc
+        loop = asyncio.get_running_loop()
+        for model in self.models.values():
+            try:
+                await loop.run_in_executor(self._executor, model.warm_up)
+            except Exception as exc:
+                raise ServerError(f"warm-up of {model.name} failed: {type(exc).__name__}: {exc}") from exc
         self.servicer.phase = "serving"
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -331,9 +333,7 @@ class CloudServer:
 
     async def _close(self) -> None:
         await self.batcher.close()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._executor.shutdown)
-        await loop.run_in_executor(None, self.compute.close)
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
         self.metrics.close()
 
     async def stop(self) -> None:
@@ -382,11 +382,13 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
     if not models:
         raise ServerError("no models to serve")
     metrics = Metrics()
-    compute = make_compute(config.compute, models, config.compute_threads)
-    executor = ThreadPoolExecutor(max_workers=compute.threads_wanted, thread_name_prefix="splitexit-compute",
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitexit-compute",
                                   initializer=_init_compute_thread, initargs=(config.compute_threads,))
 
-    batcher = Batcher(config.batching, compute.run_batch, executor=executor, on_depth=metrics.queue_rows.set,
+    def run_batch(key: Any, items: Any) -> Any:
+        return items[0].model.run_batch(items)
+
+    batcher = Batcher(config.batching, run_batch, executor=executor, on_depth=metrics.queue_rows.set,
                       on_batch=lambda key, rows, s: metrics.batch_done(str(key[0]), rows, s))
     limits = ServiceLimits(max_message_bytes=config.max_message_bytes, max_request_rows=config.max_request_rows,
                            max_raw_item_bytes=config.max_raw_item_bytes, stream_inflight=config.stream_inflight)
@@ -426,4 +428,4 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
         executor.shutdown(wait=False)
         raise
     return CloudServer(server=server, port=port, config=config, servicer=servicer, health_servicer=health_servicer,
-                       batcher=batcher, metrics=metrics, executor=executor, compute=compute)
+                       batcher=batcher, metrics=metrics, executor=executor)

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -50,7 +50,7 @@ import torch
 from splitexit import wire
 from splitexit.cli import CliError
 from splitexit.cloud.batcher import BatcherConfig
-from splitexit.cloud.server import ServerConfig
+from splitexit.cloud.server import SWITCH_INTERVAL_MS, ServerConfig
 from splitexit.cloud.servicer import ServedModel, ServiceLimits, load_models, parse_request
 from splitexit.proto import inference_pb2 as pb
 from splitexit.runtime import NEXT_EXIT, Pending
@@ -73,13 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-delay-ms", type=float, default=2.0, help="the batcher's max queue delay (default: 2)")
     parser.add_argument("--rows", type=int, default=4, help="rows per request (default: 4)")
     parser.add_argument("--clients", type=int, default=2, help="client processes (default: 2)")
-    parser.add_argument("--inflight", type=int, default=8, help="requests in flight per client (default: 8)")
+    parser.add_argument("--inflight", type=int, default=16,
+                        help="requests in flight per client (default: 16: with 2 clients of 4-row requests, four "
+                             "batches outstanding, one computing, one queued behind it and two on their way)")
     parser.add_argument("--client-nice", type=int, default=10,
                         help="niceness added to the client processes, so that on a shared machine they take "
                              "CPU from the worker only when it leaves some (default: 10; 0 = equal)")
-    parser.add_argument("--compute", choices=("process", "thread"), default="process",
-                        help="where the worker's batches compute, as `splitexit cloud serve --compute` "
-                             "(default: %(default)s, the CLI's default)")
+    parser.add_argument("--switch-interval-ms", type=float, default=SWITCH_INTERVAL_MS,
+                        help="the worker process's GIL switch interval, as `splitexit cloud serve` sets it "
+                             "(default: %(default)s)")
     parser.add_argument("--server-threads", type=int, default=None,
                         help="torch threads of the worker's compute thread (default: torch's default)")
     parser.add_argument("--duration", type=float, default=0.0, help="measured seconds (default 10, 1.5 with --quick)")
@@ -97,7 +99,7 @@ class Settings:
     clients: int
     inflight: int
     server_threads: int | None  # as asked (None: torch's default)
-    compute: str  # "process" or "thread"
+    switch_interval_ms: float  # sys.setswitchinterval in the bench process, where the worker runs
     client_nice: int
     duration_s: float
     warmup_s: float
@@ -106,8 +108,8 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace, quick: bool) -> "Settings":
         s = cls(batch=args.batch, max_delay_ms=args.max_delay_ms, rows=args.rows, clients=args.clients,
-                inflight=args.inflight, server_threads=args.server_threads, compute=args.compute,
-                client_nice=args.client_nice,
+                inflight=args.inflight, server_threads=args.server_threads,
+                switch_interval_ms=args.switch_interval_ms, client_nice=args.client_nice,
                 duration_s=args.duration or (1.5 if quick else 10.0),
                 warmup_s=args.warmup if args.warmup >= 0 else (0.5 if quick else 2.0),
                 tail_s=args.tail_seconds or (0.3 if quick else 2.0))
@@ -118,6 +120,8 @@ class Settings:
             raise CliError("--client-nice must be in 0..19")
         if s.server_threads is not None and s.server_threads < 1:
             raise CliError("--server-threads must be >= 1")
+        if s.switch_interval_ms <= 0:
+            raise CliError("--switch-interval-ms must be > 0")
         if s.rows > s.batch:
             raise CliError(f"--rows {s.rows} exceeds --batch {s.batch}: a request is never split across batches")
         if s.duration_s <= 0 or s.tail_s <= 0:
@@ -223,19 +227,7 @@ def _metrics_point(worker: WorkerThread, model: str) -> MetricsPoint:
     m = worker.server.metrics
     labels = {"model": model}
     return MetricsPoint(m.value("splitexit_compute_seconds_sum", labels), m.value("splitexit_batch_rows_count", labels),
-                        m.value("splitexit_batch_rows_sum", labels),
-                        time.process_time() + _cpu_seconds(getattr(worker.server.compute, "pid", None)))
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    """CPU time (user + system) of a live process, from /proc (0 without one)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                        m.value("splitexit_batch_rows_sum", labels), time.process_time())
 
 
 @dataclass(frozen=True)
@@ -334,7 +326,7 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
     models = load_models([bundle_path])
     served = next(iter(models.values()))
     config = ServerConfig(host="127.0.0.1", port=0, drain_grace_s=1.0, compute_threads=s.server_threads,
-                          compute=s.compute, max_request_rows=max(256, s.rows),
+                          max_request_rows=max(256, s.rows),
                           batching=BatcherConfig(max_batch=s.batch, max_queue_delay_ms=s.max_delay_ms))
     limits = ServiceLimits(max_request_rows=config.max_request_rows)
     per_batch = max(1, s.batch // s.rows)  # requests in one served batch
@@ -346,24 +338,29 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
     log(f"served batch {s.batch}: {s.clients} client processes x {s.inflight} in flight x {s.rows} rows "
         f"= {s.outstanding_rows} rows outstanding; tail = stages {served.bundle.split + 1}.."
         f"{served.bundle.model.num_stages - 1} + head")
-    with WorkerThread(config, models) as worker, _compute_executor(s.server_threads) as compute:
-        threads = compute.submit(torch.get_num_threads).result()
-        # in-process parts of a served batch, each alone (the worker is idle meanwhile)
-        # what the event loop does per request (headers; bodies decode in run_batch, as served)
-        parse_t = _timed(lambda: [parse_request(pb.InferRequest.FromString(p), models, limits, defer_decode=True)
-                                  for p in payloads[0][:per_batch]], s.tail_s)
-        parsed = [parse_request(r, models, limits, defer_decode=True) for r in requests[:per_batch]]
-        run_batch_t = compute.submit(_timed, lambda: served.run_batch(parsed), s.tail_s).result()
-        answers = served.run_batch(parsed)
-        respond_t = _timed(lambda: [_response(p.request_id, a).SerializeToString() for p, a in zip(parsed, answers)],
-                           s.tail_s)
-        before = compute.submit(_timed, lambda: tail(x), s.tail_s).result()
-        log(f"bare tail before: {s.batch / before.median_s:.0f} samples/s ({threads} torch threads)")
-        served_r = served_run(worker, served.name, payloads, s)
-        # every send has an id of its own: none may be answered from the worker's answer cache
-        duplicates = int(worker.server.metrics.value("splitexit_duplicate_requests_total"))
-        after = compute.submit(_timed, lambda: tail(x), s.tail_s).result()
-        log(f"bare tail after: {s.batch / after.median_s:.0f} samples/s")
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(s.switch_interval_ms / 1000)  # as `splitexit cloud serve` runs the worker
+    try:
+        with WorkerThread(config, models) as worker, _compute_executor(s.server_threads) as compute:
+            threads = compute.submit(torch.get_num_threads).result()
+            # in-process parts of a served batch, each alone (the worker is idle meanwhile)
+            # what the event loop does per request (headers; bodies decode in run_batch, as served)
+            parse_t = _timed(lambda: [parse_request(pb.InferRequest.FromString(p), models, limits, defer_decode=True)
+                                      for p in payloads[0][:per_batch]], s.tail_s)
+            parsed = [parse_request(r, models, limits, defer_decode=True) for r in requests[:per_batch]]
+            run_batch_t = compute.submit(_timed, lambda: served.run_batch(parsed), s.tail_s).result()
+            answers = served.run_batch(parsed)
+            respond_t = _timed(lambda: [_response(p.request_id, a).SerializeToString() for p, a in zip(parsed, answers)],
+                               s.tail_s)
+            before = compute.submit(_timed, lambda: tail(x), s.tail_s).result()
+            log(f"bare tail before: {s.batch / before.median_s:.0f} samples/s ({threads} torch threads)")
+            served_r = served_run(worker, served.name, payloads, s)
+            # every send has an id of its own: none may be answered from the worker's answer cache
+            duplicates = int(worker.server.metrics.value("splitexit_duplicate_requests_total"))
+            after = compute.submit(_timed, lambda: tail(x), s.tail_s).result()
+            log(f"bare tail after: {s.batch / after.median_s:.0f} samples/s")
+    finally:
+        sys.setswitchinterval(switch_interval)
     parts = Parts(tail=before.joined(after), run_batch=run_batch_t, parse=parse_t, respond=respond_t)
     return _report(s, served_r, parts, before, after, threads, {**(extra or {}), "answered_from_cache": duplicates})
 
@@ -423,8 +420,7 @@ def _report(s: Settings, r: ServedRun, parts: Parts, before: Timing, after: Timi
         },
         "note": "per batch of `batch` rows. *_ms: wall, each part timed alone with the worker idle; "
                 "serving_compute_ms and compute_busy: the worker's compute thread while serving (its metrics); "
-                "cpu_ms: CPU time of the worker (all threads, its compute process included) per batch, "
-                "alone and while serving, "
+                "cpu_ms: CPU time of the worker's process (all threads) per batch, alone and while serving, "
                 "and of the client processes while serving",
     }
     result = {

@@ -79,7 +79,7 @@ REFERENCE = Recipe(
     exit_train=TrainConfig(mode="exits", epochs=8, lr=0.05, weight_decay=1e-4),
     # the larger cloud network of the cascade: ResNet-20 at twice the width, no exits
     cloud_model=ModelConfig(arch="resnet20x2", exit_after=()),
-    cloud_train=TrainConfig(epochs=12),
+    cloud_train=TrainConfig(epochs=30),  # 12 epochs gave 86.6% test, under the 88% bar
     head_exits=(1, 2, 3, 4, 5, 6, 7, 8),
 )
 

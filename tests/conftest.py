@@ -35,3 +35,25 @@ def reference_cifar() -> Path:
     if not REFERENCE_CIFAR.exists():
         pytest.skip(f"reference CIFAR-10 archive not found at {REFERENCE_CIFAR}")
     return REFERENCE_CIFAR
+
+
+@pytest.fixture(scope="module")
+def bench_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(cache, out) shared by a test module: its quick models train once, every bench reuses them."""
+    root = tmp_path_factory.mktemp("bench")
+    return root / "cache", root / "out"
+
+
+@pytest.fixture(scope="module")
+def quick_bench(bench_dirs: tuple[Path, Path]):
+    """quick_bench(name, *extra): run `splitexit bench NAME --quick` in bench_dirs, return its JSON."""
+    import json
+
+    from splitexit.cli import main
+
+    def run(name: str, *extra: str) -> dict:
+        cache, out = bench_dirs
+        assert main(["bench", name, "--quick", "--cache-dir", str(cache), "--out", str(out), *extra]) == 0
+        return json.loads((out / f"{name}.json").read_text())
+
+    return run

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,6 @@ POLICIES_REQUIRED = ("maxprob", "entropy", "patience", "bof_beta", "msdnet_budge
                      "predictive")
 
 
-@pytest.fixture(scope="module")
-def bench_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """One cache for the module: the quick models train once and every bench reuses them."""
-    root = tmp_path_factory.mktemp("bench")
-    return root / "cache", root / "out"
-
-
-def _bench(name: str, dirs: tuple[Path, Path], *extra: str) -> dict:
-    cache, out = dirs
-    assert main(["bench", name, "--quick", "--cache-dir", str(cache), "--out", str(out), *extra]) == 0
-    return json.loads((out / f"{name}.json").read_text())
 
 
 def test_bench_is_a_subcommand_with_its_benchmarks() -> None:
@@ -33,8 +21,8 @@ def test_bench_is_a_subcommand_with_its_benchmarks() -> None:
         parser.parse_args(["bench", "nonsense"])
 
 
-def test_tradeoff_quick_writes_every_required_key(bench_dirs: tuple[Path, Path]) -> None:
-    result = _bench("tradeoff", bench_dirs)
+def test_tradeoff_quick_writes_every_required_key(bench_dirs: tuple[Path, Path], quick_bench) -> None:
+    result = quick_bench("tradeoff")
     assert 0 < result["full"]["acc"] <= 1 and result["full"]["macs"] > 0
     assert result["oracle"]["acc"] >= result["full"]["acc"]
     for name in POLICIES_REQUIRED:
@@ -57,15 +45,15 @@ def test_tradeoff_quick_writes_every_required_key(bench_dirs: tuple[Path, Path])
     assert (bench_dirs[1] / "exit_hist.png").stat().st_size > 0
 
 
-def test_overhead_quick_reports_the_ratio(bench_dirs: tuple[Path, Path]) -> None:
-    result = _bench("overhead", bench_dirs, "--repeats", "5")
+def test_overhead_quick_reports_the_ratio(bench_dirs: tuple[Path, Path], quick_bench) -> None:
+    result = quick_bench("overhead", "--repeats", "5")
     for key in ("edge_macs", "exit_macs", "exit_ms", "edge_ms", "ratio"):
         assert result[key] > 0, key
     assert result["ratio"] == pytest.approx(result["exit_ms"] / result["edge_ms"], rel=1e-2)
 
 
-def test_models_quick_compares_bof_and_pool_heads(bench_dirs: tuple[Path, Path]) -> None:
-    result = _bench("models", bench_dirs)
+def test_models_quick_compares_bof_and_pool_heads(bench_dirs: tuple[Path, Path], quick_bench) -> None:
+    result = quick_bench("models")
     for kind in ("bof", "pool"):
         heads = result["heads"][kind]
         assert heads["exit_head"] == kind and len(heads["exit_acc"]) == len(heads["exit_after"]) + 1

@@ -3,7 +3,6 @@ cloud worker on loopback and write the keys BENCH.md asks for."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,21 +15,10 @@ pytestmark = pytest.mark.loopback
 CODECS = ("fp32", "fp16", "int8", "int8-per-channel")
 
 
-@pytest.fixture(scope="module")
-def bench_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """One cache for the module: the quick edge network trains once and both benches reuse it."""
-    root = tmp_path_factory.mktemp("bench-runtime")
-    return root / "cache", root / "out"
 
 
-def _bench(name: str, dirs: tuple[Path, Path], *extra: str) -> dict:
-    cache, out = dirs
-    assert main(["bench", name, "--quick", "--cache-dir", str(cache), "--out", str(out), *extra]) == 0
-    return json.loads((out / f"{name}.json").read_text())
-
-
-def test_wire_quick_reports_every_codec_through_the_real_path(bench_dirs: tuple[Path, Path]) -> None:
-    result = _bench("wire", bench_dirs)
+def test_wire_quick_reports_every_codec_through_the_real_path(bench_dirs: tuple[Path, Path], quick_bench) -> None:
+    result = quick_bench("wire")
     assert result["input_png_bytes"] > 0 and result["input_jpeg_bytes"] > 0
     fp32 = result["codecs"]["fp32"]
     assert result["fp32_feature_bytes"] == 4 * math.prod(result["feature_shape"])
@@ -56,8 +44,8 @@ def test_wire_quick_reports_every_codec_through_the_real_path(bench_dirs: tuple[
     assert (bench_dirs[1] / "wire.png").stat().st_size > 0
 
 
-def test_serve_quick_reports_throughput_ratio_latency_and_batches(bench_dirs: tuple[Path, Path]) -> None:
-    result = _bench("serve", bench_dirs, "--clients", "2", "--inflight", "4", "--server-threads", "1")
+def test_serve_quick_reports_throughput_ratio_latency_and_batches(bench_dirs: tuple[Path, Path], quick_bench) -> None:
+    result = quick_bench("serve", "--clients", "2", "--inflight", "4", "--server-threads", "1")
     for key in ("raw_tail_sps", "served_sps", "ratio", "p50_ms", "p99_ms"):
         assert result[key] > 0, key
     assert result["ratio"] == pytest.approx(result["served_sps"] / result["raw_tail_sps"], rel=1e-2)

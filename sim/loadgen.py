@@ -1,7 +1,8 @@
 """A closed-loop load generator for a cloud worker, one client per process.
 
 Each client process opens one gRPC channel and keeps `inflight` prebuilt, serialized
-InferRequests in flight (a new one goes out as soon as one is answered). Requests are sent
+InferRequests in flight (a new one goes out as soon as one is answered): as concurrent
+unary Infer calls, or (`stream=True`) as messages of one InferStream call. Requests are sent
 as bytes and answers parsed only for their row count and ServerTiming, so a client spends
 as little CPU as it can. Every send carries a request id of its own (the worker answers a
 repeated id from its answer cache, which would measure the cache, not the tail). It imports grpc and protobuf but never torch, so a spawned client
@@ -20,9 +21,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ClientPlan", "ClientReport", "INFER_METHOD", "run_client"]
+__all__ = ["ClientPlan", "ClientReport", "INFER_METHOD", "STREAM_METHOD", "run_client"]
 
 INFER_METHOD = "/splitexit.v1.SplitInference/Infer"
+STREAM_METHOD = "/splitexit.v1.SplitInference/InferStream"
 _SYNC_TIMEOUT_S = 300.0  # a client whose parent is gone must not wait forever
 
 
@@ -36,6 +38,9 @@ class ClientPlan:
     # added to the client process's niceness: loopback clients stand for remote edge
     # devices, so they should not take CPU time from the worker they measure
     nice: int = 0
+    # False: `inflight` concurrent unary Infer calls; True: one InferStream call per client
+    # with `inflight` requests outstanding on it
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if not self.payloads:
@@ -69,15 +74,9 @@ def with_request_id(payload: bytes, request_id: str) -> bytes:
 async def _client(plan: ClientPlan, barrier: Any, go: Any, window: Any) -> ClientReport:
     import grpc
 
-    from splitexit.proto import inference_pb2 as pb
-
     options = [("grpc.max_send_message_length", plan.max_message_bytes),
                ("grpc.max_receive_message_length", plan.max_message_bytes)]
     loop = asyncio.get_running_loop()
-    latencies: list[float] = []
-    batch_rows: dict[int, int] = {}
-    errors: dict[str, int] = {}
-    rows = 0
     async with grpc.aio.insecure_channel(plan.address, options=options) as channel:
         # bytes in, bytes out: no per-call protobuf serialization on the client
         infer = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
@@ -88,30 +87,10 @@ async def _client(plan: ClientPlan, barrier: Any, go: Any, window: Any) -> Clien
         start, end = float(window[0]), float(window[1])
 
         tag = f"{os.getpid()}-"
-
-        async def one_lane(lane: int) -> None:
-            nonlocal rows
-            i = lane
-            while True:
-                sent = time.time()
-                if sent >= end:
-                    return
-                try:
-                    request = with_request_id(plan.payloads[i % len(plan.payloads)], f"{tag}{i}")
-                    raw = await infer(request, timeout=plan.timeout_s)
-                except grpc.aio.AioRpcError as exc:
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
-                    continue
-                finally:
-                    i += plan.inflight
-                done = time.time()
-                if start <= done <= end:
-                    response = pb.InferResponse.FromString(raw)
-                    n = len(response.rows)
-                    rows += n
-                    latencies.append((done - sent) * 1e3)
-                    b = int(response.timing.batch_size)
-                    batch_rows[b] = batch_rows.get(b, 0) + n
+        tally = _Tally(start, end)
+        send = _stream_sends if plan.stream else _unary_sends
+        method = (channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=None)
+                  if plan.stream else infer)
 
         async def cpu_in_window() -> float:
             await asyncio.sleep(max(0.0, start - time.time()))
@@ -120,9 +99,92 @@ async def _client(plan: ClientPlan, barrier: Any, go: Any, window: Any) -> Clien
             return time.process_time() - begin
 
         cpu = asyncio.ensure_future(cpu_in_window())
-        await asyncio.gather(*(one_lane(k) for k in range(plan.inflight)))
+        await send(method, plan, tag, end, tally)
         cpu_s = await cpu
-    return ClientReport(tuple(latencies), rows, len(latencies), errors, batch_rows, cpu_s)
+    return ClientReport(tuple(tally.latencies), tally.rows, len(tally.latencies), tally.errors, tally.batch_rows, cpu_s)
+
+
+@dataclass
+class _Tally:
+    """What a client counts: answers completed inside the window [start, end]."""
+
+    start: float
+    end: float
+    latencies: list[float] = field(default_factory=list)
+    rows: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    batch_rows: dict[int, int] = field(default_factory=dict)
+
+    def error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def answered(self, raw: bytes, sent: float, done: float) -> None:
+        if not self.start <= done <= self.end:
+            return
+        from splitexit.proto import inference_pb2 as pb
+
+        response = pb.InferResponse.FromString(raw)
+        if response.HasField("error"):  # a stream answers a failed request in-band
+            self.error(f"STATUS_{response.error.code}")
+            return
+        n = len(response.rows)
+        self.rows += n
+        self.latencies.append((done - sent) * 1e3)
+        b = int(response.timing.batch_size)
+        self.batch_rows[b] = self.batch_rows.get(b, 0) + n
+
+
+async def _unary_sends(infer: Any, plan: ClientPlan, tag: str, end: float, tally: _Tally) -> None:
+    """`plan.inflight` lanes, each one unary call after another until `end`."""
+    import grpc
+
+    async def one_lane(lane: int) -> None:
+        i = lane
+        while (sent := time.time()) < end:
+            try:
+                raw = await infer(with_request_id(plan.payloads[i % len(plan.payloads)], f"{tag}{i}"),
+                                  timeout=plan.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                tally.error(exc.code().name)
+                continue
+            finally:
+                i += plan.inflight
+            tally.answered(raw, sent, time.time())
+
+    await asyncio.gather(*(one_lane(k) for k in range(plan.inflight)))
+
+
+async def _stream_sends(open_stream: Any, plan: ClientPlan, tag: str, end: float, tally: _Tally) -> None:
+    """One stream; a new request goes out whenever fewer than `plan.inflight` are unanswered."""
+    import grpc
+
+    from splitexit.proto import inference_pb2 as pb
+
+    call = open_stream(timeout=plan.timeout_s + max(0.0, end - time.time()))
+    credits = asyncio.Semaphore(plan.inflight)
+    sent_at: dict[str, float] = {}
+
+    async def writer() -> None:
+        i = 0
+        while time.time() < end:
+            await credits.acquire()
+            request_id = f"{tag}{i}"
+            sent_at[request_id] = time.time()
+            await call.write(with_request_id(plan.payloads[i % len(plan.payloads)], request_id))
+            i += 1
+        await call.done_writing()
+
+    async def reader() -> None:
+        while (raw := await call.read()) is not grpc.aio.EOF:
+            credits.release()
+            done = time.time()
+            request_id = pb.InferResponse.FromString(raw).request_id  # small: a few rows
+            tally.answered(raw, sent_at.pop(request_id, done), done)
+
+    try:
+        await asyncio.gather(writer(), reader())
+    except grpc.aio.AioRpcError as exc:
+        tally.error(exc.code().name)
 
 
 def run_client(plan: ClientPlan, barrier: Any, go: Any, window: Any, results: Any) -> None:

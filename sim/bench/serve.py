@@ -17,7 +17,8 @@ exit heads and computes exactly the bare tail; `--route policy` keeps the edge's
   processes (multiprocessing, spawn: their Python never takes the worker's GIL) each
   keep `--inflight` requests of `--rows` rows in flight on one channel (closed loop), so
   clients x inflight x rows rows are outstanding and the dynamic batcher forms batches
-  of `--batch` rows. Counted over a `--duration` window after `--warmup`.
+  of `--batch` rows. Counted over a `--duration` window after `--warmup`. `--stream`
+  sends the same requests as messages of one InferStream call per client.
 - `ratio = served_sps / raw_tail_sps`; `p50_ms`/`p99_ms`: per-request latency seen by the
   clients; `batch_hist`: batches by size as the worker reported them (ServerTiming).
 - `profile`: where a served batch's time goes, each part timed alone in this process:
@@ -76,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inflight", type=int, default=16,
                         help="requests in flight per client (default: 16: with 2 clients of 4-row requests, four "
                              "batches outstanding, one computing, one queued behind it and two on their way)")
+    parser.add_argument("--stream", action="store_true",
+                        help="each client sends its requests on one InferStream call instead of concurrent unary "
+                             "Infer calls (same requests in flight)")
     parser.add_argument("--client-nice", type=int, default=10,
                         help="niceness added to the client processes, so that on a shared machine they take "
                              "CPU from the worker only when it leaves some (default: 10; 0 = equal)")
@@ -101,6 +105,7 @@ class Settings:
     server_threads: int | None  # as asked (None: torch's default)
     switch_interval_ms: float  # sys.setswitchinterval in the bench process, where the worker runs
     client_nice: int
+    stream: bool  # InferStream (one per client) instead of unary Infer calls
     duration_s: float
     warmup_s: float
     tail_s: float
@@ -109,7 +114,7 @@ class Settings:
     def from_args(cls, args: argparse.Namespace, quick: bool) -> "Settings":
         s = cls(batch=args.batch, max_delay_ms=args.max_delay_ms, rows=args.rows, clients=args.clients,
                 inflight=args.inflight, server_threads=args.server_threads,
-                switch_interval_ms=args.switch_interval_ms, client_nice=args.client_nice,
+                switch_interval_ms=args.switch_interval_ms, client_nice=args.client_nice, stream=args.stream,
                 duration_s=args.duration or (1.5 if quick else 10.0),
                 warmup_s=args.warmup if args.warmup >= 0 else (0.5 if quick else 2.0),
                 tail_s=args.tail_seconds or (0.3 if quick else 2.0))
@@ -251,7 +256,8 @@ def served_run(worker: WorkerThread, model: str, payloads: Sequence[Sequence[byt
     window = mp.Array("d", 2)
     results = mp.Queue()
     procs = [mp.Process(target=run_client, name=f"bench-client-{c}", daemon=True,
-                        args=(ClientPlan(worker.address, tuple(payloads[c]), s.inflight, nice=s.client_nice),
+                        args=(ClientPlan(worker.address, tuple(payloads[c]), s.inflight, nice=s.client_nice,
+                                         stream=s.stream),
                               barrier, go, window, results))
              for c in range(s.clients)]
     for p in procs:
@@ -335,7 +341,8 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
                 for c in range(s.clients)]
     x = pending.feature[torch.arange(s.batch) % len(pending.rows)].contiguous()
     tail = bare_tail(served)
-    log(f"served batch {s.batch}: {s.clients} client processes x {s.inflight} in flight x {s.rows} rows "
+    log(f"served batch {s.batch}: {s.clients} client processes x {s.inflight} in flight x {s.rows} rows"
+        f"{' on one stream each' if s.stream else ''} "
         f"= {s.outstanding_rows} rows outstanding; tail = stages {served.bundle.split + 1}.."
         f"{served.bundle.model.num_stages - 1} + head")
     switch_interval = sys.getswitchinterval()

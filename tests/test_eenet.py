@@ -72,7 +72,8 @@ def test_fit_meets_budget_on_fitting_and_held_out_sets(fraction: float) -> None:
     policy = EENet.fit(val_p, val_y, LADDER, budget, FAST)
     fit_out = simulate(policy, val_p, LADDER, val_y)
     assert fit_out.mean_cost == pytest.approx(budget, rel=0.03)
-    assert fit_out.mean_cost == pytest.approx(budget, rel=FAST.cost_tol + 1e-9)
+    # a ceiling: at most the budget on the fitting set, and within cost_tol below it
+    assert budget * (1 - FAST.cost_tol) - 1e-6 <= fit_out.mean_cost <= budget + 1e-6
     held_out = simulate(policy, test_p, LADDER, test_y)
     assert held_out.mean_cost == pytest.approx(budget, rel=0.03)
     # the exit histogram on the fitting set follows the proportions that set the thresholds

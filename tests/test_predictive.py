@@ -224,3 +224,16 @@ def test_search_matches_the_per_exit_rule_accuracy() -> None:
     assert abs(eager - last) > 0.002
     with pytest.raises(PolicyError, match="within"):
         match_accuracy(probs, labels, policy, reference_threshold=0.3, l0s=[7])
+
+
+def test_search_can_refuse_settings_less_accurate_than_the_per_exit_rule() -> None:
+    probs, labels = synthetic(k=8, n=500)
+    policy = Predictive(step_ms=(1.0,) * 8, head_ms=(0.5,) * 8, threshold=0.8)
+    grid = dict(thresholds=np.linspace(0.5, 0.99, 30), l0s=[0, 1, 2])
+    either = match_accuracy(probs, labels, policy, tolerance=0.01, **grid)
+    floor = match_accuracy(probs, labels, policy, tolerance=0.01, below=0.0, **grid)
+    assert 0 <= floor.predictive.accuracy - floor.reference.accuracy <= 0.01 + 1e-9
+    # the floor costs at least as much energy as the two-sided band, which may sit under the reference
+    assert floor.predictive.energy_mj >= either.predictive.energy_mj
+    with pytest.raises(PolicyError, match="below"):
+        match_accuracy(probs, labels, policy, tolerance=0.01, below=0.02, **grid)

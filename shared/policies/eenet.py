@@ -61,8 +61,9 @@ class EENetConfig:
     hidden_ratio: float = 0.5  # r's hidden width = ⌊ratio · dim X_k⌋ (at least 1)
     restarts: int = 3
     seed: int = 0
-    # the fit-set cost is calibrated to within this relative gap of the budget; kept well
-    # inside ±3% so that a held-out set of the same distribution stays inside ±3% too
+    # the fit-set cost is calibrated into [budget·(1 − cost_tol), budget]: never above the
+    # budget (as MSDNet's "best q that fits"), and well inside ±3% so that a held-out set of
+    # the same distribution stays inside ±3% too
     cost_tol: float = 0.005
 
     def __post_init__(self) -> None:
@@ -232,8 +233,8 @@ class EENet:
     def fit(cls, probs: np.ndarray, labels: np.ndarray, ladder: Ladder, budget: float,
             config: EENetConfig = EENetConfig()) -> "EENet":
         """Train the scheduler on cached (validation) outputs probs [K, N, C] and set its
-        thresholds so that the average cost on this set is within `config.cost_tol` of
-        `budget` (ladder units). Every one of `config.restarts` seeded restarts is
+        thresholds so that the average cost on this set is at most `budget` (ladder units)
+        and within `config.cost_tol` below it. Every one of `config.restarts` seeded restarts is
         calibrated to the budget (`_calibrate`); the most accurate on this set is kept."""
         check_budget(budget, ladder)
         p, y = _check_fit_inputs(probs, labels, ladder)
@@ -247,7 +248,7 @@ class EENet:
             realized, acc = _realized(policy.thresholds, policy.score_logits(p).double().numpy(), correct, costs)
             if not _meets(realized, budget, costs, 0.03):
                 continue  # a restart whose quantiles cannot land on the budget (tiny N, ties)
-            key = (acc, -abs(realized - _target(budget, costs)))
+            key = (acc, -abs(realized - _target(budget, costs, config.cost_tol)))
             if best is None or key > best[0]:
                 best = (key, policy)
         if best is None:
@@ -372,14 +373,21 @@ def _train(p: torch.Tensor, correct: np.ndarray, costs: np.ndarray, budget: floa
 # ---- meeting the budget ------------------------------------------------------------------
 
 
-def _target(budget: float, costs: np.ndarray) -> float:
-    # a budget above the last exit's cost cannot be spent; aim at what can
-    return min(float(budget), float(costs[-1]))
+def _target(budget: float, costs: np.ndarray, tol: float) -> float:
+    """The middle of the calibration band [budget·(1 − tol), budget]; a budget above the
+    last exit's cost cannot be spent, so aim at what can."""
+    return min(float(budget) * (1 - tol / 2), float(costs[-1]))
 
 
 def _meets(cost: float, budget: float, costs: np.ndarray, tol: float) -> bool:
     """Within ±tol of the budget, or anything when the budget exceeds the dearest exit."""
     return budget >= costs[-1] or abs(cost - budget) <= tol * budget
+
+
+def _fits(cost: float, budget: float, costs: np.ndarray, tol: float) -> bool:
+    """In the calibration band [budget·(1 − tol), budget] (anything when the budget exceeds
+    the dearest exit): a budget is a ceiling, as for MSDNet's q."""
+    return budget >= costs[-1] or budget * (1 - tol) <= cost <= budget
 
 
 def _realized(thresholds: Sequence[float], logits: np.ndarray, correct: np.ndarray,
@@ -394,14 +402,14 @@ def _realized(thresholds: Sequence[float], logits: np.ndarray, correct: np.ndarr
 
 def _calibrate(policy: EENet, p: torch.Tensor, correct: np.ndarray, costs: np.ndarray,
                budget: float, tol: float) -> EENet:
-    """Thresholds from π = mean assignment; if the realized cost misses the budget by more
-    than `tol`, bisect the cost shift λ in a = softmax(r / T − λ·c̃) until it does not.
+    """Thresholds from π = mean assignment; if the realized cost is above the budget or
+    more than `tol` below it, bisect the cost shift λ in a = softmax(r / T − λ·c̃) until it does not.
     The expected cost of every row's assignment falls monotonically in λ (its derivative
     is −Var_a(c̃)), so π slides from the last exit (λ → −∞) to the first (λ → +∞)."""
     logits = policy.score_logits(p).double().numpy()
     base = policy.assignment_logits(p).double()  # the learned r / T (the policy's shift is 0)
     c_norm = torch.as_tensor(policy.norm_costs, dtype=torch.float64)
-    target = _target(budget, costs)
+    target = _target(budget, costs, tol)
 
     def at(shift: float) -> tuple[float, np.ndarray, np.ndarray]:
         pi = torch.softmax(base - shift * c_norm, -1).mean(0).numpy()
@@ -410,7 +418,7 @@ def _calibrate(policy: EENet, p: torch.Tensor, correct: np.ndarray, costs: np.nd
 
     cost, pi, thresholds = at(0.0)
     shift = 0.0
-    if not _meets(cost, budget, costs, tol):
+    if not _fits(cost, budget, costs, tol):
         # bracket: cost(lo) > target > cost(hi), then bisect
         step = 1.0
         lo, hi = (0.0, step) if cost > target else (-step, 0.0)
@@ -424,7 +432,7 @@ def _calibrate(policy: EENet, p: torch.Tensor, correct: np.ndarray, costs: np.nd
             cost, pi, thresholds = at(mid)
             if abs(cost - target) < best[0]:
                 best = (abs(cost - target), cost, pi, thresholds, mid)
-            if _meets(cost, budget, costs, tol):
+            if _fits(cost, budget, costs, tol):
                 break
             lo, hi = (mid, hi) if cost > target else (lo, mid)
         _, cost, pi, thresholds, shift = best

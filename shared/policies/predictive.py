@@ -392,12 +392,18 @@ class SearchResult:
 def match_accuracy(probs: np.ndarray | torch.Tensor, labels: np.ndarray, policy: Predictive, *,
                    reference_threshold: float | None = None, thresholds: Sequence[float] | None = None,
                    l0s: Sequence[int] | None = None, tolerance: float = 0.002,
-                   fallback: bool = False) -> SearchResult:
+                   below: float | None = None, fallback: bool = False) -> SearchResult:
     """Search (threshold, L0) for the Predictive Exit setting whose accuracy on this
     (validation) set is within `tolerance` (0.002 = ±0.2 points) of the per-exit max-prob
     rule at `reference_threshold` (default: `policy.threshold`); among those, the lowest
-    energy at equal deadline, then the fewest head evaluations. Other parameters (costs,
-    board, rounds) come from `policy`."""
+    energy at equal deadline, then the fewest head evaluations. `below` narrows how far
+    under the reference a setting may be (default `tolerance`; 0 = not less accurate):
+    the cheapest setting of a two-sided band tends to sit at its lower edge, so a
+    held-out set then sees it less accurate. Other parameters (costs, board, rounds)
+    come from `policy`."""
+    below = tolerance if below is None else float(below)
+    if not 0 <= below <= tolerance:
+        raise PolicyError(f"below must be in [0, tolerance={tolerance}], got {below}")
     p, y = np.asarray(probs), np.asarray(labels)
     ref_threshold = policy.threshold if reference_threshold is None else float(reference_threshold)
     reference = _all_exits_result(policy, ref_threshold, p, y, fallback)
@@ -412,15 +418,16 @@ def match_accuracy(probs: np.ndarray | torch.Tensor, labels: np.ndarray, policy:
             candidate = replace(policy, threshold=float(threshold), l0=int(l0))
             result = _predictive_result(candidate, p, y)
             tried += 1
-            gap = abs(result.accuracy - reference.accuracy)
+            delta = result.accuracy - reference.accuracy
+            gap = abs(delta)
             closest = min(closest, gap)
-            if gap <= tolerance + 1e-12:
+            if -below - 1e-12 <= delta <= tolerance + 1e-12:
                 key = (result.energy_mj, result.head_evals, gap)
                 if best is None or key < best[0]:
                     best = (key, candidate, result)
     if best is None:
-        raise PolicyError(f"no (threshold, L0) of {tried} tried is within ±{tolerance * 100:.2f} points of the "
-                          f"per-exit rule's accuracy {reference.accuracy:.4f}; closest is "
+        raise PolicyError(f"no (threshold, L0) of {tried} tried is within -{below * 100:.2f}/+{tolerance * 100:.2f} "
+                          f"points of the per-exit rule's accuracy {reference.accuracy:.4f}; closest is "
                           f"{closest * 100:.2f} points away")
     return SearchResult(policy=best[1], predictive=best[2], reference=reference, tolerance=tolerance,
                         candidates=tried)

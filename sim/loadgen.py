@@ -119,19 +119,29 @@ class _Tally:
         self.errors[code] = self.errors.get(code, 0) + 1
 
     def answered(self, raw: bytes, sent: float, done: float) -> None:
+        """A serialized answer, parsed only when it completed inside the window."""
+        if self.start <= done <= self.end:
+            from splitexit.proto import inference_pb2 as pb
+
+            self.answered_message(pb.InferResponse.FromString(raw), sent, done)
+
+    def answered_message(self, response: Any, sent: float, done: float) -> None:
         if not self.start <= done <= self.end:
             return
-        from splitexit.proto import inference_pb2 as pb
-
-        response = pb.InferResponse.FromString(raw)
         if response.HasField("error"):  # a stream answers a failed request in-band
-            self.error(f"STATUS_{response.error.code}")
+            self.error(_status_name(response.error.code))
             return
         n = len(response.rows)
         self.rows += n
         self.latencies.append((done - sent) * 1e3)
         b = int(response.timing.batch_size)
         self.batch_rows[b] = self.batch_rows.get(b, 0) + n
+
+
+def _status_name(code: int) -> str:
+    import grpc
+
+    return next((status.name for status in grpc.StatusCode if status.value[0] == code), f"STATUS_{code}")
 
 
 async def _unary_sends(infer: Any, plan: ClientPlan, tag: str, end: float, tally: _Tally) -> None:
@@ -178,8 +188,8 @@ async def _stream_sends(open_stream: Any, plan: ClientPlan, tag: str, end: float
         while (raw := await call.read()) is not grpc.aio.EOF:
             credits.release()
             done = time.time()
-            request_id = pb.InferResponse.FromString(raw).request_id  # small: a few rows
-            tally.answered(raw, sent_at.pop(request_id, done), done)
+            response = pb.InferResponse.FromString(raw)  # its request id says when it was sent
+            tally.answered_message(response, sent_at.pop(response.request_id, done), done)
 
     try:
         await asyncio.gather(writer(), reader())

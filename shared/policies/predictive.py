@@ -407,7 +407,7 @@ def match_accuracy(probs: np.ndarray | torch.Tensor, labels: np.ndarray, policy:
     p, y = np.asarray(probs), np.asarray(labels)
     ref_threshold = policy.threshold if reference_threshold is None else float(reference_threshold)
     reference = _all_exits_result(policy, ref_threshold, p, y, fallback)
-    grid = sorted({*(np.round(np.linspace(0.3, 0.995, 40), 4).tolist() if thresholds is None else thresholds),
+    grid = sorted({*(np.round(np.linspace(0.3, 0.995, 140), 4).tolist() if thresholds is None else thresholds),
                    ref_threshold})
     starts = range(policy.num_exits) if l0s is None else l0s
     best: tuple[tuple[float, float, float], Predictive, MethodResult] | None = None

@@ -51,7 +51,8 @@ def test_serve_quick_reports_throughput_ratio_latency_and_batches(bench_dirs: tu
     assert result["settings"]["stream"] == bool(calls)
     for key in ("raw_tail_sps", "served_sps", "ratio", "p50_ms", "p99_ms"):
         assert result[key] > 0, key
-    assert result["ratio"] == pytest.approx(result["served_sps"] / result["raw_tail_sps"], rel=1e-2)
+    # the ratio is rounded to 4 decimals: tiny on a machine busy with other work
+    assert result["ratio"] == pytest.approx(result["served_sps"] / result["raw_tail_sps"], rel=1e-2, abs=1e-4)
     assert result["p99_ms"] >= result["p50_ms"]
     assert not result["errors"]
     assert result["answered_from_cache"] == 0  # each send has a request id of its own: all computed

@@ -208,7 +208,9 @@ def test_malformed_requests_never_hurt_the_worker(bundle: Path) -> None:
                 # the fuzz reached past validation too
                 assert codes["structured"].get(grpc.StatusCode.OK, 0) > 50, codes
                 assert codes["structured"].get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 500, codes
-                assert elapsed < 30, f"fuzz took {elapsed:.1f} s"
+                # a guard against a worker that hangs on some request, not a speed target: a few
+                # seconds on an idle 2-core machine, 31 s once on one that was also training
+                assert elapsed < 120, f"fuzz took {elapsed:.1f} s"
                 assert rss_after - rss_before < 20, f"RSS grew {rss_after - rss_before:.1f} MB"
                 # still serving, with the same answers as before
                 again = [await infer(s.SerializeToString(), timeout=5) for s in seeds]

@@ -44,11 +44,12 @@ def test_wire_quick_reports_every_codec_through_the_real_path(bench_dirs: tuple[
     assert (bench_dirs[1] / "wire.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("calls", [(), ("--stream",)], ids=["unary", "stream"])
+@pytest.mark.parametrize("calls", [(), ("--stream", "--codec", "fp16")], ids=["unary", "stream-fp16"])
 def test_serve_quick_reports_throughput_ratio_latency_and_batches(bench_dirs: tuple[Path, Path], quick_bench,
                                                                   calls: tuple[str, ...]) -> None:
     result = quick_bench("serve", "--clients", "2", "--inflight", "4", "--server-threads", "1", *calls)
     assert result["settings"]["stream"] == bool(calls)
+    assert result["codec"] == ("fp16" if calls else "fp32")  # asked for, or the bundle's (fp32)
     for key in ("raw_tail_sps", "served_sps", "ratio", "p50_ms", "p99_ms"):
         assert result[key] > 0, key
     # the ratio is rounded to 4 decimals: tiny on a machine busy with other work

@@ -50,6 +50,7 @@ import torch
 
 from splitexit import wire
 from splitexit.cli import CliError
+from splitexit.codec import CODECS
 from splitexit.cloud.batcher import BatcherConfig
 from splitexit.cloud.server import SWITCH_INTERVAL_MS, ServerConfig
 from splitexit.cloud.servicer import ServedModel, ServiceLimits, load_models, parse_request
@@ -80,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="each client sends its requests on one InferStream call instead of concurrent unary "
                              "Infer calls (same requests in flight)")
+    parser.add_argument("--codec", choices=CODECS, default=None,
+                        help="the requests' feature codec (default: the bundle's, as an edge agent sends)")
     parser.add_argument("--client-nice", type=int, default=10,
                         help="niceness added to the client processes, so that on a shared machine they take "
                              "CPU from the worker only when it leaves some (default: 10; 0 = equal)")
@@ -106,6 +109,7 @@ class Settings:
     switch_interval_ms: float  # sys.setswitchinterval in the bench process, where the worker runs
     client_nice: int
     stream: bool  # InferStream (one per client) instead of unary Infer calls
+    codec: str | None  # the requests' feature codec; None = the bundle's
     duration_s: float
     warmup_s: float
     tail_s: float
@@ -115,6 +119,7 @@ class Settings:
         s = cls(batch=args.batch, max_delay_ms=args.max_delay_ms, rows=args.rows, clients=args.clients,
                 inflight=args.inflight, server_threads=args.server_threads,
                 switch_interval_ms=args.switch_interval_ms, client_nice=args.client_nice, stream=args.stream,
+                codec=args.codec,
                 duration_s=args.duration or (1.5 if quick else 10.0),
                 warmup_s=args.warmup if args.warmup >= 0 else (0.5 if quick else 2.0),
                 tail_s=args.tail_seconds or (0.3 if quick else 2.0))
@@ -204,16 +209,17 @@ def _rows(pending: Pending, index: torch.Tensor) -> tuple[torch.Tensor, dict[str
     return pending.feature[index], {name: value[index] for name, value in pending.state.items()}
 
 
-def build_requests(edge_bundle: Any, pending: Pending, *, rows: int, count: int, prefix: str) -> list[pb.InferRequest]:
+def build_requests(edge_bundle: Any, pending: Pending, *, rows: int, count: int, prefix: str,
+                   codec: str | None = None) -> list[pb.InferRequest]:
     """`count` requests of `rows` pending rows each (cycling through them), as an edge agent
-    builds them (`wire.build_request`: feature, policy state, edge exit infos)."""
+    builds them (`wire.build_request`: feature in `codec`, policy state, edge exit infos)."""
     m = len(pending.rows)
     out = []
     for j in range(count):
         index = (torch.arange(rows) + j * rows) % m
         feature, state = _rows(pending, index)
         out.append(wire.build_request(edge_bundle, feature, state, [f"{prefix}{j}-{r}" for r in range(rows)],
-                                      request_id=f"{prefix}{j}"))
+                                      request_id=f"{prefix}{j}", codec=codec))
     return out
 
 
@@ -336,7 +342,8 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
                           batching=BatcherConfig(max_batch=s.batch, max_queue_delay_ms=s.max_delay_ms))
     limits = ServiceLimits(max_request_rows=config.max_request_rows)
     per_batch = max(1, s.batch // s.rows)  # requests in one served batch
-    requests = build_requests(edge_bundle, pending, rows=s.rows, count=s.clients * REQUESTS_PER_CLIENT, prefix="r")
+    requests = build_requests(edge_bundle, pending, rows=s.rows, count=s.clients * REQUESTS_PER_CLIENT, prefix="r",
+                              codec=s.codec)
     payloads = [[r.SerializeToString() for r in requests[c * REQUESTS_PER_CLIENT:(c + 1) * REQUESTS_PER_CLIENT]]
                 for c in range(s.clients)]
     x = pending.feature[torch.arange(s.batch) % len(pending.rows)].contiguous()
@@ -369,7 +376,8 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
     finally:
         sys.setswitchinterval(switch_interval)
     parts = Parts(tail=before.joined(after), run_batch=run_batch_t, parse=parse_t, respond=respond_t)
-    return _report(s, served_r, parts, before, after, threads, {**(extra or {}), "answered_from_cache": duplicates})
+    return _report(s, served_r, parts, before, after, threads, {**(extra or {}), "answered_from_cache": duplicates,
+                                                                 "codec": s.codec or edge_bundle.codec})
 
 
 @dataclass(frozen=True)

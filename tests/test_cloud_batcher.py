@@ -4,6 +4,7 @@ another computes, so it starts without the event loop's help; partial batches wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,14 +66,21 @@ def test_a_full_batch_waits_in_the_compute_thread_and_a_partial_one_in_the_queue
     asyncio.run(asyncio.wait_for(body(), 30))
 
 
+@contextlib.asynccontextmanager
+async def _computing_a(compute: _Compute):
+    """A batcher of 2-row batches whose compute thread holds batch A (at the gate)."""
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        batcher = Batcher(BatcherConfig(max_batch=2, max_queue_delay_ms=0), compute, executor=executor)
+        a = asyncio.ensure_future(batcher.submit("k", "a", rows=2))
+        await _until(lambda: batcher.queued_rows == 0)
+        yield batcher, a
+
+
 def test_a_batch_handed_ahead_drops_requests_whose_deadline_passed_behind_the_running_one() -> None:
     compute = _Compute()
 
     async def body() -> None:
-        with ThreadPoolExecutor(max_workers=1) as executor:
-            batcher = Batcher(BatcherConfig(max_batch=2, max_queue_delay_ms=0), compute, executor=executor)
-            a = asyncio.ensure_future(batcher.submit("k", "a", rows=2))
-            await _until(lambda: batcher.queued_rows == 0)
+        async with _computing_a(compute) as (batcher, a):
             late = asyncio.ensure_future(batcher.submit("k", "late", rows=2, deadline=time.monotonic() + 0.1))
             await asyncio.sleep(0.2)  # handed ahead, then its deadline passed while A still computed
             compute.gate.set()
@@ -91,10 +99,7 @@ def test_closing_answers_batches_handed_ahead_as_unavailable() -> None:
     compute = _Compute()
 
     async def body() -> None:
-        with ThreadPoolExecutor(max_workers=1) as executor:
-            batcher = Batcher(BatcherConfig(max_batch=2, max_queue_delay_ms=0), compute, executor=executor)
-            a = asyncio.ensure_future(batcher.submit("k", "a", rows=2))
-            await _until(lambda: batcher.queued_rows == 0)
+        async with _computing_a(compute) as (batcher, a):
             b = asyncio.ensure_future(batcher.submit("k", "b", rows=2))
             await asyncio.sleep(0.05)
             await batcher.close()

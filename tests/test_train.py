@@ -113,3 +113,20 @@ def test_bad_training_configs_are_refused() -> None:
         TrainConfig(distill=1.5)
     with pytest.raises(ValueError, match="positive"):
         TrainConfig(epochs=0)
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["backbone-then-exits", "joint-from-scratch"])
+def test_a_recipe_trains_its_edge_network_in_the_order_it_names(digits: Dataset, tmp_path: Path, joint: bool) -> None:
+    from dataclasses import replace
+
+    from splitexit.reference import QUICK
+
+    one = replace(QUICK.edge_train, epochs=1)
+    recipe = replace(QUICK, edge_train=one, exit_train=replace(one, mode="exits"),
+                     joint=replace(one, exit_weight=0.3) if joint else None)
+    edge = recipe.train_edge(digits, tmp_path, threads=1)
+    runs = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "runs").iterdir())
+    # joint: one run, exits and backbone together; else the backbone alone, then its exits on it
+    assert runs == (["resnet14_tiny-joint"] if joint else ["resnet14_tiny-exits", "resnet14_tiny-joint"])
+    assert edge.model.exit_points == list(QUICK.edge_model.exit_after)
+    assert edge.meta.extra["train"]["exit_weight"] == (0.3 if joint else one.exit_weight)

@@ -80,6 +80,24 @@ def test_bof_pools_large_maps_before_the_codebook() -> None:
     assert torch.allclose(head.bof.membership(x), full_res.bof.membership(pooled), atol=1e-6)
 
 
+@pytest.mark.parametrize("side", [6, 16, 32])  # kept, halved by slices, pooled by avg_pool2d
+def test_the_fused_global_histogram_is_the_mean_of_the_memberships(side: int) -> None:
+    hist = BoFHistogram(8, BoFConfig(codewords=16, pool_to=8))
+    with torch.no_grad():
+        hist.a.fill_(1.7), hist.c.fill_(-0.3)
+    x = torch.randn(3, 8, side, side) * 2
+    expected = hist.membership(x).flatten(2).mean(-1)
+    torch.testing.assert_close(hist(x), expected, rtol=1e-5, atol=1e-6)
+    hist.eval()
+    with torch.inference_mode():  # the folded codebook is cached outside training
+        torch.testing.assert_close(hist(x[:1]), expected[:1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hist(x[:1]), expected[:1], rtol=1e-5, atol=1e-6)
+    # training goes through it: every parameter gets a gradient
+    hist.train()
+    hist(x).pow(2).sum().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in hist.parameters())
+
+
 def test_kmeans_codebook_init_puts_codewords_on_clusters() -> None:
     centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
     points = centres[torch.randint(0, 4, (2000,))] + 0.1 * torch.randn(2000, 2)

@@ -130,8 +130,8 @@ class BoFHistogram(nn.Module):
     def _global_logistic(self, x: torch.Tensor) -> torch.Tensor:
         """`membership(x)` averaged over positions without materializing it: the head
         is a few passes over [B, N_K, H'W'] and each one shows at the batch sizes the
-        edge runs (fusing the bias into the matmul and the per-position normalization and
-        the mean into one batched product took about 15% off the head at batch 32)."""
+        edge runs (the bias in the batched matmul, the per-position normalization and the
+        mean in one batched product: the four reference heads 7-10% faster at batch 8-64)."""
         x, scale = _pool_sum(x, self.config.pool_to)
         b, _, h, w = x.shape
         weight, bias = self._folded(scale)

@@ -46,7 +46,7 @@ class Recipe:
     cloud_model: ModelConfig
     cloud_train: TrainConfig
     head_exits: tuple[int, ...]
-    joint: TrainConfig | None = None  # the edge network from scratch, exits included (`exit_train` unused)
+    joint: TrainConfig | None = None  # the edge network from scratch, exits included (`exit_train`: heads only)
     val_size: int = 5000
 
     def load_data(self, cache_dir: Path) -> Dataset:

@@ -92,10 +92,15 @@ def test_the_fused_global_histogram_is_the_mean_of_the_memberships(side: int) ->
     with torch.inference_mode():  # the folded codebook is cached outside training
         torch.testing.assert_close(hist(x[:1]), expected[:1], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(hist(x[:1]), expected[:1], rtol=1e-5, atol=1e-6)
-    # training goes through it: every parameter gets a gradient
+    # training goes through it: every parameter gets a gradient, the one the plain path gives
     hist.train()
+    hist.membership(x).flatten(2).mean(-1).pow(2).sum().backward()
+    expected_grads = [p.grad.clone() for p in hist.parameters()]
+    hist.zero_grad()
     hist(x).pow(2).sum().backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in hist.parameters())
+    for p, g in zip(hist.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
 def test_kmeans_codebook_init_puts_codewords_on_clusters() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from splitexit.checkpoint import CheckpointError, load_checkpoint, read_meta
 from splitexit.data import Dataset, Normalize, iterate_batches, load_digits
 from splitexit.models import ModelConfig, build_model
+from splitexit.reference import QUICK
 from splitexit.train import TrainConfig, lr_at, train_cached
 
 TINY = dict(arch="resnet14_tiny", in_chans=1)
@@ -117,10 +119,6 @@ def test_bad_training_configs_are_refused() -> None:
 
 @pytest.mark.parametrize("joint", [False, True], ids=["backbone-then-exits", "joint-from-scratch"])
 def test_a_recipe_trains_its_edge_network_in_the_order_it_names(digits: Dataset, tmp_path: Path, joint: bool) -> None:
-    from dataclasses import replace
-
-    from splitexit.reference import QUICK
-
     one = replace(QUICK.edge_train, epochs=1)
     recipe = replace(QUICK, edge_train=one, exit_train=replace(one, mode="exits"),
                      joint=replace(one, exit_weight=0.3) if joint else None)

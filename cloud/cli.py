@@ -61,6 +61,10 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     serve_p.add_argument("--max-batch", type=_positive(int), default=32, help="rows per tail call (default: %(default)s)")
     serve_p.add_argument("--max-delay-ms", type=_positive(float), default=2.0,
                          help="most a request waits for a batch to fill (default: %(default)s)")
+    serve_p.add_argument("--concurrent-batches", type=_positive(int), default=1,
+                         help="batches computed at once, each on a compute thread of its own with --threads torch "
+                              "threads; on a CPU with spare cores, N batches of 1 thread each often beat 1 batch "
+                              "of N threads (default: %(default)s)")
     serve_p.add_argument("--queue-limit", type=_positive(int), default=2048,
                          help="rows waiting before RESOURCE_EXHAUSTED (default: %(default)s)")
     serve_p.add_argument("--max-rows", type=_positive(int), default=256, help="rows in one request (default: %(default)s)")
@@ -102,7 +106,7 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
         token=token, max_request_rows=min(args.max_rows, args.queue_limit), compute_threads=args.threads,
         batching=BatcherConfig(max_batch=args.max_batch, max_queue_delay_ms=args.max_delay_ms,
-                               queue_limit_rows=args.queue_limit),
+                               queue_limit_rows=args.queue_limit, concurrent_batches=args.concurrent_batches),
         drain_grace_s=args.grace, metrics_port=args.metrics_port, worker_id=args.worker_id,
     )
 

@@ -1,9 +1,10 @@
 """`build_server(config, models)`: the cloud worker's grpc.aio server, ready to start.
 
 What it wires up, each for a reason:
-- `SplitInference` (splitexit.v1) with dynamic batching (`splitexit.cloud.batcher`) and a
-  single compute thread: torch gets the CPU, the event loop stays free to accept, refuse
-  and answer.
+- `SplitInference` (splitexit.v1) with dynamic batching (`splitexit.cloud.batcher`) on
+  compute threads of its own (`batching.concurrent_batches` of them, each with
+  `compute_threads` torch threads): torch gets the CPU, the event loop stays free to
+  accept, refuse and answer.
 - `grpc.health.v1.Health`: "" and "splitexit.v1.SplitInference" are NOT_SERVING while the
   worker warms up (the tail runs once on a dummy batch), SERVING after, and NOT_SERVING
   again, for good, once it drains. Kubernetes gRPC probes and the edge's confirmation
@@ -104,7 +105,9 @@ class ServerConfig:
     max_request_rows: int = 256
     max_raw_item_bytes: int = 4 * 1024 * 1024
     stream_inflight: int = 64
-    compute_threads: int | None = None  # torch intra-op threads of the compute thread; None = torch's default
+    # torch intra-op threads of each compute thread; None = torch's default, shared out among
+    # the compute threads when batching.concurrent_batches > 1 (`compute_thread_count`)
+    compute_threads: int | None = None
     answer_cache: AnswerCacheConfig = field(default_factory=AnswerCacheConfig)  # retried request ids
     drain_grace_s: float = 10.0
     metrics_port: int = 0  # 0 = no HTTP endpoint (metrics stay readable in-process)
@@ -227,6 +230,17 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(refuse, **codecs)
     return grpc.stream_stream_rpc_method_handler(refuse, **codecs)
+
+
+def compute_thread_count(config: ServerConfig) -> int | None:
+    """Torch threads of each compute thread: as configured, or, with several batches
+    computing at once, torch's default shared out among them (two batches of two threads
+    each on two cores would only fight over them). None: torch's default as it is."""
+    if config.compute_threads is not None or config.batching.concurrent_batches == 1:
+        return config.compute_threads
+    import torch
+
+    return max(1, torch.get_num_threads() // config.batching.concurrent_batches)
 
 
 def _init_compute_thread(threads: int | None) -> None:
@@ -382,8 +396,9 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
     if not models:
         raise ServerError("no models to serve")
     metrics = Metrics()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitexit-compute",
-                                  initializer=_init_compute_thread, initargs=(config.compute_threads,))
+    executor = ThreadPoolExecutor(max_workers=config.batching.concurrent_batches,
+                                  thread_name_prefix="splitexit-compute",
+                                  initializer=_init_compute_thread, initargs=(compute_thread_count(config),))
 
     def run_batch(key: Any, items: Any) -> Any:
         return items[0].model.run_batch(items)

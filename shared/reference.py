@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from splitexit.checkpoint import CheckpointMeta
 from splitexit.data import Dataset, load_dataset
-from splitexit.models import ModelConfig, MultiExitNet
+from splitexit.models import ModelConfig, MultiExitNet, build_model
 from splitexit.train import TrainConfig, train_cached
 
 
@@ -21,7 +23,7 @@ from splitexit.train import TrainConfig, train_cached
 class Trained:
     model: MultiExitNet
     meta: CheckpointMeta
-    path: Path
+    path: Path | None  # its checkpoint; None for an untrained network (never saved)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,15 @@ class Recipe:
         backbone = self.train_backbone(dataset, cache_dir, threads=threads)
         return Trained(*train_cached(self.edge_model, replace(self.exit_train, mode="exits", threads=threads),
                                      dataset, cache_dir=cache_dir, init=backbone.path))
+
+    def untrained_edge(self, dataset: Dataset, *, seed: int = 0) -> Trained:
+        """The edge network as built, with its initial weights: for timing only (speed
+        does not depend on the weights' values), without the training's hours."""
+        torch.manual_seed(seed)
+        model = build_model(self.edge_model).eval()
+        meta = CheckpointMeta(model=self.edge_model, mean=dataset.mean, std=dataset.std, classes=dataset.classes,
+                              extra={"untrained": True, "seed": seed, "dataset": dataset.name})
+        return Trained(model, meta, None)
 
     def train_cloud(self, dataset: Dataset, cache_dir: Path, *, threads: int | None = None) -> Trained:
         return Trained(*train_cached(self.cloud_model, replace(self.cloud_train, threads=threads), dataset,

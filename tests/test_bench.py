@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,16 @@ def test_overhead_quick_reports_the_ratio(bench_dirs: tuple[Path, Path], quick_b
     for key in ("edge_macs", "exit_macs", "exit_ms", "edge_ms", "ratio"):
         assert result[key] > 0, key
     assert result["ratio"] == pytest.approx(result["exit_ms"] / result["edge_ms"], rel=1e-2)
+    assert "weights" not in result
+
+
+def test_untrained_times_the_same_network_without_training_it(tmp_path: Path) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    assert main(["bench", "overhead", "--quick", "--untrained", "--repeats", "3", "--cache-dir", str(cache),
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "overhead.json").read_text())
+    assert result["weights"].startswith("untrained") and result["ratio"] > 0
+    assert not (cache / "runs").exists()  # nothing was trained
 
 
 def test_models_quick_compares_bof_and_pool_heads(bench_dirs: tuple[Path, Path], quick_bench) -> None:

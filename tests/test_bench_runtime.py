@@ -44,11 +44,19 @@ def test_wire_quick_reports_every_codec_through_the_real_path(bench_dirs: tuple[
     assert (bench_dirs[1] / "wire.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("calls", [(), ("--stream", "--codec", "fp16")], ids=["unary", "stream-fp16"])
+@pytest.mark.parametrize("calls", [(), ("--stream", "--codec", "fp16", "--concurrent-batches", "2")],
+                         ids=["unary", "stream-fp16-two-batches"])
 def test_serve_quick_reports_throughput_ratio_latency_and_batches(bench_dirs: tuple[Path, Path], quick_bench,
                                                                   calls: tuple[str, ...]) -> None:
     result = quick_bench("serve", "--clients", "2", "--inflight", "4", "--server-threads", "1", *calls)
     assert result["settings"]["stream"] == bool(calls)
+    assert result["settings"]["concurrent_batches"] == (2 if calls else 1)
+    # with batches side by side, the bare tail is also timed side by side
+    assert ("ratio_to_parallel_tail" in result) == bool(calls)
+    if calls:
+        assert result["raw_tail_parallel_sps"] > 0
+        assert result["ratio_to_parallel_tail"] == pytest.approx(
+            result["served_sps"] / result["raw_tail_parallel_sps"], rel=1e-2, abs=1e-4)
     assert result["codec"] == ("fp16" if calls else "fp32")  # asked for, or the bundle's (fp32)
     for key in ("raw_tail_sps", "served_sps", "ratio", "p50_ms", "p99_ms"):
         assert result[key] > 0, key

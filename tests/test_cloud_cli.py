@@ -18,6 +18,7 @@ import torch
 from splitexit.bundle import export_bundle
 from splitexit.checkpoint import CheckpointMeta
 from splitexit.cli import build_parser, main
+from splitexit.cloud.cli import build_config
 from splitexit.models import ModelConfig, build_model
 from splitexit.policies import MaxProb
 from splitexit.proto import inference_pb2 as pb
@@ -48,8 +49,9 @@ def _fails_with(capsys, argv: list[str], fragment: str) -> None:
 def test_parser_options(bundle: Path) -> None:
     args = build_parser().parse_args(_serve(bundle, "--port", "0", "--max-batch", "8", "--max-delay-ms", "1.5",
                                             "--queue-limit", "64", "--threads", "1", "--metrics-port", "9100",
-                                            "--interfaces", "127.0.0.1"))
+                                            "--interfaces", "127.0.0.1", "--concurrent-batches", "2"))
     assert (args.port, args.max_batch, args.max_delay_ms, args.queue_limit, args.threads) == (0, 8, 1.5, 64, 1)
+    assert build_config(args).batching.concurrent_batches == 2
     assert args.advertise is False and args.metrics_port == 9100 and args.interfaces == "127.0.0.1"
     with pytest.raises(SystemExit):
         build_parser().parse_args(_serve(bundle, "--port", "70000"))

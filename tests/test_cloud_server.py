@@ -26,7 +26,7 @@ from splitexit.bundle import export_bundle, load_bundle
 from splitexit.checkpoint import CheckpointMeta
 from splitexit.cloud.batcher import BatcherConfig
 from splitexit.cloud.errors import RequestError
-from splitexit.cloud.server import CloudServer, ServerConfig, ServerError, build_server
+from splitexit.cloud.server import CloudServer, ServerConfig, ServerError, build_server, compute_thread_count
 from splitexit.cloud.servicer import load_models
 from splitexit.models import ModelConfig, build_model
 from splitexit.policies import MaxProb
@@ -159,6 +159,29 @@ def test_concurrent_requests_are_batched_and_answer_as_the_unsplit_model(bundle,
             assert server.metrics.value("splitexit_batch_rows_count", {"model": "tiny"}) < len(requests)
 
     _run(body())
+
+
+def test_batches_computing_side_by_side_answer_as_the_unsplit_model(bundle, models, served) -> None:
+    images = torch.randint(0, 256, (96, 8, 8, 1), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    requests = _edge_requests(bundle, images, parts=12)
+    full = ExitRunner(served.bundle.model, served.bundle.policy, num_classes=10).run(_normalize(images)).merged()
+    stages = served.runner.exit_stages
+    want = {int(r): (int(p.argmax()), stages[int(k)]) for r, p, k in zip(full.rows, full.probs, full.exit_index)}
+    batching = BatcherConfig(max_batch=max(len(r.sample_ids) for r in requests), max_queue_delay_ms=0,
+                             concurrent_batches=2)
+
+    async def body() -> None:
+        async with serving(models, batching=batching) as (server, stub):
+            assert compute_thread_count(server.config) == max(1, torch.get_num_threads() // 2)
+            for _ in range(3):
+                responses = await asyncio.gather(*(stub.Infer(r, timeout=T) for r in requests))
+                for request, response in zip(requests, responses):
+                    for row in wire.parse_response(response, request, num_classes=10).rows:
+                        assert (row.label, row.exit_index) == want[int(row.sample_id)], row
+
+    _run(body())
+    assert compute_thread_count(ServerConfig(compute_threads=3, batching=batching)) == 3
+    assert compute_thread_count(ServerConfig()) is None  # one compute thread: torch's default as it is
 
 
 def test_a_retried_request_id_is_answered_once(models, served) -> None:

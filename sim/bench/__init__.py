@@ -35,6 +35,8 @@ def run(name: str, args: argparse.Namespace) -> None:
     result = BENCHES[name].run(ctx, args)
     result["bench"] = name
     result["quick"] = bool(args.quick)
+    if ctx.untrained:
+        result["weights"] = "untrained (initial weights of the recipe's edge network: timing only)"
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["machine"] = ctx.machine()
     path = ctx.out / f"{name}.json"

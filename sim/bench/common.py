@@ -22,6 +22,13 @@ STAT_SAMPLES = 5000  # training samples behind BoF's per-exit statistics (METHOD
 def log(message: str) -> None:
     print(message, flush=True)
 
+def add_untrained_argument(parser: argparse.ArgumentParser) -> None:
+    """`--untrained`, for benchmarks that only time the network (speed does not depend on
+    the weights' values): no training run before the measurement."""
+    parser.add_argument("--untrained", action="store_true",
+                        help="time the recipe's edge network with its initial weights instead of training it first "
+                             "(timing does not depend on the weights; accuracies in the output are meaningless)")
+
 
 @dataclass
 class BenchContext:
@@ -30,6 +37,7 @@ class BenchContext:
     out: Path
     quick: bool
     threads: int | None
+    untrained: bool = False  # the edge network with its initial weights (timing benches' --untrained)
     _dataset: Dataset | None = None
 
     @classmethod
@@ -39,7 +47,8 @@ class BenchContext:
             raise CliError(f"reference data not found at {rec.data}: give --data PATH (or use --quick)")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        return cls(rec, Path(args.cache_dir), out, bool(args.quick), args.threads)
+        return cls(rec, Path(args.cache_dir), out, bool(args.quick), args.threads,
+                   untrained=bool(getattr(args, "untrained", False)))
 
     @property
     def dataset(self) -> Dataset:
@@ -54,6 +63,9 @@ class BenchContext:
         return (d.in_chans, d.image_size, d.image_size)
 
     def edge(self) -> Trained:
+        if self.untrained:
+            log(f"edge network: {self.recipe.edge_model.arch}, untrained (initial weights: timing only)")
+            return self.recipe.untrained_edge(self.dataset)
         log(f"edge network: {self.recipe.edge_model.arch} (trains once, then cached)")
         return self.recipe.train_edge(self.dataset, self.cache_dir, threads=self.threads)
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from splitexit.policies import BoFBeta, step
-from splitexit.sim.bench.common import BenchContext, log
+from splitexit.sim.bench.common import BenchContext, add_untrained_argument, log
 
 HELP = "exit heads + policy time and MACs over the edge network's (ratio)"
 
@@ -24,6 +24,7 @@ HELP = "exit heads + policy time and MACs over the edge network's (ratio)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes to time")
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats (default 200, 20 with --quick)")
+    add_untrained_argument(parser)
 
 
 def _time_pair(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:

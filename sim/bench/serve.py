@@ -19,6 +19,10 @@ exit heads and computes exactly the bare tail; `--route policy` keeps the edge's
   clients x inflight x rows rows are outstanding and the dynamic batcher forms batches
   of `--batch` rows. Counted over a `--duration` window after `--warmup`. `--stream`
   sends the same requests as messages of one InferStream call per client.
+- `raw_tail_parallel_sps` (with `--concurrent-batches N` > 1): the bare tail in N threads
+  at once, each on its own batch with the worker's compute threads' torch threads: what
+  the worker's compute could do at most with its parallelism, and `ratio_to_parallel_tail`
+  the served samples/s over that (the strict reading of the ratio).
 - `ratio = served_sps / raw_tail_sps`; `p50_ms`/`p99_ms`: per-request latency seen by the
   clients; `batch_hist`: batches by size as the worker reported them (ServerTiming).
 - `profile`: where a served batch's time goes, each part timed alone in this process:
@@ -52,11 +56,11 @@ from splitexit import wire
 from splitexit.cli import CliError
 from splitexit.codec import CODECS
 from splitexit.cloud.batcher import BatcherConfig
-from splitexit.cloud.server import SWITCH_INTERVAL_MS, ServerConfig
+from splitexit.cloud.server import SWITCH_INTERVAL_MS, ServerConfig, compute_thread_count
 from splitexit.cloud.servicer import ServedModel, ServiceLimits, load_models, parse_request
 from splitexit.proto import inference_pb2 as pb
 from splitexit.runtime import NEXT_EXIT, Pending
-from splitexit.sim.bench.common import BenchContext, log
+from splitexit.sim.bench.common import BenchContext, add_untrained_argument, log
 from splitexit.sim.bench.serving import (SplitBundle, WorkerThread, add_bundle_arguments, last_stages_split,
                                          pending_rows, split_bundle)
 from splitexit.sim.loadgen import ClientPlan, ClientReport, run_client
@@ -90,10 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the worker process's GIL switch interval, as `splitexit cloud serve` sets it "
                              "(default: %(default)s)")
     parser.add_argument("--server-threads", type=int, default=None,
-                        help="torch threads of the worker's compute thread (default: torch's default)")
+                        help="torch threads of each of the worker's compute threads (default: torch's default, "
+                             "shared out among them)")
+    parser.add_argument("--concurrent-batches", type=int, default=1,
+                        help="batches the worker computes at once, each on a compute thread of its own "
+                             "(`cloud serve --concurrent-batches`; default: %(default)s)")
     parser.add_argument("--duration", type=float, default=0.0, help="measured seconds (default 10, 1.5 with --quick)")
     parser.add_argument("--warmup", type=float, default=-1.0, help="seconds of load before measuring "
                                                                    "(default 2, 0.5 with --quick)")
+    add_untrained_argument(parser)
     parser.add_argument("--tail-seconds", type=float, default=0.0,
                         help="seconds of bare-tail timing before and after (default 2, 0.3 with --quick)")
 
@@ -106,6 +115,7 @@ class Settings:
     clients: int
     inflight: int
     server_threads: int | None  # as asked (None: torch's default)
+    concurrent_batches: int  # the worker's compute threads
     switch_interval_ms: float  # sys.setswitchinterval in the bench process, where the worker runs
     client_nice: int
     stream: bool  # InferStream (one per client) instead of unary Infer calls
@@ -117,15 +127,15 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace, quick: bool) -> "Settings":
         s = cls(batch=args.batch, max_delay_ms=args.max_delay_ms, rows=args.rows, clients=args.clients,
-                inflight=args.inflight, server_threads=args.server_threads,
+                inflight=args.inflight, server_threads=args.server_threads, concurrent_batches=args.concurrent_batches,
                 switch_interval_ms=args.switch_interval_ms, client_nice=args.client_nice, stream=args.stream,
                 codec=args.codec,
                 duration_s=args.duration or (1.5 if quick else 10.0),
                 warmup_s=args.warmup if args.warmup >= 0 else (0.5 if quick else 2.0),
                 tail_s=args.tail_seconds or (0.3 if quick else 2.0))
-        for name in ("batch", "rows", "clients", "inflight"):
+        for name in ("batch", "rows", "clients", "inflight", "concurrent_batches"):
             if getattr(s, name) < 1:
-                raise CliError(f"--{name} must be >= 1")
+                raise CliError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0 <= s.client_nice <= 19:
             raise CliError("--client-nice must be in 0..19")
         if s.server_threads is not None and s.server_threads < 1:
@@ -144,9 +154,9 @@ class Settings:
 
 
 # --- timing helpers ---------------------------------------------------------------------
-def _compute_executor(threads: int | None) -> ThreadPoolExecutor:
-    """A thread set up like the worker's compute thread (same torch threads)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-compute",
+def _compute_executor(threads: int | None, workers: int = 1) -> ThreadPoolExecutor:
+    """Threads set up like the worker's compute threads (same torch threads)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-compute",
                               initializer=torch.set_num_threads if threads else None,
                               initargs=(threads,) if threads else ())
 
@@ -166,6 +176,26 @@ class Timing:
     def joined(self, other: "Timing") -> "Timing":
         n, m = len(self.wall_s), len(other.wall_s)
         return Timing(self.wall_s + other.wall_s, (self.cpu_s * n + other.cpu_s * m) / (n + m))
+
+
+def _parallel_sps(executor: ThreadPoolExecutor, threads: int, tail: Callable[[], object], rows: int,
+                  seconds: float) -> float:
+    """Rows per second of `tail` (on `rows` rows) run in `threads` threads of `executor` at
+    once, over about `seconds`."""
+    start = threading.Barrier(threads)
+
+    def loop() -> tuple[int, float, float]:
+        tail()
+        start.wait()
+        t0 = time.perf_counter()
+        calls = 0
+        while calls < 3 or time.perf_counter() - t0 < seconds:
+            tail()
+            calls += 1
+        return calls, t0, time.perf_counter()
+
+    runs = [f.result() for f in [executor.submit(loop) for _ in range(threads)]]
+    return sum(calls for calls, _, _ in runs) * rows / (max(t1 for _, _, t1 in runs) - min(t0 for _, t0, _ in runs))
 
 
 def _timed(fn: Callable[[], object], seconds: float, *, min_calls: int = 5) -> Timing:
@@ -339,7 +369,8 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
     served = next(iter(models.values()))
     config = ServerConfig(host="127.0.0.1", port=0, drain_grace_s=1.0, compute_threads=s.server_threads,
                           max_request_rows=max(256, s.rows),
-                          batching=BatcherConfig(max_batch=s.batch, max_queue_delay_ms=s.max_delay_ms))
+                          batching=BatcherConfig(max_batch=s.batch, max_queue_delay_ms=s.max_delay_ms,
+                                                 concurrent_batches=s.concurrent_batches))
     limits = ServiceLimits(max_request_rows=config.max_request_rows)
     per_batch = max(1, s.batch // s.rows)  # requests in one served batch
     requests = build_requests(edge_bundle, pending, rows=s.rows, count=s.clients * REQUESTS_PER_CLIENT, prefix="r",
@@ -355,7 +386,8 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(s.switch_interval_ms / 1000)  # as `splitexit cloud serve` runs the worker
     try:
-        with WorkerThread(config, models) as worker, _compute_executor(s.server_threads) as compute:
+        with WorkerThread(config, models) as worker, \
+                _compute_executor(compute_thread_count(config), s.concurrent_batches) as compute:
             threads = compute.submit(torch.get_num_threads).result()
             # in-process parts of a served batch, each alone (the worker is idle meanwhile)
             # what the event loop does per request (headers; bodies decode in run_batch, as served)
@@ -373,10 +405,14 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
             duplicates = int(worker.server.metrics.value("splitexit_duplicate_requests_total"))
             after = compute.submit(_timed, lambda: tail(x), s.tail_s).result()
             log(f"bare tail after: {s.batch / after.median_s:.0f} samples/s")
+            parallel = None
+            if s.concurrent_batches > 1:
+                parallel = _parallel_sps(compute, s.concurrent_batches, lambda: tail(x), s.batch, 2 * s.tail_s)
+                log(f"bare tail in {s.concurrent_batches} threads at once: {parallel:.0f} samples/s")
     finally:
         sys.setswitchinterval(switch_interval)
     parts = Parts(tail=before.joined(after), run_batch=run_batch_t, parse=parse_t, respond=respond_t)
-    return _report(s, served_r, parts, before, after, threads, {**(extra or {}), "answered_from_cache": duplicates,
+    return _report(s, served_r, parts, before, after, threads, parallel, {**(extra or {}), "answered_from_cache": duplicates,
                                                                  "codec": s.codec or edge_bundle.codec})
 
 
@@ -407,7 +443,7 @@ def _merge(dicts: Sequence[dict[Any, int]]) -> dict[Any, int]:
 
 
 def _report(s: Settings, r: ServedRun, parts: Parts, before: Timing, after: Timing, threads: int,
-            extra: dict) -> dict:
+            parallel_sps: float | None, extra: dict) -> dict:
     raw_tail_sps = s.batch / parts.tail.median_s
     rows = sum(c.rows for c in r.reports)
     served_sps = rows / r.window_s
@@ -449,6 +485,8 @@ def _report(s: Settings, r: ServedRun, parts: Parts, before: Timing, after: Timi
         "runner_sps": round(s.batch / parts.run_batch.median_s, 1),
         "served_sps": round(served_sps, 1),
         "ratio": round(served_sps / raw_tail_sps, 4),
+        **({"raw_tail_parallel_sps": round(parallel_sps, 1),
+            "ratio_to_parallel_tail": round(served_sps / parallel_sps, 4)} if parallel_sps else {}),
         "ratio_to_runner": round(served_sps * parts.run_batch.median_s / s.batch, 4),
         "p50_ms": round(float(np.percentile(latencies, 50)), 3),
         "p99_ms": round(float(np.percentile(latencies, 99)), 3),
@@ -464,7 +502,8 @@ def _report(s: Settings, r: ServedRun, parts: Parts, before: Timing, after: Timi
     }
     cpu = profile["cpu_ms"]
     log(f"served {served_sps:.0f} samples/s vs bare tail {raw_tail_sps:.0f}: ratio {result['ratio']:.3f} "
-        f"(vs the worker's own compute call {result['runner_sps']:.0f}/s: {result['ratio_to_runner']:.3f}); "
+        f"(vs the worker's own compute call {result['runner_sps']:.0f}/s: {result['ratio_to_runner']:.3f}"
+        f"{'' if not parallel_sps else f'; vs the bare tail in parallel: {served_sps / parallel_sps:.3f}'}); "
         f"latency p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms; mean batch {result['mean_batch_rows']}")
     log(f"per batch of {s.batch}, alone: tail {profile['tail_ms']:.3f} ms, run_batch {profile['run_batch_ms']:.3f}, "
         f"parse {profile['parse_ms']:.3f}, respond {profile['respond_ms']:.3f}; served: "

@@ -113,35 +113,28 @@ def test_closing_answers_batches_handed_ahead_as_unavailable() -> None:
     asyncio.run(asyncio.wait_for(body(), 30))
 
 
-def test_concurrent_batches_compute_side_by_side() -> None:
-    lock = threading.Lock()
-    running, most = [0], [0]
-    both = threading.Barrier(2, timeout=10)  # passes only with two batches computing at once
+def test_with_a_compute_thread_free_a_partial_batch_runs_beside_a_busy_one() -> None:
+    gate = threading.Event()
 
     def compute(key, payloads):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        try:
-            if payloads[0] in ("a", "b"):
-                both.wait()
-            time.sleep(0.02)
-            return [f"done:{p}" for p in payloads]
-        finally:
-            with lock:
-                running[0] -= 1
+        if payloads == ["a"]:
+            gate.wait(10)
+        return [f"done:{p}" for p in payloads]
 
     async def body() -> None:
-        config = BatcherConfig(max_batch=1, max_queue_delay_ms=0, concurrent_batches=2)
+        config = BatcherConfig(max_batch=2, max_queue_delay_ms=0, concurrent_batches=2)
         with ThreadPoolExecutor(max_workers=config.concurrent_batches) as executor:
             batcher = Batcher(config, compute, executor=executor)
-            names = ["a", "b", "c", "d", "e", "f"]
-            results = await asyncio.gather(*(batcher.submit("k", n, rows=1) for n in names))
-            assert [r for r, _ in results] == [f"done:{n}" for n in names]
+            a = asyncio.ensure_future(batcher.submit("k", "a", rows=2))
+            await _until(lambda: batcher.queued_rows == 0)  # A computes (blocked)
+            # a lone row: with one compute thread it would wait for A (see the first test)
+            b, _ = await asyncio.wait_for(batcher.submit("k", "b", rows=1), 5)
+            assert b == "done:b" and not a.done()
+            gate.set()
+            assert (await a)[0] == "done:a"
             await batcher.close()
 
     asyncio.run(asyncio.wait_for(body(), 30))
-    assert most[0] == 2  # a and b met at the barrier, and no third batch ran beside them
 
 
 def test_concurrent_batches_must_be_positive() -> None:

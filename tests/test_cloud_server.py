@@ -136,12 +136,20 @@ async def _until(predicate, timeout: float = 5.0) -> None:
 
 
 # --- answers and batching ----------------------------------------------------------------
-def test_concurrent_requests_are_batched_and_answer_as_the_unsplit_model(bundle, models, served) -> None:
-    images = torch.randint(0, 256, (48, 8, 8, 1), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
-    requests = _edge_requests(bundle, images, parts=6)
-    full = ExitRunner(served.bundle.model, served.bundle.policy, num_classes=10).run(_normalize(images)).merged()
+def _requests_and_answers(bundle: Path, served, images: int, parts: int, seed: int
+                          ) -> tuple[list[pb.InferRequest], dict[int, tuple[int, int]]]:
+    """Edge requests for random images, and per sample id the (label, exit stage) that the
+    unsplit model gives under the same policy."""
+    pixels = torch.randint(0, 256, (images, 8, 8, 1), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    requests = _edge_requests(bundle, pixels, parts=parts)
+    full = ExitRunner(served.bundle.model, served.bundle.policy, num_classes=10).run(_normalize(pixels)).merged()
     stages = served.runner.exit_stages
-    want = {int(r): (int(p.argmax()), stages[int(k)]) for r, p, k in zip(full.rows, full.probs, full.exit_index)}
+    return requests, {int(r): (int(p.argmax()), stages[int(k)])
+                      for r, p, k in zip(full.rows, full.probs, full.exit_index)}
+
+
+def test_concurrent_requests_are_batched_and_answer_as_the_unsplit_model(bundle, models, served) -> None:
+    requests, want = _requests_and_answers(bundle, served, images=48, parts=6, seed=4)
 
     async def body() -> None:
         # a long delay: the six concurrent requests must meet in one batch
@@ -162,11 +170,7 @@ def test_concurrent_requests_are_batched_and_answer_as_the_unsplit_model(bundle,
 
 
 def test_batches_computing_side_by_side_answer_as_the_unsplit_model(bundle, models, served) -> None:
-    images = torch.randint(0, 256, (96, 8, 8, 1), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
-    requests = _edge_requests(bundle, images, parts=12)
-    full = ExitRunner(served.bundle.model, served.bundle.policy, num_classes=10).run(_normalize(images)).merged()
-    stages = served.runner.exit_stages
-    want = {int(r): (int(p.argmax()), stages[int(k)]) for r, p, k in zip(full.rows, full.probs, full.exit_index)}
+    requests, want = _requests_and_answers(bundle, served, images=96, parts=12, seed=5)
     batching = BatcherConfig(max_batch=max(len(r.sample_ids) for r in requests), max_queue_delay_ms=0,
                              concurrent_batches=2)
 

@@ -29,9 +29,10 @@ exit heads and computes exactly the bare tail; `--route policy` keeps the edge's
   the bare tail, the worker's whole compute call (`ServedModel.run_batch`: decoding the
   requests' features and policy state, exit runner, answers), what the event loop does
   per request (protobuf, header checks) and response building for the batch's requests;
-  beside the worker's own compute time per batch and its compute thread's busy share
-  while serving (its metrics), and CPU time per batch of the worker's process and of the
-  clients while serving (robust to other load on the machine, unlike wall time).
+  beside the worker's own compute time per batch and its compute threads' busy share
+  while serving (its metrics; summed over the threads, so up to `--concurrent-batches`),
+  and CPU time per batch of the worker's process and of the clients while serving (robust
+  to other load on the machine, unlike wall time).
 """
 
 from __future__ import annotations
@@ -470,7 +471,8 @@ def _report(s: Settings, r: ServedRun, parts: Parts, before: Timing, after: Timi
             "clients_serving": _ms(sum(c.cpu_s for c in r.reports) / full_batches),
         },
         "note": "per batch of `batch` rows. *_ms: wall, each part timed alone with the worker idle; "
-                "serving_compute_ms and compute_busy: the worker's compute thread while serving (its metrics); "
+                "serving_compute_ms and compute_busy: the worker's compute threads while serving (its metrics; "
+                "busy summed over the threads); "
                 "cpu_ms: CPU time of the worker's process (all threads) per batch, alone and while serving, "
                 "and of the client processes while serving",
     }

@@ -73,8 +73,9 @@ class Recipe:
     def untrained_edge(self, dataset: Dataset, *, seed: int = 0) -> Trained:
         """The edge network as built, with its initial weights: for timing only (speed
         does not depend on the weights' values), without the training's hours."""
-        torch.manual_seed(seed)
-        model = build_model(self.edge_model).eval()
+        with torch.random.fork_rng():  # the caller's random state stays as it was
+            torch.manual_seed(seed)
+            model = build_model(self.edge_model).eval()
         meta = CheckpointMeta(model=self.edge_model, mean=dataset.mean, std=dataset.std, classes=dataset.classes,
                               extra={"untrained": True, "seed": seed, "dataset": dataset.name})
         return Trained(model, meta, None)

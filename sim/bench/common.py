@@ -22,6 +22,7 @@ STAT_SAMPLES = 5000  # training samples behind BoF's per-exit statistics (METHOD
 def log(message: str) -> None:
     print(message, flush=True)
 
+
 def add_untrained_argument(parser: argparse.ArgumentParser) -> None:
     """`--untrained`, for benchmarks that only time the network (speed does not depend on
     the weights' values): no training run before the measurement."""

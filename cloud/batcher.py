@@ -183,12 +183,12 @@ class Batcher:
     async def _work(self, key: Hashable) -> None:
         running: set[asyncio.Task[None]] = set()  # batches handed to the executor, not yet answered
         wake = self._wakes[key]  # set by a new request, and by a batch answered: `_gather` looks again
-        threads = self.config.concurrent_batches
+        computing = self.config.concurrent_batches  # batches the executor runs at once
         try:
             while True:
-                while len(running) >= threads + self.config.queued_batches:
+                while len(running) >= computing + self.config.queued_batches:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                batch = await self._gather(key, busy=lambda: len(running) >= threads)
+                batch = await self._gather(key, busy=lambda: len(running) >= computing)
                 now = time.monotonic()
                 live = []
                 for item in batch:

@@ -176,7 +176,9 @@ def test_batches_computing_side_by_side_answer_as_the_unsplit_model(bundle, mode
 
     async def body() -> None:
         async with serving(models, batching=batching) as (server, stub):
-            assert compute_thread_count(server.config) == max(1, torch.get_num_threads() // 2)
+            # each compute thread runs with torch's threads shared out between the two
+            per_thread = server._executor.submit(torch.get_num_threads).result()
+            assert per_thread == compute_thread_count(server.config) == max(1, torch.get_num_threads() // 2)
             for _ in range(3):
                 responses = await asyncio.gather(*(stub.Infer(r, timeout=T) for r in requests))
                 for request, response in zip(requests, responses):

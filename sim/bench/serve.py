@@ -413,8 +413,8 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
     finally:
         sys.setswitchinterval(switch_interval)
     parts = Parts(tail=before.joined(after), run_batch=run_batch_t, parse=parse_t, respond=respond_t)
-    return _report(s, served_r, parts, before, after, threads, parallel, {**(extra or {}), "answered_from_cache": duplicates,
-                                                                 "codec": s.codec or edge_bundle.codec})
+    return _report(s, served_r, parts, before, after, threads, parallel,
+                   {**(extra or {}), "answered_from_cache": duplicates, "codec": s.codec or edge_bundle.codec})
 
 
 @dataclass(frozen=True)
@@ -503,9 +503,10 @@ def _report(s: Settings, r: ServedRun, parts: Parts, before: Timing, after: Timi
         "profile": profile,
     }
     cpu = profile["cpu_ms"]
+    vs_parallel = f"; vs the bare tail in parallel: {served_sps / parallel_sps:.3f}" if parallel_sps else ""
     log(f"served {served_sps:.0f} samples/s vs bare tail {raw_tail_sps:.0f}: ratio {result['ratio']:.3f} "
         f"(vs the worker's own compute call {result['runner_sps']:.0f}/s: {result['ratio_to_runner']:.3f}"
-        f"{'' if not parallel_sps else f'; vs the bare tail in parallel: {served_sps / parallel_sps:.3f}'}); "
+        f"{vs_parallel}); "
         f"latency p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms; mean batch {result['mean_batch_rows']}")
     log(f"per batch of {s.batch}, alone: tail {profile['tail_ms']:.3f} ms, run_batch {profile['run_batch_ms']:.3f}, "
         f"parse {profile['parse_ms']:.3f}, respond {profile['respond_ms']:.3f}; served: "

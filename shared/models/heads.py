@@ -95,7 +95,7 @@ class BoFHistogram(nn.Module):
             # scalars into the codebook so the map sees one matmul, one add and one sigmoid
             # (tanh is ~6x slower than sigmoid on CPU, and 1x1 convs on tiny maps pay for mkldnn)
             weight, bias = self._folded(scale)
-            s = torch.sigmoid(torch.matmul(weight, x.flatten(2)) + bias[:, None])  # [B, N_K, HW]
+            s = torch.sigmoid(torch.matmul(weight, x.flatten(2)) + bias)  # [B, N_K, HW]
             u = s / (s.sum(dim=1, keepdim=True) + cfg.eps)
             return u.view(b, -1, h, w)
         x = x * scale
@@ -105,7 +105,7 @@ class BoFHistogram(nn.Module):
         return torch.softmax(-sq_dist / (2 * torch.exp(2 * self.log_sigma)), dim=1)
 
     def _folded(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codebook weight [N_K, D] and bias [N_K] with the kernel's scalars and the pooling
+        """Codebook weight [N_K, D] and bias [N_K, 1] with the kernel's scalars and the pooling
         scale folded in. Cached outside training (keyed by the parameters' versions, which
         every in-place update such as an optimizer step or load_state_dict bumps): at batch 1
         the handful of tiny ops that fold them would cost as much as the head itself."""
@@ -114,7 +114,7 @@ class BoFHistogram(nn.Module):
         if not (self.training or torch.is_grad_enabled()) and self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         weight = self.codebook.weight.flatten(1) * (2 * self.a * scale)
-        bias = 2 * (self.a * self.codebook.bias + self.c)
+        bias = (2 * (self.a * self.codebook.bias + self.c))[:, None]
         if not (self.training or torch.is_grad_enabled()):
             self._cache = (key, weight, bias)
         return weight, bias
@@ -131,15 +131,18 @@ class BoFHistogram(nn.Module):
         """`membership(x)` averaged over positions without materializing it: the head
         is a few passes over [B, N_K, H'W'] and each one shows at the batch sizes the
         edge runs (the bias in the batched matmul, the per-position normalization and the
-        mean in one batched product: the four reference heads about 10% faster at batch 8-64)."""
+        mean in one batched product: the four reference heads about 10% faster at batch 8-64).
+        At small batches every op costs a few microseconds whatever its size, so there are
+        as few as the math allows."""
         x, scale = _pool_sum(x, self.config.pool_to)
         b, _, h, w = x.shape
         weight, bias = self._folded(scale)
-        # In place, no second buffer per pass; autograd allows it: baddbmm's and sum's
+        # In place, no second buffer per pass; autograd allows it: matmul's, add's and sum's
         # gradients do not need their outputs, sigmoid's and reciprocal's need only theirs.
-        s = torch.baddbmm(bias[:, None], weight.expand(b, -1, -1), x.flatten(2)).sigmoid_()  # [B, N_K, HW]
+        # The codebook broadcast over the batch in one matmul beats baddbmm on an expanded one.
+        s = torch.matmul(weight, x.flatten(2)).add_(bias).sigmoid_()  # [B, N_K, HW]
         inverse_mass = s.sum(dim=1, keepdim=True).add_(self.config.eps).mul_(h * w).reciprocal_()  # [B, 1, HW]
-        return torch.bmm(s, inverse_mass.transpose(1, 2)).view(b, -1)  # sum over positions of u / HW
+        return torch.matmul(s, inverse_mass.mT).view(b, -1)  # sum over positions of u / HW
 
     @torch.no_grad()
     def init_codebook(self, features: torch.Tensor, *, max_vectors: int = 20000, seed: int = 0) -> None:
@@ -174,7 +177,8 @@ class HistogramClassifier(nn.Linear):
         self.scale = float(config.codewords)
 
     def forward(self, hist: torch.Tensor) -> torch.Tensor:
-        return super().forward(hist * self.scale)
+        # W·(scale·h) + b as one op (addmm's alpha), not a scaled copy and then the linear
+        return torch.addmm(self.bias, hist, self.weight.t(), alpha=self.scale)
 
 
 class BoFHead(nn.Module):

@@ -153,9 +153,10 @@ def step(policy: ExitPolicy, k: int, probs: torch.Tensor, state: State, num_exit
     if k == num_exits - 1:
         exits = torch.ones_like(exits)
     nxt = decision.next_exit
-    if nxt is None:
-        nxt = torch.full(exits.shape, k + 1, dtype=torch.long)
-    nxt = nxt.to(torch.long).clamp(k + 1, num_exits - 1)
+    if nxt is None:  # the common case, in one op: this runs at every exit
+        nxt = torch.full(exits.shape, min(k + 1, num_exits - 1), dtype=torch.long)
+    else:
+        nxt = nxt.to(torch.long).clamp(k + 1, num_exits - 1)
     answer = probs if decision.answer is None else decision.answer
     return Decision(exits, nxt, answer), new_state
 

@@ -33,7 +33,7 @@ def confidence(probs: torch.Tensor | np.ndarray, statistic: Statistic) -> torch.
     if statistic == "margin":
         top2 = p.topk(2, dim=-1).values
         return top2[..., 0] - top2[..., 1]
-    return p.max(-1).values
+    return p.amax(-1)  # not max(-1): its indices would cost a pass and an op
 
 
 @dataclass(frozen=True)

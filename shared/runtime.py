@@ -98,30 +98,41 @@ class ExitRunner:
     def run(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None, state: State | None = None,
             rows: torch.Tensor | None = None) -> RunResult:
         """Run stages start..stop (inclusive; default to the last, final head included) on
-        `x`, the input of stage `start`. `state` continues an earlier run (None = fresh)."""
+        `x`, the input of stage `start`. `state` continues an earlier run (None = fresh).
+
+        At small batches every torch op costs microseconds whatever its size, so the common
+        case (every row left evaluates this exit, one network) takes whole tensors and no
+        row indices; rows skipping an exit (Predictive Exit) or bound for another network
+        take the indexed path."""
         stop = self.model.num_stages - 1 if stop is None else stop
         n = x.shape[0]
         rows = torch.arange(n) if rows is None else rows
-        state = self.initial_state(n) if state is None else {k: v.clone() for k, v in state.items()}
-        missing = [name for name in (NEXT_EXIT, EVALUATED) if name not in state]
-        if missing:
-            raise PolicyError(f"continued run without the runtime's per-row state {missing}")
-        fresh = self.initial_state(n)
-        for name in (BEST_CONF, BEST_EXIT, BEST_PROBS):  # optional on the wire: the edge keeps its own
-            state.setdefault(name, fresh[name])
+        if state is None:
+            state = self.initial_state(n)
+        else:
+            state = {k: v.clone() for k, v in state.items()}
+            missing = [name for name in (NEXT_EXIT, EVALUATED) if name not in state]
+            if missing:
+                raise PolicyError(f"continued run without the runtime's per-row state {missing}")
+            if any(name not in state for name in (BEST_CONF, BEST_EXIT, BEST_PROBS)):
+                fresh = self.initial_state(n)
+                for name in (BEST_CONF, BEST_EXIT, BEST_PROBS):  # optional on the wire: the edge keeps its own
+                    state.setdefault(name, fresh[name])
         answered: list[Answered] = []
         escalated: list[Pending] = []
+        one_network = len(set(self.network)) == 1
         net_ids = torch.tensor(self.network, dtype=torch.long)
         own = len(self.exit_stages) - 1  # index of this network's final head
         feature = x
-        # rows that arrive already bound for another network (a cascade's larger one) leave first
-        arrived_away = net_ids[state[NEXT_EXIT].clamp_min(0)] != self.network[0]
-        if bool(arrived_away.any()):
-            escalated.append(Pending(rows[arrived_away], feature[arrived_away],
-                                     {n: v[arrived_away] for n, v in state.items()}))
-            keep = ~arrived_away
-            rows, feature = rows[keep], feature[keep]
-            state = {name: value[keep] for name, value in state.items()}
+        if not one_network:
+            # rows that arrive already bound for another network (a cascade's larger one) leave first
+            arrived_away = net_ids[state[NEXT_EXIT].clamp_min(0)] != self.network[0]
+            if bool(arrived_away.any()):
+                escalated.append(Pending(rows[arrived_away], feature[arrived_away],
+                                         {n: v[arrived_away] for n, v in state.items()}))
+                keep = ~arrived_away
+                rows, feature = rows[keep], feature[keep]
+                state = {name: value[keep] for name, value in state.items()}
         for stage in range(start, stop + 1):
             if len(rows) == 0:
                 break
@@ -129,37 +140,45 @@ class ExitRunner:
             k = self._exit_at.get(stage, own if stage == self.model.num_stages - 1 else None)
             if k is None:
                 continue
-            want = state[NEXT_EXIT] == k
             if k == own and self.num_exits == own + 1:
-                want = torch.ones_like(want)  # the last exit of the ladder takes everyone left
-            if not bool(want.any()):
-                continue
-            idx = torch.nonzero(want).flatten()
-            probs = self._exit_probs(stage, k, feature[idx])
-            sub = {name: value[idx] for name, value in state.items() if not name.startswith("_")}
+                sel: torch.Tensor | None = None  # the last exit of the ladder takes everyone left
+            else:
+                want = state[NEXT_EXIT] == k
+                if bool(want.all()):
+                    sel = None
+                elif bool(want.any()):
+                    sel = torch.nonzero(want).flatten()
+                else:
+                    continue
+            probs = self._exit_probs(stage, k, _take(feature, sel))
+            sub = {name: _take(value, sel) for name, value in state.items() if not name.startswith("_")}
             decision, update = step(self.policy, k, probs, sub, self.num_exits)
             for name, value in update.items():
-                state[name][idx] = value
-            state[EVALUATED][idx] += 1
-            conf = probs.max(-1).values
-            better = idx[conf > state[BEST_CONF][idx]]
-            if len(better):
-                pick = conf > state[BEST_CONF][idx]
-                state[BEST_CONF][better] = conf[pick]
-                state[BEST_EXIT][better] = k
-                state[BEST_PROBS][better] = probs[pick]
-            state[NEXT_EXIT][idx] = torch.where(decision.exit, torch.full_like(decision.next_exit, -1),
-                                                decision.next_exit)
-            leave = idx[decision.exit]
-            if len(leave):
-                answered.append(Answered(rows[leave], decision.answer[decision.exit],
-                                         torch.full((len(leave),), k, dtype=torch.long), state[EVALUATED][leave]))
+                _put(state, name, sel, value)
+            evaluated = _take(state[EVALUATED], sel) + 1
+            _put(state, EVALUATED, sel, evaluated)
+            conf, best = probs.amax(-1), _take(state[BEST_CONF], sel)
+            better = conf > best
+            _put(state, BEST_CONF, sel, torch.where(better, conf, best))
+            _put(state, BEST_EXIT, sel, _take(state[BEST_EXIT], sel).masked_fill(better, k))
+            _put(state, BEST_PROBS, sel, torch.where(better[:, None], probs, _take(state[BEST_PROBS], sel)))
+            _put(state, NEXT_EXIT, sel, decision.next_exit.masked_fill(decision.exit, -1))
+            left = bool(decision.exit.any())
+            if left:
+                leave = decision.exit
+                who = _take(rows, sel)[leave]
+                answered.append(Answered(who, decision.answer[leave], torch.full((len(who),), k, dtype=torch.long),
+                                         evaluated[leave]))
+            if one_network and not left:
+                continue  # nobody left and nobody can be bound elsewhere: the batch stays whole
             # rows that left, or that the policy sends to another network, leave the batch
             nxt = state[NEXT_EXIT]
-            away = (nxt >= 0) & (net_ids[nxt.clamp_min(0)] != self.network[0])
-            if bool(away.any()):
-                escalated.append(Pending(rows[away], feature[away], {n: v[away] for n, v in state.items()}))
-            keep = (nxt >= 0) & ~away
+            keep = nxt >= 0
+            if not one_network:
+                away = keep & (net_ids[nxt.clamp_min(0)] != self.network[0])
+                if bool(away.any()):
+                    escalated.append(Pending(rows[away], feature[away], {n: v[away] for n, v in state.items()}))
+                keep &= ~away
             if not bool(keep.all()):
                 rows, feature = rows[keep], feature[keep]
                 state = {name: value[keep] for name, value in state.items()}
@@ -169,3 +188,18 @@ class ExitRunner:
                                {n: torch.cat([e.state[n] for e in escalated]) for n in escalated[0].state})
         pending = Pending(rows, feature, state) if len(rows) else None
         return RunResult(answered, pending, escalate)
+
+
+def _take(value: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+    """The selected rows (all of them, without a copy, when `sel` is None)."""
+    return value if sel is None else value[sel]
+
+
+def _put(state: State, name: str, sel: torch.Tensor | None, value: torch.Tensor) -> None:
+    """Write the selected rows of a state entry (the whole entry, rebound, when `sel` is None)."""
+    if name not in state:
+        raise PolicyError(f"policy state {name!r} was not created by init_state")
+    if sel is None:
+        state[name] = value
+    else:
+        state[name][sel] = value

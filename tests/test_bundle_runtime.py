@@ -33,11 +33,11 @@ def net():
     return model, meta
 
 
-def _offline(model, x: torch.Tensor, policy) -> tuple[np.ndarray, np.ndarray]:
+def _offline(model, x: torch.Tensor, policy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with torch.no_grad():
         probs = torch.stack([z.softmax(-1) for z in model.forward_exits(x)]).numpy()
     out = simulate(policy, probs, Ladder.from_cumulative(range(1, probs.shape[0] + 1)))
-    return out.exit_index, out.label
+    return out.exit_index, out.label, out.head_evals
 
 
 def _policies(model, x):
@@ -64,9 +64,13 @@ def test_runner_makes_the_offline_decisions_and_skips_exited_rows(net) -> None:
         result = ExitRunner(model, policy, num_classes=10).run(x)
         assert result.pending is None
         exit_index, label = _answers(result, len(x))
-        want_exit, want_label = _offline(model, x, policy)
+        want_exit, want_label, want_evals = _offline(model, x, policy)
         assert np.array_equal(exit_index, want_exit), policy.name
         assert np.array_equal(label, want_label), policy.name
+        merged = result.merged()
+        evaluated = np.zeros(len(x), dtype=np.int64)
+        evaluated[merged.rows.numpy()] = merged.evaluated.numpy()
+        assert np.array_equal(evaluated, want_evals), policy.name  # Predictive Exit's skipped heads are not counted
         if policy.name == "maxprob":
             assert len(set(exit_index.tolist())) > 2, "the test needs rows leaving at different exits"
 
@@ -103,7 +107,7 @@ def test_bundle_sides_carry_only_their_weights_and_reproduce_the_model(net, tmp_
     tail = ExitRunner(cloud.model, cloud.policy, num_classes=10).run(p.feature, start=cloud.split + 1,
                                                                        state=p.state, rows=p.rows)
     got = _answers(type(head)(head.answered + tail.answered), len(x))
-    assert np.array_equal(np.stack(got), np.stack(_offline(model, x, policy)))
+    assert np.array_equal(np.stack(got), np.stack(_offline(model, x, policy)[:2]))
 
 
 def test_tampered_or_mismatched_bundles_are_refused(net, tmp_path: Path) -> None:

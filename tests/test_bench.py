@@ -55,6 +55,9 @@ def test_overhead_quick_reports_the_ratio(bench_dirs: tuple[Path, Path], quick_b
     for key in ("edge_macs", "exit_macs", "exit_ms", "edge_ms", "ratio"):
         assert result[key] > 0, key
     assert result["ratio"] == pytest.approx(result["exit_ms"] / result["edge_ms"], rel=1e-2)
+    for row in result["by_batch"].values():  # the runner's whole overhead, beside the heads'
+        assert row["runtime_ms"] > 0
+        assert row["runtime_ratio"] == pytest.approx(row["runtime_ms"] / row["edge_ms"] - 1, abs=1e-3)
     assert "weights" not in result
 
 

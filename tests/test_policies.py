@@ -7,11 +7,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from splitexit.policies import (
     POLICIES, BoFBeta, Entropy, Ladder, MaxProb, MSDNetBudget, Oracle, Patience, PolicyError, check_budget,
     fit_scalar_to_budget, policy_from_dict, policy_to_dict, sequential_thresholds, simulate,
 )
+from splitexit.policies.predictive import Predictive
 from splitexit.policies.synthetic import synthetic_outputs as make_synthetic
 
 
@@ -158,11 +160,26 @@ def test_bof_beta_trades_cost_for_accuracy_monotonically(statistic: str) -> None
         BoFBeta.fit(train, statistic="median")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("policy", [
+EXAMPLES = [
     MaxProb(0.8), MaxProb((0.5, 0.6, 0.7, 0.0), fallback=False), Entropy(0.4, normalized=True), Patience(2),
     BoFBeta(beta=1.1, mean=(0.5, 0.6, 0.7, 0.8), std=(0.1, 0.1, 0.1, 0.1), statistic="margin"),
     MSDNetBudget(thresholds=(0.9, 0.8, 0.7, -np.inf), q=0.5, budget=2.0),
-])
+]
+
+
+@pytest.mark.parametrize("policy", [*EXAMPLES, Predictive(step_ms=(1.0,) * 4, threshold=0.6, l0=1)])
+def test_decide_leaves_its_input_state_alone(policy) -> None:
+    # the exit runner hands a policy its own state tensors, uncopied, when every row is there
+    probs, _ = synthetic_outputs(n=64)
+    state = policy.init_state(64, probs.shape[2])
+    for k in range(probs.shape[0]):
+        before = {name: value.clone() for name, value in state.items()}
+        _, new_state = policy.decide(k, torch.as_tensor(probs[k]), state)
+        assert all(torch.equal(state[name], before[name]) for name in before), (policy.name, k)
+        state = new_state
+
+
+@pytest.mark.parametrize("policy", EXAMPLES)
 def test_manifest_round_trip_keeps_decisions(policy) -> None:
     probs, _ = synthetic_outputs(n=500)
     data = json.loads(json.dumps(policy_to_dict(policy)))  # plain data only

@@ -44,7 +44,8 @@ class ExitPolicy(Protocol):
         ...
 
     def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
-        """Rows of `probs` [B, C] evaluated exit k; return the decision and the new state."""
+        """Rows of `probs` [B, C] evaluated exit k; return the decision and the new state.
+        Never write into `state`: the runtime may hand over its own tensors, uncopied."""
         ...
 
     def to_dict(self) -> dict[str, Any]:

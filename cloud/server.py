@@ -250,6 +250,13 @@ def _init_compute_thread(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def compute_executor(config: ServerConfig, name: str = "splitexit-compute") -> ThreadPoolExecutor:
+    """The worker's compute threads: one per batch computing at once, each with
+    `compute_thread_count(config)` torch threads (benchmarks build theirs the same way)."""
+    return ThreadPoolExecutor(max_workers=config.batching.concurrent_batches, thread_name_prefix=name,
+                              initializer=_init_compute_thread, initargs=(compute_thread_count(config),))
+
+
 class CloudServer:
     """A built worker: `await start()`, then `await drain()` (or a signal) ends it."""
 
@@ -396,9 +403,7 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
     if not models:
         raise ServerError("no models to serve")
     metrics = Metrics()
-    executor = ThreadPoolExecutor(max_workers=config.batching.concurrent_batches,
-                                  thread_name_prefix="splitexit-compute",
-                                  initializer=_init_compute_thread, initargs=(compute_thread_count(config),))
+    executor = compute_executor(config)
 
     def run_batch(key: Any, items: Any) -> Any:
         return items[0].model.run_batch(items)

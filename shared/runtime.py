@@ -76,6 +76,8 @@ class ExitRunner:
         if len(self.network) < own:
             raise PolicyError(f"network ids for {len(self.network)} exits, the model has {own}")
         self.num_exits = len(self.network)  # the policy's ladder (may extend past this net)
+        self._one_network = len(set(self.network)) == 1  # no row can be bound for another network
+        self._net_ids = torch.tensor(self.network, dtype=torch.long)
         self._exit_at = {stage: k for k, stage in enumerate(self.exit_stages[:-1])}
 
     def initial_state(self, rows: int) -> State:
@@ -120,8 +122,7 @@ class ExitRunner:
                     state.setdefault(name, fresh[name])
         answered: list[Answered] = []
         escalated: list[Pending] = []
-        one_network = len(set(self.network)) == 1
-        net_ids = torch.tensor(self.network, dtype=torch.long)
+        one_network, net_ids = self._one_network, self._net_ids
         own = len(self.exit_stages) - 1  # index of this network's final head
         feature = x
         if not one_network:

@@ -57,7 +57,7 @@ from splitexit import wire
 from splitexit.cli import CliError
 from splitexit.codec import CODECS
 from splitexit.cloud.batcher import BatcherConfig
-from splitexit.cloud.server import SWITCH_INTERVAL_MS, ServerConfig, compute_thread_count
+from splitexit.cloud.server import SWITCH_INTERVAL_MS, ServerConfig, compute_executor
 from splitexit.cloud.servicer import ServedModel, ServiceLimits, load_models, parse_request
 from splitexit.proto import inference_pb2 as pb
 from splitexit.runtime import NEXT_EXIT, Pending
@@ -155,13 +155,6 @@ class Settings:
 
 
 # --- timing helpers ---------------------------------------------------------------------
-def _compute_executor(threads: int | None, workers: int = 1) -> ThreadPoolExecutor:
-    """Threads set up like the worker's compute threads (same torch threads)."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-compute",
-                              initializer=torch.set_num_threads if threads else None,
-                              initargs=(threads,) if threads else ())
-
-
 @dataclass(frozen=True)
 class Timing:
     """Repeated calls of one function: wall seconds per call, and this process's CPU
@@ -388,7 +381,7 @@ def measure(bundle_path: Path, pending: Pending, s: Settings, *, extra: dict | N
     sys.setswitchinterval(s.switch_interval_ms / 1000)  # as `splitexit cloud serve` runs the worker
     try:
         with WorkerThread(config, models) as worker, \
-                _compute_executor(compute_thread_count(config), s.concurrent_batches) as compute:
+                compute_executor(config, "bench-compute") as compute:
             threads = compute.submit(torch.get_num_threads).result()
             # in-process parts of a served batch, each alone (the worker is idle meanwhile)
             # what the event loop does per request (headers; bodies decode in run_batch, as served)

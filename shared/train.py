@@ -4,29 +4,53 @@ Joint loss (SDN-style): CE at the final head plus, at each exit k,
 w * [(1 - a) CE(z_k, y) + a T^2 KL(softmax(z_K / T) || softmax(z_k / T))], the final
 head's output detached (self-distillation, optional with a = 0).
 
+Speed on CPU: bfloat16 autocast where the processor computes it natively (fp32 master
+weights and optimizer; the loss, the BoF histograms and validation stay fp32), channels-last
+activations, and batches decoded and augmented ahead in a thread. Measured on two cores
+(ResNet-20 with four BoF exits, batch 128, one training step): fp32 about 250 ms, bfloat16
+about 160 ms; the twice-as-wide cloud network 710 and 380 ms.
+
 Runs are cached: a configuration that was trained before is loaded, not retrained, and an
 interrupted run resumes from its last finished epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from splitexit.checkpoint import CheckpointMeta, load_checkpoint, load_tensors, save_checkpoint
-from splitexit.data import Dataset, Normalize, iterate_batches
+from splitexit.data import Dataset, Normalize, iterate_batches, prefetch
 from splitexit.models import ModelConfig, MultiExitNet, build_model
 
 Mode = Literal["joint", "exits"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Without it oneDNN
+    emulates bfloat16 and a step can be slower than in fp32, so "auto" keeps fp32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to ask, stay with fp32
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: Precision) -> Literal["bf16", "fp32"]:
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return precision
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +62,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_frac: float = 0.15  # share of steps spent ramping the learning rate up
     label_smoothing: float = 0.0
+    # bf16: bfloat16 autocast for the forward pass (fp32 weights); auto: bf16 where native
+    precision: Precision = "auto"
     exit_weight: float = 0.5  # w above, the same for every exit
     distill: float = 0.5  # a above: share of each exit's loss taken from the final head
     temperature: float = 3.0
@@ -53,6 +79,8 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
         if not 0 <= self.distill <= 1:
             raise ValueError(f"distill must be in [0, 1], got {self.distill}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +147,31 @@ def accuracy_per_exit(model: MultiExitNet, data, normalize: Normalize, batch_siz
     return (correct.double() / len(data)).tolist()
 
 
+class StepProgress:
+    """A per-step progress bar over the whole run (images/s and the time left), beside the
+    per-epoch lines; written to stderr."""
+
+    min_interval_s = 2.0  # between redraws: a log file of a long run stays readable
+
+    def __init__(self, total_images: int, done_images: int = 0) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_images, initial=done_images, unit="img", unit_scale=True, file=sys.stderr,
+                         mininterval=self.min_interval_s, dynamic_ncols=True, leave=False)
+
+    def step(self, images: int, loss: float, epoch: int, epochs: int) -> None:
+        self._bar.set_description(f"epoch {epoch}/{epochs}", refresh=False)
+        self._bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+        self._bar.update(images)
+
+    def clear(self) -> None:
+        """Off the screen until the next step, so an epoch line prints on a line of its own."""
+        self._bar.clear()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def fit(
     model: MultiExitNet,
     dataset: Dataset,
@@ -129,6 +182,7 @@ def fit(
     start_epoch: int = 0,
     optimizer_state: dict[str, torch.Tensor] | None = None,
     save_state: Callable[[MultiExitNet, dict[str, torch.Tensor], int], None] | None = None,
+    progress: bool = False,
 ) -> list[EpochReport]:
     """Train in place; returns one report per epoch run."""
     if cfg.threads:
@@ -150,40 +204,50 @@ def fit(
             if buf is not None:
                 optimizer.state[p]["momentum_buffer"] = buf.clone()
     model.to(memory_format=torch.channels_last)  # ~25% faster convolutions on CPU
+    bf16 = resolve_precision(cfg.precision) == "bf16"
     normalize = Normalize(dataset.mean, dataset.std)
     steps_per_epoch = math.ceil(len(dataset.train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + start_epoch)
+    bar = StepProgress(cfg.epochs * len(dataset.train), start_epoch * len(dataset.train)) if progress else None
     reports: list[EpochReport] = []
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
         set_train_mode(model, cfg.mode)
-        losses: list[float] = []
-        batches = iterate_batches(
+        losses: list[torch.Tensor] = []
+        batches = prefetch(iterate_batches(
             dataset.train, normalize, batch_size=cfg.batch_size, shuffle=True, augment_pad=cfg.augment_pad,
             augment_flip=cfg.augment_flip, generator=generator, channels_last=True,
-        )
+        ))
         for i, (x, y) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg)
-            outputs = forward_for_training(model, x, cfg.mode)
-            loss = exit_loss(outputs, y, cfg, with_final=cfg.mode == "joint")
+            # autocast covers the forward pass only; the loss is taken in fp32
+            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                outputs = forward_for_training(model, x, cfg.mode)
+            loss = exit_loss([o.float() for o in outputs], y, cfg, with_final=cfg.mode == "joint")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
+            if bar is not None:
+                bar.step(len(y), float(losses[-1]), epoch + 1, cfg.epochs)
             if on_step:
                 on_step(i + 1, steps_per_epoch)
         report = EpochReport(
-            epoch + 1, cfg.epochs, float(np.mean(losses)), accuracy_per_exit(model, dataset.val, normalize),
+            epoch + 1, cfg.epochs, float(torch.stack(losses).mean()), accuracy_per_exit(model, dataset.val, normalize),
             time.perf_counter() - start,
         )
         reports.append(report)
+        if bar is not None:
+            bar.clear()
         if on_epoch:
             on_epoch(report)
         if save_state:
             momentum = {names[id(p)]: optimizer.state[p]["momentum_buffer"] for p in params if p in optimizer.state}
             save_state(model, momentum, epoch + 1)
+    if bar is not None:
+        bar.close()
     model.eval()
     return reports
 
@@ -199,7 +263,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 
 def run_key(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: Dataset, init: str | None) -> str:
-    cfg = asdict(train_cfg)
+    # what ran, not what was asked: "auto" is bf16 on one machine and fp32 on another
+    cfg = asdict(replace(train_cfg, precision=resolve_precision(train_cfg.precision)))
     cfg.pop("threads")  # does not change the result's meaning
     blob = json.dumps(
         {"model": model_cfg.to_dict(), "train": cfg, "data": dataset_fingerprint(dataset), "init": init},
@@ -223,6 +288,7 @@ def train_cached(
     init: Path | None = None,
     on_epoch: Callable[[EpochReport], None] | None = print_epoch,
     on_step: Callable[[int, int], None] | None = None,
+    progress: bool = False,
 ) -> tuple[MultiExitNet, CheckpointMeta, Path]:
     """Train (or load the cached result of) this configuration; returns model, meta, path.
 
@@ -278,11 +344,11 @@ def train_cached(
             on_epoch(report)
 
     fit(model, dataset, train_cfg, on_epoch=record, on_step=on_step, start_epoch=start_epoch,
-        optimizer_state=momentum, save_state=save_state)
+        optimizer_state=momentum, save_state=save_state, progress=progress)
     model = model.to(memory_format=torch.contiguous_format)
     meta = CheckpointMeta(
         model=model_cfg, mean=dataset.mean, std=dataset.std, classes=dataset.classes,
-        extra={"train": asdict(train_cfg), "dataset": dataset.name, "history": history,
+        extra={"train": asdict(train_cfg), "precision": resolve_precision(train_cfg.precision), "dataset": dataset.name, "history": history,
                "train_seconds": float(sum(h["seconds"] for h in history)), "init": str(init) if init else None,
                "input_shape": [dataset.in_chans, dataset.image_size, dataset.image_size]},
     )

@@ -84,3 +84,16 @@ def test_full_bench_without_reference_data_is_a_clear_error(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)  # ../shared/data is not beside this folder
     assert main(["bench", "tradeoff", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")]) == 2
     assert "reference data not found" in capsys.readouterr().err
+
+
+def test_train_quick_times_old_and_new_schedules_side_by_side(bench_dirs: tuple[Path, Path], quick_bench) -> None:
+    result = quick_bench("train")
+    for name in ("edge", "cloud"):
+        row = result[name]
+        for key in ("epochs", "train_s", "s_per_epoch", "precision", "acc", "fp32_s_per_epoch", "time_ratio"):
+            assert key in row, (name, key)
+        assert row["train_s"] > 0 and row["fp32_s_per_epoch"] > 0 and all(0 <= a <= 1 for a in row["acc"])
+        expected = row["epochs"] * row["new_s_per_epoch_now"] / (row["legacy_epochs"] * row["fp32_s_per_epoch"])
+        assert row["time_ratio"] == pytest.approx(expected, rel=0.01, abs=2e-3)  # rounded to 3 decimals
+    assert len(result["edge"]["acc"]) == 6 and len(result["cloud"]["acc"]) == 1  # five exits and the final head
+    assert (bench_dirs[1] / "train.png").exists()

@@ -149,3 +149,16 @@ def test_pool_head_and_bad_configs() -> None:
 def test_model_config_round_trips_through_a_dict() -> None:
     cfg = ModelConfig(arch="resnet32", exit_after=(1, 7), bof=BoFConfig(codewords=32, spatial="2x2"))
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("kernel", ["logistic", "rbf"])
+def test_bof_histograms_stay_fp32_under_bfloat16_autocast(kernel: str) -> None:
+    """Histogram entries differ by ~1e-3 around 1/N_K: about bfloat16's resolution there."""
+    hist = BoFHistogram(16, BoFConfig(codewords=64, kernel=kernel))
+    x = torch.randn(4, 16, 16, 16)
+    expected = hist(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hist(x.bfloat16())
+    assert got.dtype == torch.float32
+    # only the input's rounding to bfloat16 is left (x has ~3 significant digits)
+    torch.testing.assert_close(got, expected, rtol=0.02, atol=2e-4)

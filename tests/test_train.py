@@ -11,7 +11,8 @@ from splitexit.checkpoint import CheckpointError, load_checkpoint, read_meta
 from splitexit.data import Dataset, Normalize, iterate_batches, load_digits
 from splitexit.models import ModelConfig, build_model
 from splitexit.reference import QUICK
-from splitexit.train import TrainConfig, lr_at, train_cached
+import splitexit.train as train_module
+from splitexit.train import TrainConfig, fit, lr_at, resolve_precision, run_key, train_cached
 
 TINY = dict(arch="resnet14_tiny", in_chans=1)
 FAST = dict(batch_size=64, lr=0.05, augment_pad=1, augment_flip=False)
@@ -128,3 +129,44 @@ def test_a_recipe_trains_its_edge_network_in_the_order_it_names(digits: Dataset,
     assert runs == (["resnet14_tiny-joint"] if joint else ["resnet14_tiny-exits", "resnet14_tiny-joint"])
     assert edge.model.exit_points == list(QUICK.edge_model.exit_after)
     assert edge.meta.extra["train"]["exit_weight"] == (0.3 if joint else one.exit_weight)
+
+
+def test_bad_precision_is_refused_and_auto_resolves_to_what_the_cpu_computes(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")  # type: ignore[arg-type]
+    monkeypatch.setattr(train_module, "native_bf16", lambda: False)
+    assert resolve_precision("auto") == "fp32" and resolve_precision("bf16") == "bf16"
+    monkeypatch.setattr(train_module, "native_bf16", lambda: True)
+    assert resolve_precision("auto") == "bf16" and resolve_precision("fp32") == "fp32"
+
+
+def test_the_cache_key_names_the_precision_that_ran(digits: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = ModelConfig(**TINY, exit_after=(2,))
+    key = lambda precision: run_key(cfg, TrainConfig(precision=precision), digits, None)  # noqa: E731
+    assert key("bf16") != key("fp32")
+    monkeypatch.setattr(train_module, "native_bf16", lambda: True)
+    assert key("auto") == key("bf16")
+    monkeypatch.setattr(train_module, "native_bf16", lambda: False)
+    assert key("auto") == key("fp32")
+
+
+def test_bfloat16_training_learns_and_keeps_fp32_weights(digits: Dataset, cache_dir: Path) -> None:
+    cfg = ModelConfig(**TINY, exit_after=(1, 3, 5), exit_head="bof")
+    before = _ce_per_exit(build_model(cfg), digits)
+    model, meta, path = train_cached(cfg, TrainConfig(epochs=5, precision="bf16", **FAST), digits,
+                                     cache_dir=cache_dir, on_epoch=None)
+    after = _ce_per_exit(model, digits)
+    # the same bar as fp32 training's (test_joint_training_lowers_the_loss_of_every_exit)
+    assert (after < before).all() and (after[1:] < 0.6 * before[1:]).all(), (before, after)
+    assert meta.extra["precision"] == "bf16"
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    assert {t.dtype for t in load_checkpoint(path)[0].state_dict().values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_the_progress_bar_shows_images_per_second(digits: Dataset, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_module.StepProgress, "min_interval_s", 0.0)  # every step drawn
+    model = build_model(ModelConfig(**TINY, exit_after=(2,)))
+    fit(model, digits, TrainConfig(epochs=1, precision="fp32", **FAST), progress=True)
+    err = capsys.readouterr().err
+    assert "img/s" in err and "epoch 1/1" in err

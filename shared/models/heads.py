@@ -120,6 +120,14 @@ class BoFHistogram(nn.Module):
         return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # the histogram in fp32 under mixed precision: its entries differ by ~1e-3 around
+            # 1/N_K, about bfloat16's resolution there, and the head is a small share of a step
+            with torch.autocast(x.device.type, enabled=False):
+                return self._histogram(x.float())
+        return self._histogram(x)
+
+    def _histogram(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.spatial == "global" and self.config.kernel == "logistic":
             return self._global_logistic(x)
         u = self.membership(x)

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from splitexit.sim.bench import models, overhead, serve, tradeoff, wire
+from splitexit.sim.bench import models, overhead, serve, tradeoff, train, wire
 from splitexit.sim.bench.common import BenchContext
 
 # name -> module with HELP, add_arguments(parser) and run(ctx, args) -> dict
-BENCHES = {"models": models, "tradeoff": tradeoff, "overhead": overhead, "wire": wire, "serve": serve}
+BENCHES = {"models": models, "tradeoff": tradeoff, "overhead": overhead, "wire": wire, "serve": serve, "train": train}
 
 
 def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:

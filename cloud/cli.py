@@ -125,6 +125,8 @@ async def serve(config: "ServerConfig", models: Mapping[tuple[str, str], "Served
     metrics = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
     names = ", ".join(f"{m.name}@{m.hash[:12]}" for m in models.values())
     print(f"serving {names} on {server.address} ({tls}{', token' if config.token else ''}{metrics})", flush=True)
+    for warning in exposure_warnings(config, server.port, advertise=advertise, interfaces=interfaces):
+        print(f"splitexit: warning: {warning}", file=sys.stderr, flush=True)
     if on_ready is not None:
         on_ready(server)
     advertiser = None
@@ -148,6 +150,20 @@ async def serve(config: "ServerConfig", models: Mapping[tuple[str, str], "Served
         if advertiser is not None:
             await advertiser.stop()
     log.info("stopped")
+
+
+def exposure_warnings(config: "ServerConfig", port: int, *, advertise: bool,
+                      interfaces: Sequence[str] | None) -> list[str]:
+    """What an operator should know at start: a worker on every interface with neither TLS
+    nor a token serves anyone who reaches it, and mDNS announces it on every interface."""
+    warnings = []
+    if config.host in ("0.0.0.0", "", "::", "[::]") and not config.tls and config.token is None:
+        warnings.append(f"listening on every interface ({config.host or '*'}:{port}) in plaintext without a token: "
+                        "anyone who reaches this port can use the worker (--host 127.0.0.1 keeps it on this "
+                        "machine; --tls-cert/--tls-key and --token-file protect it)")
+    if advertise and interfaces is None:
+        warnings.append("advertising over mDNS on every interface (--interfaces to choose, --no-advertise to stop)")
+    return warnings
 
 
 async def _report_stats(server: "CloudServer", interval: float) -> None:

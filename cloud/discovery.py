@@ -21,6 +21,9 @@ TXT keys (values are UTF-8 strings, each key=value at most 255 bytes):
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import logging
 import socket
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -34,6 +37,9 @@ __all__ = ["Advertiser", "DiscoveryError", "SERVICE_TYPE", "ServiceModel", "txt_
 
 SERVICE_TYPE = "_splitexit._tcp.local."
 _MAX_TXT_ENTRY = 255  # DNS character-string limit for one key=value
+_MAX_LABEL = 63  # DNS label limit: the instance name
+_GOODBYE_TIMEOUT_S = 5.0
+log = logging.getLogger(__name__)
 
 
 class DiscoveryError(ValueError):
@@ -89,7 +95,7 @@ class Advertiser:
 
     @property
     def service_name(self) -> str:
-        return f"{self.instance}.{SERVICE_TYPE}"
+        return f"{instance_label(self.instance)}.{SERVICE_TYPE}"
 
     def _addresses(self) -> list[str]:
         if self.addresses is not None:
@@ -123,7 +129,12 @@ class Advertiser:
         zc, self._zc = self._zc, None
         try:
             if self._info is not None:
-                await zc.async_unregister_service(self._info)
+                # the call returns once the goodbyes are scheduled; closing before they are
+                # sent would leave the worker listed until its records expire
+                sent = await zc.async_unregister_service(self._info)
+                await asyncio.wait_for(sent, _GOODBYE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("mDNS goodbye for %s not confirmed within %.0f s", self.service_name, _GOODBYE_TIMEOUT_S)
         finally:
             await zc.async_close()
 
@@ -133,6 +144,20 @@ class Advertiser:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def instance_label(instance: str) -> str:
+    """The DNS-SD instance name of a worker id: at most 63 bytes, the DNS label limit (zeroconf
+    refuses a longer one). A longer id keeps its first bytes and gains a hash of the whole,
+    so two long ids stay apart; the full id still travels in TXT `worker`."""
+    encoded = instance.encode()
+    if len(encoded) <= _MAX_LABEL:
+        return instance
+    digest = hashlib.sha256(encoded).hexdigest()[:8]
+    head = encoded[: _MAX_LABEL - len(digest) - 1].decode("utf-8", "ignore")
+    label = f"{head}-{digest}"
+    log.warning("worker id %r is over %d bytes: advertised as %r", instance, _MAX_LABEL, label)
+    return label
 
 
 def _is_ipv4(text: str) -> bool:

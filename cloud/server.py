@@ -60,6 +60,7 @@ from splitexit.cloud.answers import AnswerCacheConfig
 from splitexit.cloud.batcher import Batcher, BatcherConfig
 from splitexit.cloud.metrics import Metrics
 from splitexit.cloud.servicer import SERVICE_NAME, ServedModel, ServiceLimits, SplitInferenceServicer, add_to_server
+from splitexit.tls import TlsError, check_key_pair
 
 __all__ = ["CloudServer", "HEALTH_SERVICES", "ServerConfig", "ServerError", "build_server"]
 
@@ -194,7 +195,7 @@ class _TokenAuth(grpc.aio.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>` (health checks exempt)."""
 
     def __init__(self, token: str, on_reject: Callable[[str], None]) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._on_reject = on_reject
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -205,8 +206,10 @@ class _TokenAuth(grpc.aio.ServerInterceptor):
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
                 got = value.encode() if isinstance(value, str) else bytes(value)
-        if hmac.compare_digest(got, self._expected):  # constant time: no timing oracle on the token
-            return await continuation(details)
+        # "Bearer" is an HTTP auth scheme: matched without regard to case (RFC 9110 11.1)
+        scheme, _, credential = got.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self._expected):
+            return await continuation(details)  # constant time: no timing oracle on the token
         handler = await continuation(details)
         if handler is None:
             return None
@@ -425,6 +428,10 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
             assert config.tls_cert is not None and config.tls_key is not None
             cert = _read_pem(config.tls_cert, "certificate", "CERTIFICATE-----")
             key = _read_pem(config.tls_key, "private key", "PRIVATE KEY-----")
+            try:  # a key of another certificate would surface as a failed bind
+                check_key_pair(cert, key, where=f"{config.tls_cert} and {config.tls_key}")
+            except TlsError as exc:
+                raise ServerError(str(exc)) from None
             ca = _read_pem(config.client_ca, "client CA", "CERTIFICATE-----") if config.client_ca else None
             credentials = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=ca, require_client_auth=ca is not None and config.require_client_cert)

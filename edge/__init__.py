@@ -15,7 +15,7 @@ Importing this package loads neither torch, grpc nor zeroconf; each is imported 
 from splitexit.edge.agent import AgentConfig, EdgeAgent, SyncEdgeAgent
 from splitexit.edge.discovery import SERVICE_TYPE, DiscoveredWorker, DiscoveryBrowser, DiscoveryConfig, txt_lists_hash
 from splitexit.edge.inputs import InputError, InputSet, load_inputs
-from splitexit.edge.results import Answer, ResultWriter, Route, read_results
+from splitexit.edge.results import Answer, ResultsError, ResultWriter, Route, read_results
 from splitexit.edge.spool import Spool, SpoolEntry, SpoolError
 from splitexit.edge.trace import TraceWriter, read_trace
 from splitexit.edge.transport import (
@@ -47,6 +47,7 @@ __all__ = [
     "OffloadError",
     "PoolConfig",
     "ResultWriter",
+    "ResultsError",
     "Route",
     "SERVICE_TYPE",
     "Spool",

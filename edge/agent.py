@@ -453,15 +453,17 @@ class EdgeAgent:
         record.update(request_id=request.request_id if request is not None else None, kind=offload.kind,
                       rows=len(offload.positions), worker=None, status="OK", bytes_up=0, bytes_down=0, rtt_ms=0.0)
         timeout_ms = self.config.request_timeout_ms
-        if budget_ms is not None:
-            timeout_ms = min(timeout_ms, budget_ms - (time.perf_counter() - t0) * 1e3)
+        budget_bound = False  # the latency budget, not the request timeout, sets the deadline
+        if budget_ms is not None and budget_ms - (time.perf_counter() - t0) * 1e3 < timeout_ms:
+            timeout_ms, budget_bound = budget_ms - (time.perf_counter() - t0) * 1e3, True
         if request is None:
             assert offload.error is not None
             error = offload.error
         elif self.transport is None:
             error = OffloadError("UNAVAILABLE", "no cloud worker configured", reason="no_worker")
         elif timeout_ms < self.config.min_offload_ms:
-            error = OffloadError("DEADLINE_EXCEEDED", "the latency budget was spent on the edge")
+            error = OffloadError("DEADLINE_EXCEEDED", "the latency budget was spent on the edge",
+                                 reason="latency_budget")
         else:
             sent = time.perf_counter()
             record["bytes_up"] = request.ByteSize()
@@ -476,6 +478,8 @@ class EdgeAgent:
                 return offload, self._cloud_answers(request, response, (time.perf_counter() - t0) * 1e3, worker)
             except Exception as exc:  # foreign transports too: a row must never go unanswered
                 error = OffloadError.from_exception(exc)
+                if budget_bound and error.code == "DEADLINE_EXCEEDED":  # what really happened
+                    error = OffloadError(error.code, error.message, reason="latency_budget", worker=error.worker)
                 record["rtt_ms"] = round((time.perf_counter() - sent) * 1e3, 3)
                 record["worker"] = error.worker or None
         record.update(status=error.code, reason=error.reason, error=error.message[:200])

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from splitexit.cli import CliError
+from splitexit.cli import EXIT_PARTIAL, CliError
 
 if TYPE_CHECKING:
     from splitexit.edge.transport import GrpcConfig, WorkerPool
@@ -160,7 +160,7 @@ async def _connect(args: argparse.Namespace, pool: "WorkerPool | None") -> Any:
     return browser
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_run(args: argparse.Namespace) -> int:
     from splitexit.bundle import load_bundle
     from splitexit.edge.agent import AgentConfig
     from splitexit.edge.inputs import load_inputs
@@ -173,16 +173,22 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = AgentConfig(codec=codec, latency_budget_ms=args.latency_budget_ms,
                          request_timeout_ms=args.request_timeout_ms)
     inputs = load_inputs(args.input, bundle.input_shape, resize=args.resize)
-    transport = build_transport(args, bundle, codec)
-    if args.spool is not None:
-        args.spool = Spool(args.spool)  # created and checked before any answer
-    writer = ResultWriter(args.out)
+    writer = ResultWriter(args.out, run=bundle.hash)  # checked (and a partial run found) before any answer
+    todo = inputs.without(writer.done)
+    if writer.done:
+        print(f"resuming: {len(inputs) - len(todo)} answers kept from {writer.partial}, {len(todo)} inputs left",
+              file=sys.stderr)
+    for sample_id, why in inputs.errors:
+        print(f"splitexit: warning: {why}: not answered", file=sys.stderr)
     trace = None
     try:
+        transport = build_transport(args, bundle, codec)
+        if args.spool is not None:
+            args.spool = Spool(args.spool)  # created and checked before any answer
         trace = TraceWriter(args.trace, atomic=True) if args.trace is not None else None
-        counts = asyncio.run(_run(args, bundle, config, inputs, transport, writer, trace))
+        counts = asyncio.run(_run(args, bundle, config, todo, transport, writer, trace))
     except BaseException:
-        writer.abort()
+        writer.abort()  # what was answered stays in the partial file for a rerun
         if trace is not None:
             trace.abort()
         raise
@@ -191,8 +197,14 @@ def cmd_run(args: argparse.Namespace) -> None:
         trace.commit()
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if not k.startswith("reason:") and v)
     reasons = ", ".join(f"{k.removeprefix('reason:')} {v}" for k, v in counts.items() if k.startswith("reason:"))
-    print(f"{len(inputs)} answers ({summary}{'; degraded: ' + reasons if reasons else ''}) -> {args.out}",
+    kept = f"; {len(inputs) - len(todo)} kept from the interrupted run" if writer.done else ""
+    print(f"{len(todo)} answers ({summary}{'; degraded: ' + reasons if reasons else ''}{kept}) -> {args.out}",
           file=sys.stderr)
+    if inputs.errors:
+        print(f"splitexit: {len(inputs.errors)} of {len(inputs) + len(inputs.errors)} inputs could not be read "
+              f"(named above) and have no answer", file=sys.stderr)
+        return EXIT_PARTIAL
+    return 0
 
 
 async def _run(args: argparse.Namespace, bundle: Any, config: Any, inputs: Any, transport: Any, writer: Any,
@@ -210,6 +222,7 @@ async def _run(args: argparse.Namespace, bundle: Any, config: Any, inputs: Any, 
                 counts[answer.route] += 1
                 if answer.reason and answer.degraded:
                     counts[f"reason:{answer.reason}"] = counts.get(f"reason:{answer.reason}", 0) + 1
+            writer.checkpoint()  # a kill after this point loses no answer of this batch
     finally:
         if browser is not None:
             await browser.close()
@@ -231,17 +244,20 @@ def cmd_refine(args: argparse.Namespace) -> None:
         raise CliError("refine needs a worker: give --worker HOST:PORT or --discover")
     transport = build_transport(args, bundle, bundle.codec)
     config = AgentConfig(refine_timeout_ms=args.request_timeout_ms)
-    writer = ResultWriter(args.out)
+    writer = ResultWriter(args.out, resume=False)  # refined rows leave the spool: nothing to resume from
     try:
-        refined, left = asyncio.run(_refine(args, bundle, config, transport, writer))
+        refined, left, damage = asyncio.run(_refine(args, bundle, config, transport, writer))
     except BaseException:
         writer.abort()
         raise
     writer.commit()
-    print(f"{refined} refined answers -> {args.out}; {left} requests left in {args.spool}", file=sys.stderr)
+    damaged = (f"; {damage.records} damaged spool records ({damage.bytes} bytes) could not be read and were "
+               f"dropped" if damage.records else "")
+    print(f"{refined} refined answers -> {args.out}; {left} requests left in {args.spool}{damaged}", file=sys.stderr)
 
 
-async def _refine(args: argparse.Namespace, bundle: Any, config: Any, transport: Any, writer: Any) -> tuple[int, int]:
+async def _refine(args: argparse.Namespace, bundle: Any, config: Any, transport: Any,
+                  writer: Any) -> tuple[int, int, Any]:
     from splitexit.edge.agent import EdgeAgent
 
     agent = EdgeAgent(bundle, transport, config=config, spool=args.spool)
@@ -257,4 +273,5 @@ async def _refine(args: argparse.Namespace, bundle: Any, config: Any, transport:
             await browser.close()
         await agent.close()
     assert agent.spool is not None
-    return refined, len(agent.spool)
+    damage = agent.spool.damage  # as read before the compaction that drops the damaged bytes
+    return refined, len(agent.spool), damage

@@ -1,7 +1,9 @@
 """Inputs for the edge agent: image files, folders, .tar.gz archives and numpy arrays.
 
-Everything is read and checked before the first answer is computed, so a bad file stops a
-run before anything is written (one clear `InputError` naming the file and why).
+Everything is read and checked before the first answer is computed. A file that cannot be
+read, or does not fit the bundle, is set aside with the reason (`InputSet.errors`) and the
+others are answered; when nothing at all is readable, one clear `InputError` names the
+first file and why.
 
 - an image file (.jpg .jpeg .png .bmp): one sample, id = the file name
 - a folder: every image under it (recursively, sorted), id = the path inside the folder
@@ -43,9 +45,15 @@ class InputSet:
 
     ids: tuple[str, ...]
     data: np.ndarray
+    errors: tuple[tuple[str, str], ...] = ()  # (sample id, why) of the inputs set aside
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def without(self, ids: set[str]) -> "InputSet":
+        """The samples whose id is not in `ids` (e.g. answered by an interrupted run)."""
+        keep = [i for i, sample_id in enumerate(self.ids) if sample_id not in ids]
+        return InputSet(tuple(self.ids[i] for i in keep), self.data[keep], self.errors)
 
     def batches(self, size: int) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
         for start in range(0, len(self.ids), size):
@@ -87,14 +95,15 @@ def _iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
         raise InputError(str(exc)) from None
 
 
-def _iter_folder(path: Path) -> Iterator[tuple[str, bytes]]:
+def _iter_folder(path: Path) -> Iterator[tuple[str, bytes | InputError]]:
+    """(name, bytes) of the images in a folder; a file that cannot be read comes with the error."""
     for file in sorted(path.rglob("*")):
         name = file.relative_to(path).as_posix()
         if file.is_file() and _is_image(name):
             try:
                 yield name, file.read_bytes()
             except OSError as exc:
-                raise InputError(f"{file}: cannot read ({exc.strerror or exc})") from None
+                yield name, InputError(f"{file}: cannot read ({exc.strerror or exc})")
 
 
 def _array(values: np.ndarray, where: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -159,7 +168,7 @@ def load_inputs(path: str | Path, input_shape: tuple[int, ...], *, resize: bool 
         inputs = _load_numpy(path, shape)
     else:
         if path.is_dir():
-            members: Iterator[tuple[str, bytes]] = _iter_folder(path)
+            members: Iterator[tuple[str, bytes | InputError]] = _iter_folder(path)
         elif name.endswith(_ARCHIVE_SUFFIXES):
             members = _iter_archive(path)
         elif _is_image(name):
@@ -171,13 +180,22 @@ def load_inputs(path: str | Path, input_shape: tuple[int, ...], *, resize: bool 
             raise InputError(f"{path}: not an image, folder, .tar.gz archive, .npy or .npz file")
         ids: list[str] = []
         images: list[np.ndarray] = []
+        errors: list[tuple[str, InputError]] = []
         for member, data in members:
             where = str(path / member) if path.is_dir() else f"{path}:{member}" if member != path.name else str(path)
-            images.append(_decode(data, where, shape, resize))
+            try:
+                if isinstance(data, InputError):
+                    raise data
+                images.append(_decode(data, where, shape, resize))
+            except InputError as exc:  # one bad file must not cost the others their answers
+                errors.append((member, exc))
+                continue
             ids.append(member)
         if not images:
+            if errors:
+                raise errors[0][1]
             raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        inputs = InputSet(tuple(ids), np.stack(images))
+        inputs = InputSet(tuple(ids), np.stack(images), tuple((m, str(e)) for m, e in errors))
     if len(inputs) == 0:
         raise InputError(f"{path}: no samples")
     return inputs

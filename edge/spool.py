@@ -12,9 +12,12 @@ A spool is a directory holding one append-only log, `spool.log`, of framed msgpa
 
 Every append is one write followed by fsync, under an exclusive lock (`spool.lock`), so
 two processes (an agent spooling, `splitexit edge refine` draining) never interleave. A
-record torn by a crash is caught by its length or CRC; it and anything after it is cut off
-on the next append, and readers ignore it. `compact` rewrites the log without finished
-entries (temp file, fsync, rename).
+record torn by a crash is caught by its length or CRC; a torn tail is cut off on the next
+append, and readers ignore it. A record damaged in the middle of the log (a flipped bit)
+costs that record only: readers find the next whole record after it (a frame whose
+payload starts like every record, `{"type": ...`, and whose CRC checks) and go on, and
+count what they skipped (`damage`). `compact` rewrites the log without finished entries
+and without damaged bytes (temp file, fsync, rename).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import msgpack
 
 from splitexit.proto import inference_pb2 as pb
 
-__all__ = ["Spool", "SpoolEntry", "SpoolError"]
+__all__ = ["Spool", "SpoolDamage", "SpoolEntry", "SpoolError"]
 
 LOG = "spool.log"
 LOCK = "spool.lock"
@@ -41,8 +44,22 @@ _HEADER = struct.Struct("<II")
 _MAX_RECORD = 1 << 30  # a length beyond this is a torn or garbage header
 
 
+# Every record is a msgpack map whose first key is "type" (insertion order): a fixmap
+# header byte, then this. What a reader looks for after a damaged record.
+_RECORD_START = b"\xa4type"
+
+
 class SpoolError(ValueError):
     """A spool directory that cannot be used."""
+
+
+@dataclass(frozen=True)
+class SpoolDamage:
+    """What a read of the log had to skip: damaged records (regions between whole
+    records) and their bytes. A torn tail (an interrupted append) is not damage."""
+
+    records: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +86,7 @@ class Spool:
             raise SpoolError(f"{self.directory}: not a directory")
         self.log = self.directory / LOG
         self._lock_path = self.directory / LOCK
+        self.damage = SpoolDamage()  # what the last read skipped
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -81,29 +99,29 @@ class Spool:
 
     # reading
     def _scan(self) -> tuple[list[dict[str, Any]], int]:
-        """Whole records and the byte offset where they end (the rest is a torn tail)."""
+        """Whole records and the byte offset where the last one ends (the rest is a torn
+        tail); damaged regions between whole records are skipped and counted in `damage`."""
         try:
             data = self.log.read_bytes()
         except FileNotFoundError:
+            self.damage = SpoolDamage()
             return [], 0
         records: list[dict[str, Any]] = []
-        pos = 0
+        pos = end = 0
+        damaged = damaged_bytes = 0
         while pos + _HEADER.size <= len(data):
-            length, crc = _HEADER.unpack_from(data, pos)
-            end = pos + _HEADER.size + length
-            if length > _MAX_RECORD or end > len(data):
-                break
-            payload = data[pos + _HEADER.size:end]
-            if zlib.crc32(payload) != crc:
-                break
-            try:
-                record = msgpack.unpackb(payload, raw=False)
-            except (msgpack.UnpackException, ValueError):
-                break
-            if isinstance(record, dict):
-                records.append(record)
-            pos = end
-        return records, pos
+            frame = _frame_at(data, pos)
+            if frame is not None:
+                records.append(frame[0])
+                pos = end = frame[1]
+                continue
+            found = _next_frame(data, pos + 1)
+            if found is None:
+                break  # nothing whole after it: a torn tail
+            damaged, damaged_bytes = damaged + 1, damaged_bytes + found - pos
+            pos = found
+        self.damage = SpoolDamage(damaged, damaged_bytes)
+        return records, end
 
     def entries(self) -> list[SpoolEntry]:
         """Spooled requests not yet refined or dropped, oldest first."""
@@ -170,3 +188,32 @@ class Spool:
                 os.fsync(f.fileno())
             os.replace(tmp, self.log)
             return len(keep)
+
+
+def _frame_at(data: bytes, pos: int) -> tuple[dict[str, Any], int] | None:
+    """The record framed at `pos` and the offset after it, or None if there is no whole,
+    intact record there."""
+    length, crc = _HEADER.unpack_from(data, pos)
+    end = pos + _HEADER.size + length
+    if length > _MAX_RECORD or end > len(data):
+        return None
+    payload = data[pos + _HEADER.size:end]
+    if zlib.crc32(payload) != crc:
+        return None
+    try:
+        record = msgpack.unpackb(payload, raw=False)
+    except (msgpack.UnpackException, ValueError):
+        return None
+    return (record, end) if isinstance(record, dict) else None
+
+
+def _next_frame(data: bytes, start: int) -> int | None:
+    """The offset of the first whole record at or after `start`: where a record's payload
+    starts as every record's does and its frame checks out."""
+    at = data.find(_RECORD_START, start + _HEADER.size + 1)
+    while at != -1:
+        pos = at - 1 - _HEADER.size  # the fixmap byte, then the frame header
+        if data[pos + _HEADER.size] & 0xF0 == 0x80 and _frame_at(data, pos) is not None:
+            return pos
+        at = data.find(_RECORD_START, at + 1)
+    return None

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Protocol, U
 
 from splitexit.proto import PROTOCOL_VERSION  # ModelInfo.protocol_version this edge understands
 from splitexit.proto import inference_pb2 as pb
+from splitexit.tls import check_key_pair, check_pem
 
 if TYPE_CHECKING:
     import grpc
@@ -232,6 +233,11 @@ class TlsConfig:
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise ValueError("mTLS needs both a client certificate and its key")
+        # checked now, not at the first handshake (TlsError is a ValueError)
+        if self.ca is not None:
+            check_pem(self.ca, "CA certificate", b"CERTIFICATE-----", "the TLS CA")
+        if self.cert is not None and self.key is not None:
+            check_key_pair(self.cert, self.key, where="the client certificate and key")
 
     @classmethod
     def from_files(cls, *, ca: str | Path | None = None, cert: str | Path | None = None,
@@ -263,6 +269,11 @@ class GrpcConfig:
     # NAT drops it). splitexit workers permit this; a server that does not would answer
     # with GOAWAY "too_many_pings": turn it off for such a server.
     keepalive_without_calls: bool = True
+    # gRPC's reconnect backoff grows to 120 s by default: after a long outage the channel
+    # would wait up to two minutes to try again (measured: answers from the cloud 87 s after
+    # a worker came back from a 300 s outage). Capped, it retries every second at most.
+    initial_reconnect_backoff_ms: int = 200
+    max_reconnect_backoff_ms: int = 1000
     tls: TlsConfig | None = None
     token: str | None = field(default=None, repr=False)  # sent as "authorization: Bearer ..."
     # Retries on UNAVAILABLE only (the request did not run, or runs idempotently by id),
@@ -280,6 +291,8 @@ class GrpcConfig:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.keepalive_time_ms < 1000 or self.keepalive_timeout_ms < 100:
             raise ValueError("keepalive_time_ms must be >= 1000 and keepalive_timeout_ms >= 100")
+        if not 0 < self.initial_reconnect_backoff_ms <= self.max_reconnect_backoff_ms:
+            raise ValueError("need 0 < initial_reconnect_backoff_ms <= max_reconnect_backoff_ms")
         if self.max_attempts < 1 or self.initial_backoff_s < 0 or self.max_backoff_s < self.initial_backoff_s:
             raise ValueError("need max_attempts >= 1 and 0 <= initial_backoff_s <= max_backoff_s")
         if self.token is not None and (not self.token or any(c in self.token for c in "\r\n")):
@@ -293,6 +306,9 @@ def channel_options(config: GrpcConfig) -> list[tuple[str, Any]]:
         ("grpc.keepalive_time_ms", config.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", int(config.keepalive_without_calls)),
+        ("grpc.initial_reconnect_backoff_ms", config.initial_reconnect_backoff_ms),
+        ("grpc.min_reconnect_backoff_ms", config.initial_reconnect_backoff_ms),
+        ("grpc.max_reconnect_backoff_ms", config.max_reconnect_backoff_ms),
         # our own retry loop (by request id, within the deadline) replaces grpc's
         ("grpc.enable_retries", 0),
         ("grpc.lb_policy_name", config.lb_policy),
@@ -412,8 +428,9 @@ class PoolConfig:
     # Consecutive failed calls (unreachable, draining, timed out) before a worker is taken
     # out of rotation; a success resets the count.
     max_failures: int = 2
-    # A down worker is probed (health + model info) this often, so it comes back on its own.
-    probe_interval_s: float = 2.0
+    # A down worker is probed (health + model info) this often, so it comes back on its own
+    # (with the channel's reconnect backoff capped at 1 s: within about 2 s of its return).
+    probe_interval_s: float = 1.0
     # A worker serving another bundle is asked again this rarely (it may be upgraded).
     mismatch_probe_interval_s: float = 60.0
     confirm_timeout_s: float = 2.0  # per probe RPC
@@ -462,8 +479,10 @@ class _Worker:
 # Codes after which a request may go to another worker: it was not answered, and running it
 # elsewhere (same request id) is safe.
 _TRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "UNIMPLEMENTED"})
-# Codes that say the worker (not the request) is unwell.
-_WORKER_FAILURE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "UNIMPLEMENTED"})
+# Codes that say the worker (not the request) is unwell. A missed deadline is not among
+# them: under a latency budget a healthy but busy worker misses deadlines too, so a miss
+# only starts a health probe, which takes a partitioned worker out within confirm_timeout_s.
+_WORKER_FAILURE = frozenset({"UNAVAILABLE", "INTERNAL", "UNKNOWN", "UNIMPLEMENTED"})
 
 
 def check_model_info(info: pb.ModelInfo, *, bundle_hash: str, model: str | None = None,
@@ -544,12 +563,16 @@ class WorkerPool:
     async def confirm(self, key: str) -> bool:
         """Probe one worker now (health, then model info); True when it is up. Concurrent
         callers share one probe."""
+        return await asyncio.shield(self._confirm_task(key))
+
+    def _confirm_task(self, key: str) -> "asyncio.Task[bool]":
+        """The probe of `key` under way, or a new one (cancelled by `close`)."""
         task = self._confirming.get(key)
         if task is None:
             task = asyncio.ensure_future(self._confirm(key))
             self._confirming[key] = task
             task.add_done_callback(lambda _t, key=key: self._confirming.pop(key, None))
-        return await asyncio.shield(task)
+        return task
 
     async def _confirm(self, key: str) -> bool:
         worker = self._workers.get(key)
@@ -629,7 +652,9 @@ class WorkerPool:
 
     def _record_failure(self, worker: _Worker, exc: OffloadError) -> None:
         worker.last_error = str(exc)
-        if exc.code == "FAILED_PRECONDITION":
+        if exc.code == "DEADLINE_EXCEEDED" and not self._closed:
+            self._confirm_task(worker.key)  # slow, or gone? its health says, in the background
+        elif exc.code == "FAILED_PRECONDITION":
             worker.state = "mismatch"
             worker.next_probe = asyncio.get_running_loop().time() + self.config.mismatch_probe_interval_s
         elif exc.code in _WORKER_FAILURE:

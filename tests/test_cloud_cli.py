@@ -97,3 +97,18 @@ def test_a_worker_process_serves_logs_and_drains_on_sigterm(bundle: Path) -> Non
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_an_open_worker_is_announced_loudly_at_start(bundle: Path) -> None:
+    from splitexit.cloud.cli import exposure_warnings
+
+    def warnings(*argv: str, advertise: bool = True, interfaces=None) -> list[str]:
+        config = build_config(build_parser().parse_args(["cloud", "serve", str(bundle), *argv]))
+        return exposure_warnings(config, 50051, advertise=advertise, interfaces=interfaces)
+
+    open_worker = warnings()  # the defaults: every interface, plaintext, no token, mDNS on
+    assert len(open_worker) == 2
+    assert "every interface (0.0.0.0:50051) in plaintext without a token" in open_worker[0]
+    assert "mDNS on every interface" in open_worker[1]
+    assert warnings("--host", "127.0.0.1", advertise=False) == []
+    assert warnings("--host", "127.0.0.1", interfaces=["127.0.0.1"]) == []

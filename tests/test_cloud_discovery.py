@@ -56,3 +56,35 @@ def test_advertise_then_browse_on_loopback_finds_the_worker_with_its_txt() -> No
 
     asyncio.run(asyncio.wait_for(body(), 30))
     assert set(threading.enumerate()) <= threads_before, "zeroconf left a thread running"
+
+
+def test_a_stopped_worker_says_goodbye_and_a_long_id_is_still_advertised() -> None:
+    """Browsers hear the worker leave at once (not when its records expire), and a worker id
+    over the 63-byte DNS label limit is advertised under a shortened, unique name."""
+    long_id = "worker-" + "x" * 80
+    props = txt_properties([ServiceModel(name="tiny", bundle_hash="c" * 64, split=2)], tls=False, worker_id=long_id)
+
+    async def body() -> None:
+        browser_zc = AsyncZeroconf(interfaces=LOOPBACK)
+        events: asyncio.Queue[tuple[str, ServiceStateChange]] = asyncio.Queue()
+
+        def on_change(zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+            events.put_nowait((name, state_change))
+
+        browser = AsyncServiceBrowser(browser_zc.zeroconf, SERVICE_TYPE, handlers=[on_change])
+        try:
+            advertiser = Advertiser(instance=long_id, port=50124, properties=props, interfaces=LOOPBACK)
+            await advertiser.start()
+            name, change = await asyncio.wait_for(events.get(), 10)
+            assert change is ServiceStateChange.Added
+            label = name.removesuffix(f".{SERVICE_TYPE}")
+            assert len(label.encode()) <= 63 and label.startswith("worker-xxx") and label != long_id[:63]
+            await advertiser.stop()
+            while change is not ServiceStateChange.Removed:
+                gone, change = await asyncio.wait_for(events.get(), 5)
+            assert gone == name
+        finally:
+            await browser.async_cancel()
+            await browser_zc.async_close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))

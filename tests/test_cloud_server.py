@@ -460,6 +460,9 @@ def test_tls_and_bearer_token(tmp_path: Path, models, served) -> None:
                 good = [("authorization", f"Bearer {token}")]
                 info = await stub.GetModelInfo(pb.ModelInfoRequest(), timeout=T, metadata=good)
                 assert info.models[0].name == "tiny"
+                for scheme in ("bearer", "BEARER"):  # an HTTP auth scheme: any case
+                    other_case = [("authorization", f"{scheme} {token}")]
+                    assert (await stub.GetModelInfo(pb.ModelInfoRequest(), timeout=T, metadata=other_case)).models
                 assert len((await stub.Infer(_feature_request(served, 2), timeout=T, metadata=good)).rows) == 2
                 for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", token)]):
                     for call in (stub.GetModelInfo(pb.ModelInfoRequest(), timeout=T, metadata=metadata),
@@ -488,6 +491,14 @@ def test_tls_and_bearer_token(tmp_path: Path, models, served) -> None:
 async def _drain_stream(call) -> None:
     async for _ in call:
         pass
+
+
+def test_a_key_that_does_not_fit_the_certificate_is_named_as_such(tmp_path: Path, models) -> None:
+    """Not reported as "the port is in use", which is what gRPC's failed bind reads as."""
+    certs = _certificates(tmp_path)
+    config = ServerConfig(host="127.0.0.1", port=0, tls_cert=certs["server_cert"], tls_key=certs["client_key"])
+    with pytest.raises(ServerError, match="private key does not belong to the certificate"):
+        build_server(config, models)
 
 
 def test_mutual_tls_requires_a_client_certificate(tmp_path: Path, models) -> None:

@@ -128,19 +128,28 @@ def test_run_with_a_worker_then_spool_and_refine(bundle: Path, folder: Path, wor
     handler.fail = "UNAVAILABLE"  # the worker is draining: rows degrade and are spooled
     spool = tmp_path / "spool"
     code, _, err = _run(capsys, "edge", "run", str(bundle), "--input", str(folder), "--out", str(out),
-                        "--worker", address, "--spool", str(spool))
+                        "--worker", address, "--spool", str(spool), "--batch-size", "4")
     assert code == 0, err
     degraded = {r["sample_id"] for r in read_results(out) if r["route"] == "degraded"}
     assert degraded and all(r["spooled"] for r in read_results(out) if r["route"] == "degraded")
+    # a flipped bit in the first spooled request costs that request only
+    from splitexit.edge import Spool
+
+    entries = Spool(spool).entries()
+    assert len(entries) >= 2
+    log = spool / "spool.log"
+    data = bytearray(log.read_bytes())
+    data[40] ^= 0x01
+    log.write_bytes(bytes(data))
     handler.fail = None
     updates = tmp_path / "updates.jsonl"
     code, _, err = _run(capsys, "edge", "refine", str(bundle), "--spool", str(spool), "--worker", address,
                         "--out", str(updates))
     assert code == 0, err
     refined = list(read_results(updates))
-    assert {r["sample_id"] for r in refined} == degraded
+    assert {r["sample_id"] for r in refined} == degraded - set(entries[0].sample_ids)
     assert all(r["update"] and r["route"] == "cloud" for r in refined)
-    assert "0 requests left" in err
+    assert "0 requests left" in err and "1 damaged spool records" in err
 
 
 def test_numpy_and_archive_inputs(bundle: Path, folder: Path, tmp_path: Path, capsys) -> None:
@@ -172,13 +181,13 @@ def _tampered(bundle: Path, tmp_path: Path) -> Path:
     ("missing bundle", "not a bundle"),
     ("tampered bundle", "manifest hash mismatch"),
     ("missing input", "no such file or folder"),
-    ("unreadable image", "bad.png: not a readable image"),
-    ("wrong size", "the bundle takes 8x8"),
+    ("unreadable input", "bad.png: not a readable image"),
     ("bad worker", "bad worker address"),
     ("bad budget", "expected milliseconds > 0"),
     ("missing token", "cannot read the token"),
     ("cert without key", "mTLS needs both --tls-cert and --tls-key"),
     ("no out dir", "no such directory"),
+    ("out is a directory", "is a directory"),
     ("refine no spool", "not a spool"),
     ("refine no worker", "refine needs a worker"),
 ])
@@ -191,21 +200,19 @@ def test_error_paths_are_one_line_exit_2_and_write_nothing(bundle: Path, folder:
         "missing bundle": ["edge", "run", str(tmp_path / "nope"), "--input", str(folder), "--out", str(out)],
         "tampered bundle": ["edge", "run", str(_tampered(bundle, tmp_path)), "--input", str(folder), "--out", str(out)],
         "missing input": ["edge", "run", str(bundle), "--input", str(tmp_path / "none"), "--out", str(out)],
-        "unreadable image": run,
-        "wrong size": run,
+        "unreadable input": ["edge", "run", str(bundle), "--input", str(folder / "bad.png"), "--out", str(out)],
         "bad worker": run + ["--worker", "localhost"],
         "bad budget": run + ["--latency-budget-ms", "-5"],
         "missing token": run + ["--worker", "127.0.0.1:1", "--token-file", str(tmp_path / "token")],
         "cert without key": run + ["--worker", "127.0.0.1:1", "--tls-cert", str(tmp_path / "c.pem")],
         "no out dir": ["edge", "run", str(bundle), "--input", str(folder), "--out", str(tmp_path / "x" / "r.jsonl")],
+        "out is a directory": ["edge", "run", str(bundle), "--input", str(folder), "--out", str(out.parent)],
         "refine no spool": ["edge", "refine", str(bundle), "--spool", str(tmp_path), "--worker", "127.0.0.1:1",
                             "--out", str(out)],
         "refine no worker": ["edge", "refine", str(bundle), "--spool", str(tmp_path / "s"), "--out", str(out)],
     }[case]
-    if case == "unreadable image":
+    if case == "unreadable input":  # alone: nothing to answer (among others, see the test below)
         (folder / "bad.png").write_bytes(b"\x89PNG broken")
-    if case == "wrong size":
-        Image.new("L", (9, 9)).save(folder / "zz.png")
     if case == "refine no worker":
         (tmp_path / "s").mkdir()
         (tmp_path / "s" / "spool.log").write_bytes(b"")
@@ -216,6 +223,45 @@ def test_error_paths_are_one_line_exit_2_and_write_nothing(bundle: Path, folder:
     if "usage:" not in err:  # argparse prints its usage, then the one error line
         assert len(lines) == 1 and lines[0].startswith("splitexit: error:"), err
     assert list(out.parent.iterdir()) == []  # no results, no temporary file
+
+
+def test_unreadable_inputs_are_named_and_the_others_answered(bundle: Path, folder: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    Image.new("L", (9, 9)).save(folder / "zz.png")
+    out = tmp_path / "results.jsonl"
+    code, _, err = _run(capsys, "edge", "run", str(bundle), "--input", str(folder), "--out", str(out))
+    assert code == 1, err  # finished, but not every input has an answer
+    assert sorted(r["sample_id"] for r in read_results(out)) == [f"{i:02d}.png" for i in range(N)]
+    assert "bad.png: not a readable image" in err and "zz.png: image is 9x9" in err
+    assert f"2 of {N + 2} inputs could not be read" in err
+
+
+def test_an_interrupted_run_resumes_and_answers_each_input_once(bundle: Path, folder: Path, tmp_path: Path,
+                                                                capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from splitexit.edge.agent import EdgeAgent
+
+    infer = EdgeAgent.infer
+    computed: list[str] = []
+
+    async def counting(self, batch, ids=None):
+        if len(computed) >= 5:
+            raise KeyboardInterrupt  # Ctrl-C after the first batch
+        computed.extend(ids)
+        return await infer(self, batch, ids)
+
+    monkeypatch.setattr(EdgeAgent, "infer", counting)
+    out = tmp_path / "results.jsonl"
+    argv = ["edge", "run", str(bundle), "--input", str(folder), "--out", str(out), "--batch-size", "5"]
+    code, _, err = _run(capsys, *argv)
+    assert code == 130 and not out.exists()
+    assert len(list(read_results(tmp_path / "results.jsonl.partial"))) == 5
+    monkeypatch.setattr(EdgeAgent, "infer", infer)
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert f"resuming: 5 answers kept from {out}.partial, {N - 5} inputs left" in err
+    assert sorted(r["sample_id"] for r in read_results(out)) == [f"{i:02d}.png" for i in range(N)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "results.jsonl"]
 
 
 def test_run_discovers_a_worker_on_loopback(bundle: Path, folder: Path, worker, tmp_path: Path, capsys) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from splitexit.edge import Answer, InputError, ResultWriter, Spool, TraceWriter, load_inputs, read_results, read_trace
+from splitexit.edge import Answer, InputError, ResultsError, ResultWriter, Spool, TraceWriter, load_inputs, read_results, read_trace
 from splitexit.proto import inference_pb2 as pb
 
 SHAPE = (1, 8, 8)
@@ -92,6 +92,18 @@ def test_unreadable_inputs_name_the_file(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "good.png").write_bytes(_png(_images(1)[0]))
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "large.png").write_bytes(_png(np.zeros((16, 16), dtype=np.uint8)))
+    # the others are still read; each one set aside comes with its reason
+    got = load_inputs(folder, SHAPE)
+    assert got.ids == ("good.png",) and got.data.shape == (1, 8, 8, 1)
+    reasons = dict(got.errors)
+    assert set(reasons) == {"broken.png", "large.png"}
+    assert "broken.png: not a readable image" in reasons["broken.png"] and "16x16" in reasons["large.png"]
+    assert got.without({"good.png"}).ids == () and got.without(set()).ids == ("good.png",)
+    # nothing readable at all: the first file's error
+    with pytest.raises(InputError, match="broken.png: not a readable image"):
+        load_inputs(folder / "broken.png", SHAPE)
+    (folder / "good.png").unlink()
     with pytest.raises(InputError, match="broken.png: not a readable image"):
         load_inputs(folder, SHAPE)
     (tmp_path / "junk.tar.gz").write_bytes(b"\x1f\x8b garbage")
@@ -124,12 +136,42 @@ def test_results_are_json_lines_written_all_or_nothing(tmp_path: Path) -> None:
     assert rows[0] == {"sample_id": "s0", "label": 0, "class_name": "c0", "confidence": 0.5, "exit": 2,
                        "network": "tiny", "route": "edge", "reason": None, "latency_ms": 1.25}
     assert rows[1]["route"] == "degraded" and rows[1]["reason"] == "unavailable" and rows[1]["spooled"] is True
-    failed = tmp_path / "failed.jsonl"
+    empty = tmp_path / "empty.jsonl"
     with pytest.raises(RuntimeError):
-        with ResultWriter(failed) as writer:
-            writer.write(_answer(0))
+        with ResultWriter(empty) as writer:
+            raise RuntimeError("crash before any answer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]  # nothing left behind
+
+
+def test_an_interrupted_run_keeps_its_answers_and_a_rerun_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    with pytest.raises(RuntimeError):
+        with ResultWriter(out, run="bundle-a") as writer:
+            for i in range(3):
+                writer.write(_answer(i))
+            writer.checkpoint()
             raise RuntimeError("crash mid-run")
-    assert not failed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+    partial = tmp_path / "results.jsonl.partial"
+    assert not out.exists() and [r["sample_id"] for r in read_results(partial)] == ["s0", "s1", "s2"]
+    with partial.open("a") as f:  # killed in the middle of a line
+        f.write('{"sample_id":"s3","lab')
+    with pytest.raises(ResultsError, match="left by another run"):
+        ResultWriter(out, run="bundle-b")
+    with ResultWriter(out, run="bundle-a") as writer:
+        assert writer.done == {"s0", "s1", "s2"}  # the torn line is answered again
+        for i in (3, 4):
+            writer.write(_answer(i))
+    assert [r["sample_id"] for r in read_results(out)] == ["s0", "s1", "s2", "s3", "s4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+    with ResultWriter(out, run="bundle-a", resume=False) as writer:  # starting over
+        assert writer.done == set()
+
+
+def test_a_results_path_that_is_a_directory_is_refused_before_any_answer(tmp_path: Path) -> None:
+    with pytest.raises(ResultsError, match="is a directory"):
+        ResultWriter(tmp_path)
+    with pytest.raises(ResultsError, match="no such directory"):
+        ResultWriter(tmp_path / "missing" / "r.jsonl")
 
 
 def test_trace_stream_and_reader(tmp_path: Path) -> None:
@@ -177,6 +219,32 @@ def test_spool_survives_a_torn_append_and_compacts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="spool directory"):
         Spool(tmp_path / "file")
     assert json.dumps(_answer(3, update=True).to_dict())  # plain JSON
+
+
+@pytest.mark.parametrize("where", ["payload", "length"])
+def test_a_damaged_record_in_the_middle_of_the_spool_costs_that_record_only(tmp_path: Path, where: str) -> None:
+    spool = Spool(tmp_path / "spool")
+    feature = np.random.default_rng(0).bytes(4000)  # feature-like bytes, some of them look like headers
+    for i in range(5):
+        spool.put(pb.InferRequest(request_id=f"r{i}", bundle_hash="h", sample_ids=[f"s{i}"],
+                                  raw_input=pb.RawInput(format="u8", items=[feature])), reason="unavailable")
+    log = tmp_path / "spool" / "spool.log"
+    data = bytearray(log.read_bytes())
+    starts = [0]
+    while len(starts) < 5:
+        starts.append(starts[-1] + 8 + int.from_bytes(data[starts[-1]:starts[-1] + 4], "little"))
+    flip = starts[2] + (1 if where == "length" else 500)  # record r2's length field, or its payload
+    data[flip] ^= 0x10
+    log.write_bytes(bytes(data))
+    assert [e.request_id for e in spool.entries()] == ["r0", "r1", "r3", "r4"]
+    assert spool.damage.records == 1 and spool.damage.bytes == starts[3] - starts[2]
+    size = log.stat().st_size
+    spool.put(pb.InferRequest(request_id="r5", bundle_hash="h", sample_ids=["s5"]), reason="unavailable")
+    assert log.stat().st_size > size  # appended after the last whole record, nothing cut
+    assert [e.request_id for e in spool.entries()] == ["r0", "r1", "r3", "r4", "r5"]
+    assert spool.compact() == 5 and spool.damage.records == 1  # counted as read, then dropped
+    fresh = Spool(tmp_path / "spool")
+    assert [e.request_id for e in fresh.entries()] == ["r0", "r1", "r3", "r4", "r5"] and fresh.damage.records == 0
 
 
 def test_public_api_lists_existing_names() -> None:

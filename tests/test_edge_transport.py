@@ -183,6 +183,10 @@ def test_channel_options_are_explicit() -> None:
     options = dict(channel_options(GrpcConfig(max_message_bytes=8 << 20)))
     assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == 8 << 20
     assert options["grpc.keepalive_time_ms"] == 30_000
+    # a worker back from a long outage is retried within a second, not after gRPC's 120 s
+    assert options["grpc.max_reconnect_backoff_ms"] <= 1000
+    with pytest.raises(ValueError, match="reconnect_backoff"):
+        GrpcConfig(initial_reconnect_backoff_ms=2000, max_reconnect_backoff_ms=1000)
     with pytest.raises(ValueError, match="one non-empty line"):
         GrpcConfig(token="a\nb")
     with pytest.raises(ValueError, match="both a client certificate and its key"):
@@ -228,6 +232,18 @@ def _certificates():
     server = leaf("worker", 2, [x509.DNSName("worker.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     client = leaf("edge", 3, [x509.DNSName("edge.test")])
     return ca.public_bytes(serialization.Encoding.PEM), server, client
+
+
+def test_tls_files_are_checked_when_the_config_is_made() -> None:
+    """Not at the first handshake, where a bad client key reads as an unreachable worker."""
+    ca, (server_cert, _), (client_cert, client_key) = _certificates()
+    TlsConfig(ca=ca, cert=client_cert, key=client_key)
+    with pytest.raises(ValueError, match="private key does not belong to the certificate"):
+        TlsConfig(ca=ca, cert=server_cert, key=client_key)
+    with pytest.raises(ValueError, match="not a PEM private key"):
+        TlsConfig(ca=ca, cert=client_cert, key=b"not a key")
+    with pytest.raises(ValueError, match="not a PEM CA certificate"):
+        TlsConfig(ca=client_key)
 
 
 def test_mtls(setup) -> None:
@@ -381,5 +397,46 @@ def test_pool_marks_down_fails_over_and_probes_back(setup) -> None:
             await empty.infer(_request(path, "z"), 1.0)
         assert err.value.reason == "no_worker"
         await empty.close()
+
+    asyncio.run(run())
+
+
+def test_deadline_misses_take_out_a_partitioned_worker_but_not_a_busy_one(setup) -> None:
+    """A miss starts a health probe: a busy worker answers it and stays in rotation (no
+    "no_worker" while it is up); one behind a silent partition does not and is taken out
+    within the probe's timeout, however long the request timeout."""
+    _, _, path, _, _ = setup
+    handler = S.TailHandler(path)
+    bundle_hash = S.load_bundle(path, "edge").hash
+    partitioned = {"on": False}
+
+    async def slow_infer(request: pb.InferRequest) -> pb.InferResponse:
+        await asyncio.sleep(10)  # always later than the caller's deadline
+        return await handler(request)
+
+    async def health() -> str:
+        if partitioned["on"]:
+            await asyncio.sleep(10)  # nothing comes back
+        return "SERVING"
+
+    async def run():
+        pool = WorkerPool(bundle_hash=bundle_hash, config=PoolConfig(max_failures=1, confirm_timeout_s=0.3,
+                                                                     probe_interval_s=60))
+        pool.add("w", InProcessTransport(slow_infer, model_info=handler.model_info(), health=health, name="w"))
+        try:
+            await pool.probe(force=True)
+            for i in range(4):
+                with pytest.raises(OffloadError) as err:
+                    await pool.infer(_request(path, f"busy{i}"), 0.05)
+                assert err.value.code == "DEADLINE_EXCEEDED" and err.value.reason != "no_worker"
+            await asyncio.sleep(0.1)  # the probes the misses started
+            assert {w.key: w.state for w in pool.workers()} == {"w": "up"}
+            partitioned["on"] = True
+            with pytest.raises(OffloadError):
+                await pool.infer(_request(path, "cut"), 0.05)
+            await asyncio.sleep(0.5)
+            assert {w.key: w.state for w in pool.workers()} == {"w": "down"}
+        finally:
+            await pool.close()
 
     asyncio.run(run())

@@ -25,7 +25,9 @@ $(TOOLS):
 	@if command -v npm >/dev/null 2>&1 && npm install --silent --prefix .tools @bufbuild/buf@1.75.0; \
 	then touch $(TOOLS); else echo "note: buf not installed (no npm?): the gRPC CLI test will be skipped"; fi
 
+# the type check of the whole package first (tools/typecheck.py: mypy, zero errors), then the suite
 test: $(STAMP) $(TOOLS)
+	$(BIN)/python tools/typecheck.py
 	$(BIN)/python -m pytest -q
 
 # Regenerates protos/splitexit/proto/*_pb2*.py(i) from the .proto files (commit them).
@@ -33,4 +35,4 @@ protos: $(STAMP)
 	$(BIN)/python -m splitexit.proto.generate
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .tools
+	rm -rf $(VENV) runs .pytest_cache .tools .cache/typecheck .cache/mypy-cache

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -205,7 +206,7 @@ class Batcher:
                     continue
                 task = asyncio.create_task(self._compute(key, live), name=f"batch:{key}")
                 running.add(task)
-                task.add_done_callback(lambda t: (running.discard(t), wake.set()))  # the compute is freer
+                task.add_done_callback(functools.partial(_finished, running, wake))  # the compute is freer
         finally:
             for task in running:
                 task.cancel()
@@ -273,3 +274,9 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(RequestError("UNAVAILABLE", "the worker is shutting down"))
         self._workers.clear()
+
+
+def _finished(running: set[asyncio.Task[None]], wake: asyncio.Event, task: asyncio.Task[None]) -> None:
+    """A batch's compute ended: it no longer counts, and the loop may start the next."""
+    running.discard(task)
+    wake.set()

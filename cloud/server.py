@@ -50,7 +50,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Hashable, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -399,6 +399,11 @@ class CloudServer:
             await self.stop()
 
 
+def _model_name(key: Hashable) -> str:
+    """The model of a batch key (model, split, dtype, shape), for the metrics' label."""
+    return str(key[0]) if isinstance(key, tuple) else str(key)
+
+
 def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedModel]) -> CloudServer:
     """A grpc.aio server for `models` (from `splitexit.cloud.servicer.load_models`), bound
     to config.host:config.port but not started. Raises ServerError (port in use, unreadable
@@ -412,7 +417,7 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
         return items[0].model.run_batch(items)
 
     batcher = Batcher(config.batching, run_batch, executor=executor, on_depth=metrics.queue_rows.set,
-                      on_batch=lambda key, rows, s: metrics.batch_done(str(key[0]), rows, s))
+                      on_batch=lambda key, rows, s: metrics.batch_done(_model_name(key), rows, s))
     limits = ServiceLimits(max_message_bytes=config.max_message_bytes, max_request_rows=config.max_request_rows,
                            max_raw_item_bytes=config.max_raw_item_bytes, stream_inflight=config.stream_inflight)
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"

@@ -265,7 +265,7 @@ class ServedModel:
         inputs: dict[int, torch.Tensor] = {}
         images: dict[int, torch.Tensor] = {}  # decoded raw input, reused for escalation
         for i, item in enumerate(items):
-            if not raw_start:
+            if item.feature is not None:  # all of a batch alike (raw_start)
                 inputs[i] = item.feature
                 continue
             try:
@@ -581,7 +581,7 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
         raise RequestError("FAILED_PRECONDITION", f"this worker has no edge weights for {model.name}: it cannot "
                                                   f"run it from raw input; send the feature at split "
                                                   f"{model.bundle.split}")
-    if raw_start:
+    if feature is None:
         key: Hashable = (model.name, model.hash, "raw")
     else:
         key = (model.name, model.hash, "feature", request.split, request.feature.dtype, tuple(feature.shape[1:]))

@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from splitexit.cli import EXIT_PARTIAL, CliError
 
@@ -119,7 +119,8 @@ def _grpc_config(args: argparse.Namespace) -> "GrpcConfig":
                                    server_name=args.tls_server_name)
     elif args.tls_server_name:
         raise CliError("--tls-server-name needs TLS (--tls-ca)")
-    lb = "round_robin" if any(w.startswith("dns:///") for w in args.worker) else "pick_first"
+    lb: Literal["round_robin", "pick_first"] = (
+        "round_robin" if any(w.startswith("dns:///") for w in args.worker) else "pick_first")
     return GrpcConfig(token=token, tls=tls, lb_policy=lb)
 
 

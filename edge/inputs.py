@@ -72,7 +72,7 @@ def _decode(data: bytes, where: str, shape: tuple[int, int, int], resize: bool) 
                 if not resize:
                     raise InputError(f"{where}: image is {img.size[0]}x{img.size[1]}, the bundle takes {w}x{h} "
                                      f"(resize it, or pass --resize)")
-                img = img.convert(_MODES[c]).resize((w, h), Image.BILINEAR)
+                img = img.convert(_MODES[c]).resize((w, h), Image.Resampling.BILINEAR)
             pixels = np.asarray(img.convert(_MODES[c]), dtype=np.uint8)
     except InputError:
         raise

@@ -19,6 +19,7 @@ grpc, and only where a gRPC object is built, so in-process users never load it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -571,8 +572,11 @@ class WorkerPool:
         if task is None:
             task = asyncio.ensure_future(self._confirm(key))
             self._confirming[key] = task
-            task.add_done_callback(lambda _t, key=key: self._confirming.pop(key, None))
+            task.add_done_callback(functools.partial(self._confirmed, key))
         return task
+
+    def _confirmed(self, key: str, _task: "asyncio.Task[bool]") -> None:
+        self._confirming.pop(key, None)
 
     async def _confirm(self, key: str) -> bool:
         worker = self._workers.get(key)

@@ -197,11 +197,11 @@ class EncodedTensor:
     def to_proto(self) -> "inference_pb2.Tensor":
         from splitexit.proto import inference_pb2 as pb
 
-        msg = pb.Tensor(dtype=pb.DType.Value("DTYPE_" + self.dtype.upper()), shape=self.shape, data=self.data)
+        msg = pb.Tensor(dtype="DTYPE_" + self.dtype.upper(), shape=self.shape, data=self.data)  # enum by name
         if self.quant is not None:
             msg.quant.CopyFrom(
                 pb.Quantization(
-                    scheme=pb.QuantScheme.Value("QUANT_SCHEME_" + self.quant.scheme.upper()),
+                    scheme="QUANT_SCHEME_" + self.quant.scheme.upper(),
                     axis=self.quant.axis,
                     scale=self.quant.scale,
                     zero_point=self.quant.zero_point,

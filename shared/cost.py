@@ -22,6 +22,7 @@ load a saved cost model (`CostModel.from_dict`) without it.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -145,6 +146,9 @@ class CostModel:
         from splitexit.policies.base import Ladder
 
         points = self._exits(exit_points)
+        stages: tuple[float, ...]
+        exits: Mapping[int, float]
+        head: float
         if unit == "macs":
             stages, exits, head = self.stage_macs, self.exit_macs, self.head_macs
         elif unit == "ms":
@@ -269,8 +273,8 @@ def measure_ms(
     try:
         with torch.inference_mode():
             xs = _stage_inputs(model, _example(model, input_shape, batch_size))
-            stage_ms = tuple(median_ms(lambda i=i: model.stages[i](xs[i])) for i in range(model.num_stages))
-            exit_ms = {k: median_ms(lambda k=k: model.exit_logits(k, xs[k + 1])) for k in model.exit_points}
+            stage_ms = tuple(median_ms(functools.partial(model.stages[i], xs[i])) for i in range(model.num_stages))
+            exit_ms = {k: median_ms(functools.partial(model.exit_logits, k, xs[k + 1])) for k in model.exit_points}
             head_ms = median_ms(lambda: model.head(xs[-1]))
     finally:
         model.train(was_training)
@@ -294,8 +298,8 @@ def cost_model(
         with torch.no_grad():
             x = _example(model, input_shape, 1)
             xs = _stage_inputs(model, x)  # xs[k] is stage k's input, xs[k + 1] its output
-            stage_macs = tuple(_macs(lambda i=i: model.stages[i](xs[i])) for i in range(model.num_stages))
-            exit_macs = {k: _macs(lambda k=k: model.exit_logits(k, xs[k + 1])) for k in model.exit_points}
+            stage_macs = tuple(_macs(functools.partial(model.stages[i], xs[i])) for i in range(model.num_stages))
+            exit_macs = {k: _macs(functools.partial(model.exit_logits, k, xs[k + 1])) for k in model.exit_points}
             head_macs = _macs(lambda: model.head(xs[-1]))
     finally:
         model.train(was_training)

@@ -82,7 +82,7 @@ def cached_exit_outputs(
     return outputs
 
 
-def balance(hist: Sequence[float]) -> float:
+def balance(hist: Sequence[float] | np.ndarray) -> float:
     """Normalized entropy of an exit histogram: 1 = evenly spread, 0 = one exit takes all."""
     p = np.asarray(hist, dtype=np.float64)
     p = p / p.sum()

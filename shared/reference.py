@@ -15,7 +15,7 @@ import torch
 
 from splitexit.checkpoint import CheckpointMeta
 from splitexit.data import Dataset, load_dataset
-from splitexit.models import ModelConfig, MultiExitNet, build_model
+from splitexit.models import ExitHead, ModelConfig, MultiExitNet, build_model
 from splitexit.train import TrainConfig, train_cached
 
 
@@ -99,7 +99,7 @@ class Recipe:
         return Trained(*train_cached(self.cloud_model, replace(self.cloud_train, threads=threads), dataset,
                                      cache_dir=cache_dir, progress=True))
 
-    def train_heads(self, dataset: Dataset, cache_dir: Path, head: str, *,
+    def train_heads(self, dataset: Dataset, cache_dir: Path, head: ExitHead, *,
                     threads: int | None = None) -> Trained:
         """Exit heads of kind `head` ("bof" or "pool") at every block of the frozen edge backbone."""
         backbone = self.train_backbone(dataset, cache_dir, threads=threads)

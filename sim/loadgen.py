@@ -79,7 +79,7 @@ async def _client(plan: ClientPlan, barrier: Any, go: Any, window: Any) -> Clien
     loop = asyncio.get_running_loop()
     async with grpc.aio.insecure_channel(plan.address, options=options) as channel:
         # bytes in, bytes out: no per-call protobuf serialization on the client
-        infer = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
+        infer: Any = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
         await infer(plan.payloads[0], timeout=plan.timeout_s, wait_for_ready=True)  # connected and warm
         await loop.run_in_executor(None, barrier.wait, _SYNC_TIMEOUT_S)
         if not await loop.run_in_executor(None, go.wait, _SYNC_TIMEOUT_S):
@@ -89,7 +89,7 @@ async def _client(plan: ClientPlan, barrier: Any, go: Any, window: Any) -> Clien
         tag = f"{os.getpid()}-"
         tally = _Tally(start, end)
         send = _stream_sends if plan.stream else _unary_sends
-        method = (channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=None)
+        method: Any = (channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=None)
                   if plan.stream else infer)
 
         async def cpu_in_window() -> float:

@@ -18,6 +18,7 @@ __all__ = [
     "BoFConfig",
     "BoFHead",
     "BoFHistogram",
+    "ExitHead",
     "HistogramClassifier",
     "ModelConfig",
     "MultiExitNet",

@@ -109,12 +109,14 @@ class BoFHistogram(nn.Module):
         scale folded in. Cached outside training (keyed by the parameters' versions, which
         every in-place update such as an optimizer step or load_state_dict bumps): at batch 1
         the handful of tiny ops that fold them would cost as much as the head itself."""
-        params = (self.codebook.weight, self.codebook.bias, self.a, self.c)
+        codebook_bias = self.codebook.bias
+        assert codebook_bias is not None, "the logistic kernel's codebook has a bias"
+        params = (self.codebook.weight, codebook_bias, self.a, self.c)
         key = (scale, *(p._version for p in params))
         if not (self.training or torch.is_grad_enabled()) and self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         weight = self.codebook.weight.flatten(1) * (2 * self.a * scale)
-        bias = (2 * (self.a * self.codebook.bias + self.c))[:, None]
+        bias = (2 * (self.a * codebook_bias + self.c))[:, None]
         if not (self.training or torch.is_grad_enabled()):
             self._cache = (key, weight, bias)
         return weight, bias

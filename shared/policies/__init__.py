@@ -5,7 +5,7 @@ METHODS.md, fit offline on cached exit outputs and stored in bundle manifests as
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from splitexit.policies.base import Decision, ExitPolicy, Ladder, Outcome, PolicyError, State, simulate, step
 from splitexit.policies.bof import BoFBeta
@@ -21,8 +21,14 @@ __all__ = [
     "fit_scalar_to_budget", "policy_from_dict", "policy_to_dict", "sequential_thresholds", "simulate", "step",
 ]
 
+class PolicyClass(Protocol):
+    """A policy class as the registry holds it: it builds its rule from manifest params."""
+
+    def from_dict(self, data: dict[str, Any]) -> ExitPolicy: ...
+
+
 # Every policy a bundle manifest may name. Read-only: a name means one rule forever.
-POLICIES: Mapping[str, type] = MappingProxyType({
+POLICIES: Mapping[str, PolicyClass] = MappingProxyType({
     cls.name: cls for cls in (MaxProb, Entropy, Patience, BoFBeta, MSDNetBudget, Bolukbasi, EENet, Oracle, Predictive)
 })
 

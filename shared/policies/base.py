@@ -33,6 +33,16 @@ class Decision:
     answer: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Step:
+    """A decision with every field resolved, as `step` returns it: the rows that exit, the
+    next exit of every row (in k+1..K-1), and the answer of every row."""
+
+    exit: torch.Tensor  # bool [B]
+    next_exit: torch.Tensor  # long [B]
+    answer: torch.Tensor  # float [B, C]
+
+
 class ExitPolicy(Protocol):
     """An exit rule. Implementations are small dataclasses of plain parameters."""
 
@@ -146,7 +156,7 @@ def first_exit(policy: ExitPolicy, num_exits: int) -> int:
     return 0 if start is None else min(max(int(start(num_exits)), 0), num_exits - 1)
 
 
-def step(policy: ExitPolicy, k: int, probs: torch.Tensor, state: State, num_exits: int) -> tuple[Decision, State]:
+def step(policy: ExitPolicy, k: int, probs: torch.Tensor, state: State, num_exits: int) -> tuple[Step, State]:
     """One policy decision with the rules every caller relies on: the last exit always
     answers, and `next_exit` for continuing rows lies in k+1..K-1."""
     decision, new_state = policy.decide(k, probs, state)
@@ -159,7 +169,7 @@ def step(policy: ExitPolicy, k: int, probs: torch.Tensor, state: State, num_exit
     else:
         nxt = nxt.to(torch.long).clamp(k + 1, num_exits - 1)
     answer = probs if decision.answer is None else decision.answer
-    return Decision(exits, nxt, answer), new_state
+    return Step(exits, nxt, answer), new_state
 
 
 def _select(state: State, rows: torch.Tensor) -> State:

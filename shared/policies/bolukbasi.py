@@ -35,6 +35,7 @@ index is implicit: each exit has its own classifier.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -388,7 +389,7 @@ def _fit(prep: _Prepared, lam: float, *, jump: bool, thresholds: ThresholdMode, 
     if thresholds not in THRESHOLD_MODES:
         raise PolicyError(f"unknown thresholds mode {thresholds!r}; choose one of {', '.join(THRESHOLD_MODES)}")
     ladder, losses, num_exits = prep.ladder, prep.losses, prep.ladder.num_exits
-    options = dict(C=C, thresholds=thresholds, max_iter=max_iter)
+    fit_choice = functools.partial(_fit_choice, C=C, thresholds=thresholds, max_iter=max_iter)
     value = np.zeros_like(losses)  # V_k: realized cost-to-go once exit k has been evaluated
     value[-1] = losses[-1]
     exit_rules: dict[int, _Choice] = {}
@@ -399,10 +400,10 @@ def _fit(prep: _Prepared, lam: float, *, jump: bool, thresholds: ThresholdMode, 
         target = prep.jumps[k] if jump else NO_JUMP
         if target != NO_JUMP:
             c_jump = lam * _tau(ladder, k, target) / prep.scale + value[target]
-            rule = _fit_choice(prep.features[k], c_jump, c_go, **options)
+            rule = fit_choice(prep.features[k], c_jump, c_go)
             jump_rules[k] = rule
             c_go = np.where(rule.yes, c_jump, c_go)
-        exit_rules[k] = _fit_choice(prep.features[k], c_exit, c_go, **options)
+        exit_rules[k] = fit_choice(prep.features[k], c_exit, c_go)
         value[k] = np.where(exit_rules[k].yes, c_exit, c_go)
     exits = [exit_rules[k] for k in range(num_exits - 1)]
     jumps = [jump_rules.get(k) for k in range(num_exits - 1)]

@@ -22,7 +22,7 @@ def check_budget(budget: float, ladder: Ladder) -> None:
         )
 
 
-def sequential_thresholds(scores: np.ndarray, proportions: Sequence[float]) -> np.ndarray:
+def sequential_thresholds(scores: np.ndarray, proportions: Sequence[float] | np.ndarray) -> np.ndarray:
     """Thresholds t_k so that, going through the exits in order, the top ⌊π_k·N⌋ of the
     rows still remaining (by score at exit k) exit at k. scores [K, N]; returns [K] with
     t_{K-1} = -inf (the last exit takes everyone left). A row exits at the first k with
@@ -89,9 +89,9 @@ class MSDNetBudget:
             qs: Sequence[float] | None = None) -> "MSDNetBudget":
         """The most accurate q on this (validation) set whose average cost fits `budget`."""
         check_budget(budget, ladder)
-        qs = np.geomspace(0.02, 50.0, 241) if qs is None else qs
+        candidates = np.geomspace(0.02, 50.0, 241) if qs is None else np.asarray(qs, dtype=np.float64)
         best: tuple[float, float, MSDNetBudget] | None = None
-        for q in qs:
+        for q in candidates:
             policy = cls.for_q(float(q), probs)
             outcome = simulate(policy, probs, ladder, labels)
             if outcome.mean_cost <= budget:

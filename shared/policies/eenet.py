@@ -320,7 +320,9 @@ def _train(p: torch.Tensor, correct: np.ndarray, costs: np.ndarray, budget: floa
     opt_r = torch.optim.Adam(w1 + w2, lr=config.lr, weight_decay=config.weight_decay)
 
     def forward(idx: torch.Tensor, train_q: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, scores, r = [], [], []
+        logits: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
+        r: list[torch.Tensor] = []
         for k in range(k_exits):
             x = torch.cat([base[k, idx], torch.stack(scores, -1) if k else base.new_zeros((len(idx), 0))], -1)
             with torch.set_grad_enabled(train_q):
@@ -390,7 +392,7 @@ def _fits(cost: float, budget: float, costs: np.ndarray, tol: float) -> bool:
     return budget >= costs[-1] or budget * (1 - tol) <= cost <= budget
 
 
-def _realized(thresholds: Sequence[float], logits: np.ndarray, correct: np.ndarray,
+def _realized(thresholds: Sequence[float] | np.ndarray, logits: np.ndarray, correct: np.ndarray,
               costs: np.ndarray) -> tuple[float, float]:
     """Average cost and accuracy of "exit at the first k with logit ≥ t_k" on cached scores."""
     passes = logits >= np.asarray(thresholds, dtype=np.float64)[:, None]

@@ -448,7 +448,7 @@ def _report(s: Settings, r: ServedRun, parts: Parts, before: Timing, after: Timi
     compute_s = r.after.compute_s - r.before.compute_s
     # CPU per batch of `batch` rows: robust to other load on the machine, unlike wall time
     full_batches = rows / s.batch if rows else float("nan")
-    profile = {
+    profile: dict[str, Any] = {
         "tail_ms": _ms(parts.tail.median_s),
         "run_batch_ms": _ms(parts.run_batch.median_s),
         "parse_ms": _ms(parts.parse.median_s),

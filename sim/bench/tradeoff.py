@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from splitexit.evaluate import ExitOutputs, balance
@@ -177,7 +177,7 @@ def predictive_vs_all_exits(sets: Sets) -> dict:
     (not lower, at most 0.2 points higher: the cheapest setting of a ±0.2 band sits at its
     lower edge and then loses accuracy on test), then both measured on test: head evaluations and energy at an equal
     deadline on DVFS boards (the first board's figures are the headline)."""
-    boards = {}
+    boards: dict[str, dict[str, Any]] = {}
     for board in PREDICTIVE_BOARDS:
         base = predictive_base(sets.ladder, threshold=PREDICTIVE_REFERENCE_THRESHOLD, board=board)
         base = replace(base, deadline=base.deadline_ms * DEADLINE_FACTOR)
@@ -237,7 +237,7 @@ def best_at_budget(points: list[Point], budget: float) -> Point | None:
 def bof_vs_maxprob(sets: Sets) -> list[dict]:
     """BoF's β rule against one global max-prob threshold at equal validation cost, for
     each statistic: accuracy and exit-histogram balance on test (METHODS.md §1's claim)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for statistic in STATISTICS:
         base = BoFBeta.fit(sets.train_stats.probs, statistic=statistic)
         lo, hi = base.beta_range()
@@ -252,7 +252,7 @@ def bof_vs_maxprob(sets: Sets) -> list[dict]:
             except PolicyError as exc:
                 log(f"  bof {statistic} at {fraction}: {exc}")
                 continue
-            row = {"statistic": statistic, "budget": fraction, "beta": round(beta, 5), "threshold": round(t, 5)}
+            row: dict[str, Any] = {"statistic": statistic, "budget": fraction, "beta": round(beta, 5), "threshold": round(t, 5)}
             for name, policy in (("bof_beta", bof), ("maxprob", mp)):
                 out = simulate(policy, sets.test.probs, sets.ladder, sets.test.labels)
                 hist = out.exit_hist(sets.ladder.num_exits)
@@ -304,9 +304,9 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
     if not args.no_cascade:
         log("cascade: edge exits -> larger cloud network")
         result["cascade"] = cascade(ctx, sets)
-    for fraction, entry in at_budget.items():
+    for budget_name, entry in at_budget.items():
         if "best" in entry:
-            log(f"budget {fraction}: best {entry['best']['policy']} {entry['best']['acc']:.4f} "
+            log(f"budget {budget_name}: best {entry['best']['policy']} {entry['best']['acc']:.4f} "
                 f"({entry['best']['gap_to_full_points']:+.2f} points below full {full_acc:.4f})")
     plot(ctx, result, curves, sets)
     return result
@@ -337,8 +337,8 @@ def plot(ctx: BenchContext, result: dict, curves: dict[str, list[Point]], sets: 
     fig.savefig(ctx.out / "tradeoff.png", dpi=120)
     plt.close(fig)
 
-    chosen = {n: best_at_budget(p, 0.5 * sets.full_macs) for n, p in curves.items()}
-    chosen = {n: p for n, p in chosen.items() if p is not None}
+    at_half = {n: best_at_budget(p, 0.5 * sets.full_macs) for n, p in curves.items()}
+    chosen = {n: p for n, p in at_half.items() if p is not None}
     fig, ax = plt.subplots(figsize=(9, 4))
     k = sets.ladder.num_exits
     width = 0.8 / max(1, len(chosen))

@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         mode="exits" if args.freeze_backbone else "joint", epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, exit_weight=args.exit_weight, distill=args.distill,
         augment_pad=args.augment_pad, augment_flip=not args.no_flip, threads=args.threads,
-        label_smoothing=args.label_smoothing, precision=args.precision,
+        label_smoothing=args.label_smoothing, precision=args.precision, ema=args.ema,
     )
     if args.freeze_backbone and args.init is None:
         raise CliError("--freeze-backbone trains exits on a trained backbone: give it with --init CHECKPOINT")
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--augment-pad", type=int, default=4)
     train.add_argument("--no-flip", action="store_true", help="no random horizontal flips (e.g. digits)")
     train.add_argument("--label-smoothing", type=_probability, default=0.0)
+    train.add_argument("--ema", type=float, default=0.0,
+                       help="decay of a moving average of the weights (e.g. 0.999); the average is the trained "
+                            "model. 0 (default) = off")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="bf16: bfloat16 autocast, fp32 weights; auto (default): bf16 where the CPU computes it "
                             "natively (AVX-512 BF16, AMX), else fp32. Tiny networks (8x8 digits) train faster in fp32")

@@ -17,6 +17,7 @@ interrupted run resumes from its last finished epoch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -64,6 +65,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # bf16: bfloat16 autocast for the forward pass (fp32 weights); auto: bf16 where native
     precision: Precision = "auto"
+    # decay of an exponential moving average of the weights and BN statistics, updated every
+    # step; the trained model (and each epoch's validation) is the average. 0 = off.
+    ema: float = 0.0
     exit_weight: float = 0.5  # w above, the same for every exit
     distill: float = 0.5  # a above: share of each exit's loss taken from the final head
     temperature: float = 3.0
@@ -79,6 +83,8 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
         if not 0 <= self.distill <= 1:
             raise ValueError(f"distill must be in [0, 1], got {self.distill}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
 
@@ -148,6 +154,43 @@ def accuracy_per_exit(model: MultiExitNet, data, normalize: Normalize, batch_siz
     return (correct.double() / len(data)).tolist()
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and BN statistics (Polyak
+    averaging), which generalizes better than the last iterate of a short schedule. Its
+    decay ramps up from 0 ((1 + n) / (10 + n), as TensorFlow's), so the random start does
+    not linger. `saved()` / `restore()` carry it across an interrupted run."""
+
+    def __init__(self, model: MultiExitNet, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        # state_dict() tensors share storage with the live parameters and buffers; taken
+        # once, after any change of memory format, they follow every in-place step
+        self._live = model.state_dict()
+        self.state = {name: value.detach().clone() for name, value in self._live.items()}
+        self._floats = [name for name, value in self._live.items() if value.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_([self.state[n] for n in self._floats], [self._live[n] for n in self._floats], 1 - decay)
+        for name, value in self._live.items():
+            if not value.is_floating_point():  # e.g. BN's num_batches_tracked
+                self.state[name].copy_(value)
+
+    def saved(self) -> dict[str, torch.Tensor]:
+        out = {f"ema.{name}": value for name, value in self.state.items()}
+        out["ema._updates"] = torch.tensor(self.updates)
+        return out
+
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        if "ema._updates" not in saved:
+            return  # the run was interrupted before it had an average
+        self.updates = int(saved["ema._updates"])
+        for name in self.state:
+            self.state[name].copy_(saved[f"ema.{name}"])
+
+
 class StepProgress:
     """A per-step progress bar over the whole run (images/s and the time left), beside the
     per-epoch lines; written to stderr."""
@@ -207,6 +250,10 @@ def fit(
     # ~25% faster convolutions on CPU (torch's stubs leave memory_format out of Module.to)
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     bf16 = resolve_precision(cfg.precision) == "bf16"
+    average = WeightAverage(model, cfg.ema) if cfg.ema else None
+    averaged = copy.deepcopy(model) if average is not None else model  # what validation sees
+    if average is not None and optimizer_state:
+        average.restore(optimizer_state)
     normalize = Normalize(dataset.mean, dataset.std)
     steps_per_epoch = math.ceil(len(dataset.train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -231,14 +278,18 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update()
             losses.append(loss.detach())
             if bar is not None:
                 bar.step(len(y), float(losses[-1]), epoch + 1, cfg.epochs)
             if on_step:
                 on_step(i + 1, steps_per_epoch)
+        if average is not None:
+            averaged.load_state_dict(average.state)
         report = EpochReport(
-            epoch + 1, cfg.epochs, float(torch.stack(losses).mean()), accuracy_per_exit(model, dataset.val, normalize),
-            time.perf_counter() - start,
+            epoch + 1, cfg.epochs, float(torch.stack(losses).mean()),
+            accuracy_per_exit(averaged, dataset.val, normalize), time.perf_counter() - start,
         )
         reports.append(report)
         if bar is not None:
@@ -247,9 +298,11 @@ def fit(
             on_epoch(report)
         if save_state:
             momentum = {names[id(p)]: optimizer.state[p]["momentum_buffer"] for p in params if p in optimizer.state}
-            save_state(model, momentum, epoch + 1)
+            save_state(model, {**momentum, **(average.saved() if average is not None else {})}, epoch + 1)
     if bar is not None:
         bar.close()
+    if average is not None:
+        model.load_state_dict(average.state)
     model.eval()
     return reports
 
@@ -264,10 +317,18 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+# Options added after runs were cached: left out of the key while off, so that adding one
+# does not orphan every cached model trained without it.
+_ADDED_OPTIONS = {"ema": 0.0}
+
+
 def run_key(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: Dataset, init: str | None) -> str:
     # what ran, not what was asked: "auto" is bf16 on one machine and fp32 on another
     cfg = asdict(replace(train_cfg, precision=resolve_precision(train_cfg.precision)))
     cfg.pop("threads")  # does not change the result's meaning
+    for name, off in _ADDED_OPTIONS.items():
+        if cfg[name] == off:
+            cfg.pop(name)
     blob = json.dumps(
         {"model": model_cfg.to_dict(), "train": cfg, "data": dataset_fingerprint(dataset), "init": init},
         sort_keys=True,

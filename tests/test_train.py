@@ -170,3 +170,50 @@ def test_the_progress_bar_shows_images_per_second(digits: Dataset, capsys: pytes
     fit(model, digits, TrainConfig(epochs=1, precision="fp32", **FAST), progress=True)
     err = capsys.readouterr().err
     assert "img/s" in err and "epoch 1/1" in err
+
+
+def test_weight_average_follows_the_weights_with_a_ramped_decay() -> None:
+    model = build_model(ModelConfig(**TINY, exit_after=(2,)))
+    average = train_module.WeightAverage(model, decay=0.9)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model.head.fc.weight if hasattr(model.head, "fc") else next(model.parameters())
+    name = next(k for k, v in model.state_dict().items() if v.data_ptr() == weight.data_ptr())
+    with torch.no_grad():
+        weight.add_(1.0)  # an optimizer step, in place
+    average.update()  # decay min(0.9, 2/11): the average moves 9/11 of the way
+    torch.testing.assert_close(average.state[name], first[name] + 9 / 11)
+    with torch.no_grad():
+        weight.add_(1.0)
+    average.update()  # decay 3/12
+    torch.testing.assert_close(average.state[name], first[name] + 9 / 11 + 0.75 * (2 - 9 / 11))
+    restored = train_module.WeightAverage(model, decay=0.9)
+    restored.restore(average.saved())
+    assert restored.updates == 2 and torch.equal(restored.state[name], average.state[name])
+
+
+def test_an_averaged_run_trains_resumes_and_keeps_old_cache_keys(digits: Dataset, cache_dir: Path) -> None:
+    cfg = ModelConfig(**TINY, exit_after=(2,))
+    plain = TrainConfig(epochs=3, precision="fp32", **FAST)
+    averaged = replace(plain, ema=0.95)
+    assert run_key(cfg, plain, digits, None) != run_key(cfg, averaged, digits, None)
+    # an option at its "off" value is left out of the key: older cached runs stay found
+    key_without_option = train_module.hashlib.sha256(train_module.json.dumps(
+        {"model": cfg.to_dict(), "train": {k: v for k, v in train_module.asdict(plain).items()
+                                           if k not in ("threads", "ema")},
+         "data": train_module.dataset_fingerprint(digits), "init": None}, sort_keys=True).encode()).hexdigest()[:16]
+    assert run_key(cfg, plain, digits, None) == key_without_option
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(report) -> None:
+        if report.epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_cached(cfg, averaged, digits, cache_dir=cache_dir, on_epoch=stop_after_two)
+    epochs: list[int] = []
+    model, meta, _ = train_cached(cfg, averaged, digits, cache_dir=cache_dir, on_epoch=lambda r: epochs.append(r.epoch))
+    assert epochs[-1] == 3 and meta.extra["history"][-1]["val_acc"][-1] > 0.5  # resumed (epoch 2 again: see above)
+    before = _ce_per_exit(build_model(cfg), digits)
+    assert (_ce_per_exit(model, digits) < before).all()

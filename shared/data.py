@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import queue
 import tarfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -309,43 +307,3 @@ def iterate_batches(
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, labels[idx]
 
-
-T = TypeVar("T")
-_DONE = object()
-
-
-def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """Yield from `items`, producing up to `depth` ahead in a thread, so the training step
-    never waits for its batch (torch releases the GIL in the batch's copies). An error in
-    the producer is raised here; leaving the loop early stops the producer."""
-    ready: queue.Queue[object] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            ready.put(_DONE)
-        except BaseException as exc:  # handed to the consumer, raised there
-            ready.put(exc)
-
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        thread.join()

@@ -18,7 +18,6 @@ from splitexit.data import (
     load_dataset,
     load_digits,
     load_image_tree,
-    prefetch,
     load_numpy,
 )
 
@@ -149,33 +148,3 @@ def test_reference_cifar_archive_has_the_expected_layout(reference_cifar: Path) 
     assert all(size == (32, 32) for size in seen.values())
     assert {split for split, _ in seen} <= {"train", "test"}
 
-
-def test_prefetch_yields_everything_in_order_and_raises_the_producers_error() -> None:
-    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
-
-    def broken():
-        yield 1
-        raise DataError("bad batch")
-
-    got: list[int] = []
-    with pytest.raises(DataError, match="bad batch"):
-        for item in prefetch(broken()):
-            got.append(item)
-    assert got == [1]
-
-
-def test_prefetch_stops_its_producer_when_the_loop_ends_early() -> None:
-    import threading
-
-    produced: list[int] = []
-
-    def counting():
-        for i in range(1000):
-            produced.append(i)
-            yield i
-
-    for item in prefetch(counting(), depth=2):
-        if item == 5:
-            break
-    assert not any(t.name == "prefetch" for t in threading.enumerate())
-    assert len(produced) <= 5 + 1 + 2 + 1  # read, the one in hand, the queue, one blocked put

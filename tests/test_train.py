@@ -68,18 +68,25 @@ def test_a_trained_configuration_is_loaded_not_retrained(digits: Dataset, cache_
     assert first == second and calls == [1]
 
 
-def test_an_interrupted_run_resumes_from_its_last_epoch(digits: Dataset, cache_dir: Path) -> None:
-    cfg, train_cfg = ModelConfig(**TINY, exit_after=(2,)), TrainConfig(epochs=3, **FAST)
+class _Stop(Exception):
+    pass
 
-    class Stop(Exception):
-        pass
+
+def _interrupted_after_two_epochs(cfg: ModelConfig, train_cfg: TrainConfig, digits: Dataset, cache_dir: Path) -> None:
+    """Start a cached run and stop it as epoch 2 is reported (before its state is saved)."""
 
     def stop_after_two(report) -> None:
         if report.epoch == 2:
-            raise Stop
+            raise _Stop
 
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         train_cached(cfg, train_cfg, digits, cache_dir=cache_dir, on_epoch=stop_after_two)
+
+
+def test_an_interrupted_run_resumes_from_its_last_epoch(digits: Dataset, cache_dir: Path) -> None:
+    cfg, train_cfg = ModelConfig(**TINY, exit_after=(2,)), TrainConfig(epochs=3, **FAST)
+
+    _interrupted_after_two_epochs(cfg, train_cfg, digits, cache_dir)
     # the epoch-2 state is written after on_epoch, so the resume restarts at epoch 2
     epochs: list[int] = []
     _, meta, path = train_cached(cfg, train_cfg, digits, cache_dir=cache_dir, on_epoch=lambda r: epochs.append(r.epoch))
@@ -203,15 +210,7 @@ def test_an_averaged_run_trains_resumes_and_keeps_old_cache_keys(digits: Dataset
          "data": train_module.dataset_fingerprint(digits), "init": None}, sort_keys=True).encode()).hexdigest()[:16]
     assert run_key(cfg, plain, digits, None) == key_without_option
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(report) -> None:
-        if report.epoch == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_cached(cfg, averaged, digits, cache_dir=cache_dir, on_epoch=stop_after_two)
+    _interrupted_after_two_epochs(cfg, averaged, digits, cache_dir)
     epochs: list[int] = []
     model, meta, _ = train_cached(cfg, averaged, digits, cache_dir=cache_dir, on_epoch=lambda r: epochs.append(r.epoch))
     assert epochs[-1] == 3 and meta.extra["history"][-1]["val_acc"][-1] > 0.5  # resumed (epoch 2 again: see above)

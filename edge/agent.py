@@ -453,9 +453,11 @@ class EdgeAgent:
         record.update(request_id=request.request_id if request is not None else None, kind=offload.kind,
                       rows=len(offload.positions), worker=None, status="OK", bytes_up=0, bytes_down=0, rtt_ms=0.0)
         timeout_ms = self.config.request_timeout_ms
-        budget_bound = False  # the latency budget, not the request timeout, sets the deadline
-        if budget_ms is not None and budget_ms - (time.perf_counter() - t0) * 1e3 < timeout_ms:
-            timeout_ms, budget_bound = budget_ms - (time.perf_counter() - t0) * 1e3, True
+        budget_left_ms = None if budget_ms is None else budget_ms - (time.perf_counter() - t0) * 1e3
+        # the latency budget, not the request timeout, sets the deadline
+        budget_bound = budget_left_ms is not None and budget_left_ms < timeout_ms
+        if budget_left_ms is not None and budget_bound:
+            timeout_ms = budget_left_ms
         if request is None:
             assert offload.error is not None
             error = offload.error

@@ -179,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if writer.done:
         print(f"resuming: {len(inputs) - len(todo)} answers kept from {writer.partial}, {len(todo)} inputs left",
               file=sys.stderr)
-    for sample_id, why in inputs.errors:
+    for _, why in inputs.errors:
         print(f"splitexit: warning: {why}: not answered", file=sys.stderr)
     trace = None
     try:

@@ -165,18 +165,21 @@ class WeightAverage:
         self.updates = 0
         # state_dict() tensors share storage with the live parameters and buffers; taken
         # once, after any change of memory format, they follow every in-place step
-        self._live = model.state_dict()
-        self.state = {name: value.detach().clone() for name, value in self._live.items()}
-        self._floats = [name for name, value in self._live.items() if value.is_floating_point()]
+        live = model.state_dict()
+        self.state = {name: value.detach().clone() for name, value in live.items()}
+        # (average, live) pairs, split once: floats are averaged, the rest (BN's
+        # num_batches_tracked) copied; this runs every step
+        self._float_avg = [self.state[n] for n, v in live.items() if v.is_floating_point()]
+        self._float_live = [v for v in live.values() if v.is_floating_point()]
+        self._others = [(self.state[n], v) for n, v in live.items() if not v.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_([self.state[n] for n in self._floats], [self._live[n] for n in self._floats], 1 - decay)
-        for name, value in self._live.items():
-            if not value.is_floating_point():  # e.g. BN's num_batches_tracked
-                self.state[name].copy_(value)
+        torch._foreach_lerp_(self._float_avg, self._float_live, 1 - decay)
+        for average, value in self._others:
+            average.copy_(value)
 
     def saved(self) -> dict[str, torch.Tensor]:
         out = {f"ema.{name}": value for name, value in self.state.items()}

@@ -115,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         lr=args.lr, weight_decay=args.weight_decay, exit_weight=args.exit_weight, distill=args.distill,
         augment_pad=args.augment_pad, augment_flip=not args.no_flip, threads=args.threads,
         label_smoothing=args.label_smoothing, precision=args.precision, ema=args.ema,
+        exit_grad=args.exit_grad,
     )
     if args.freeze_backbone and args.init is None:
         raise CliError("--freeze-backbone trains exits on a trained backbone: give it with --init CHECKPOINT")
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=5e-4)
     train.add_argument("--exit-weight", type=float, default=0.5)
     train.add_argument("--distill", type=_probability, default=0.5, help="share of each exit's loss distilled from the final head")
+    train.add_argument("--exit-grad", type=_probability, default=1.0,
+                       help="share of the exits' gradient that reaches the layers below them (default 1: all)")
     train.add_argument("--augment-pad", type=int, default=4)
     train.add_argument("--no-flip", action="store_true", help="no random horizontal flips (e.g. digits)")
     train.add_argument("--label-smoothing", type=_probability, default=0.0)

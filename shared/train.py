@@ -69,6 +69,10 @@ class TrainConfig:
     # step; the trained model (and each epoch's validation) is the average. 0 = off.
     ema: float = 0.0
     exit_weight: float = 0.5  # w above, the same for every exit
+    # share of the exits' gradient that reaches the layers below them (their heads get it
+    # whole): less of it leaves the final head more of the shared layers (Li et al. 2019's
+    # gradient equilibrium, in its simplest form)
+    exit_grad: float = 1.0
     distill: float = 0.5  # a above: share of each exit's loss taken from the final head
     temperature: float = 3.0
     augment_pad: int = 4  # random crop padding; 0 = no crop
@@ -83,6 +87,8 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
         if not 0 <= self.distill <= 1:
             raise ValueError(f"distill must be in [0, 1], got {self.distill}")
+        if not 0 <= self.exit_grad <= 1:
+            raise ValueError(f"exit_grad must be in [0, 1], got {self.exit_grad}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -133,9 +139,9 @@ def set_train_mode(model: MultiExitNet, mode: Mode) -> None:
         model.head.eval()
 
 
-def forward_for_training(model: MultiExitNet, x: torch.Tensor, mode: Mode) -> list[torch.Tensor]:
-    if mode == "joint":
-        return model.forward_exits(x)
+def forward_for_training(model: MultiExitNet, x: torch.Tensor, cfg: TrainConfig) -> list[torch.Tensor]:
+    if cfg.mode == "joint":
+        return model.forward_exits(x, exit_grad=cfg.exit_grad)
     with torch.no_grad():  # no graph through the frozen backbone
         final, feats = model.forward_intermediates(x, model.exit_points)
     assert final is not None  # the whole network ran (no stop_early)
@@ -279,7 +285,7 @@ def fit(
                 group["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg)
             # autocast covers the forward pass only; the loss is taken in fp32
             with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                outputs = forward_for_training(model, x, cfg.mode)
+                outputs = forward_for_training(model, x, cfg)
             loss = exit_loss([o.float() for o in outputs], y, cfg, with_final=cfg.mode == "joint")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -325,7 +331,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 # Options added after runs were cached: left out of the key while off, so that adding one
 # does not orphan every cached model trained without it.
-_ADDED_OPTIONS = {"ema": 0.0}
+_ADDED_OPTIONS = {"ema": 0.0, "exit_grad": 1.0}
 
 
 def run_key(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: Dataset, init: str | None) -> str:

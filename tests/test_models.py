@@ -162,3 +162,25 @@ def test_bof_histograms_stay_fp32_under_bfloat16_autocast(kernel: str) -> None:
     assert got.dtype == torch.float32
     # only the input's rounding to bfloat16 is left (x has ~3 significant digits)
     torch.testing.assert_close(got, expected, rtol=0.02, atol=2e-4)
+
+
+def test_exit_grad_scales_what_the_exits_send_below_and_nothing_else() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=(1, 3))).train()
+    x = torch.randn(4, 1, 8, 8)
+
+    def grads(exit_grad: float) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        model.zero_grad()
+        outputs = model.forward_exits(x, exit_grad=exit_grad)
+        sum(o.square().sum() for o in outputs[:-1]).backward()  # the exits' losses only
+        named = dict(model.named_parameters())
+        return outputs, {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+
+    whole_out, whole = grads(1.0)
+    part_out, part = grads(0.25)
+    for a, b in zip(whole_out, part_out):
+        torch.testing.assert_close(a, b)  # the values do not change
+    stage0 = next(n for n in whole if n.startswith("stages.0."))
+    head = next(n for n in whole if n.startswith("exits."))
+    torch.testing.assert_close(part[stage0], 0.25 * whole[stage0])
+    torch.testing.assert_close(part[head], whole[head])

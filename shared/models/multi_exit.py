@@ -113,14 +113,19 @@ class MultiExitNet(nn.Module):
         state.append(hist)
         return self.exit_classifier(torch.stack(state).mean(0))
 
-    def forward_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every exit in order, the final head last: K tensors [B, C]."""
+    def forward_exits(self, x: torch.Tensor, *, exit_grad: float = 1.0) -> list[torch.Tensor]:
+        """Logits of every exit in order, the final head last: K tensors [B, C].
+
+        `exit_grad` scales the gradient that the exits send back into the stages (their
+        own heads get it whole); the values are unchanged.
+        """
         outputs: list[torch.Tensor] = []
         state: list[torch.Tensor] = []
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if str(i) in self.exits:
-                outputs.append(self.exit_logits(i, x, state))
+                feature = x if exit_grad == 1.0 else x.detach() + exit_grad * (x - x.detach())
+                outputs.append(self.exit_logits(i, feature, state))
         outputs.append(self.head(x))
         return outputs
 

@@ -51,9 +51,10 @@ from splitexit.policies import PolicyError, step
 from splitexit.proto import PROTOCOL_VERSION
 from splitexit.proto import inference_pb2 as pb
 from splitexit.proto import inference_pb2_grpc as pb_grpc
-from splitexit.runtime import BEST_CONF, BEST_EXIT, BEST_PROBS, EVALUATED, NEXT_EXIT, ExitRunner
-from splitexit.wire import (RAW_FORMATS, StateError, StateField, WireError, decode_policy_state,
-                            decode_raw_input, larger_network_name, state_spec)
+from splitexit.runtime import ExitRunner, RowState
+from splitexit.wire import (BEST_CONF, BEST_EXIT, BEST_PROBS, EVALUATED, NEXT_EXIT, RAW_FORMATS, StateError,
+                            StateField, WireError, decode_policy_state, decode_raw_input, larger_network_name,
+                            state_spec)
 
 if TYPE_CHECKING:
     from splitexit.cloud.metrics import Metrics
@@ -151,12 +152,12 @@ class ServedModel:
             raw_formats=self.raw_formats,
         )
 
-    def fresh_state(self, rows: int, *, raw_start: bool) -> dict[str, torch.Tensor]:
+    def fresh_state(self, rows: int, *, raw_start: bool) -> RowState:
         """State of rows that arrive without any: the policy starts at the first exit it
         would evaluate on this side."""
         state = self.runner.initial_state(rows)
         if not raw_start:
-            state[NEXT_EXIT] = state[NEXT_EXIT].clamp_min(self.first_cloud)
+            state.next_exit = state.next_exit.clamp_min(self.first_cloud)
         return state
 
     def warm_up(self) -> None:
@@ -244,9 +245,8 @@ class ServedModel:
             state = _decode_state(received, self, total, raw_start=False)
         except (RequestError, CodecError, _Unmergeable):
             return None
-        states = {name: value.split(counts) for name, value in state.items()}
-        return [replace(item, feature=features[j], state={name: v[j] for name, v in states.items()}, body=None)
-                for j, item in enumerate(items)]
+        return [replace(item, feature=features[j], state=piece, body=None)
+                for j, (item, piece) in enumerate(zip(items, state.split(counts)))]
 
     def _normalize(self, images: torch.Tensor, *, large: bool) -> torch.Tensor:
         """uint8 [B, H, W, C] -> float [B, C, H, W] with the network's mean/std."""
@@ -281,7 +281,7 @@ class ServedModel:
         owner = torch.repeat_interleave(torch.tensor(live), counts)  # [N] item index of each row
         first_row = {i: int(o) for i, o in zip(live, torch.cumsum(counts, 0) - counts)}
         x = torch.cat([inputs[i] for i in live])  # [N, ...]
-        state = {name: torch.cat([items[i].state[name] for i in live]) for name in self.spec}
+        state = RowState.cat([items[i].row_state for i in live])
         n = x.shape[0]
         has_raw = torch.tensor([items[i].raw_items is not None for i in live], dtype=torch.bool).repeat_interleave(counts)
 
@@ -292,22 +292,21 @@ class ServedModel:
         done = torch.zeros(n, dtype=torch.bool)
 
         # Rows whose policy already chose the larger network skip this one when they can.
-        to_large = state[NEXT_EXIT] >= self.own_exits
+        to_large = state.next_exit >= self.own_exits
         direct = to_large & has_raw
         stuck = to_large & ~has_raw  # cannot get there: run this network's exits, degraded
-        state[NEXT_EXIT][stuck] = self.first_cloud
+        state.next_exit[stuck] = self.first_cloud
         degraded |= stuck
         keep = torch.nonzero(~direct).flatten()
         escalate_rows = [torch.nonzero(direct).flatten()]
         # per-row state of escalated rows: their arrival state, or the state they left with
-        esc_state = {name: value.clone() for name, value in state.items()}
+        esc_state = state.clone()
         if len(keep):
             start = 0 if raw_start else self.bundle.split + 1
             if len(keep) == n:  # the usual case: no copy of the batch (the runner copies the state itself)
                 result = self.runner.run(x, start=start, state=state, rows=keep)
             else:
-                result = self.runner.run(x[keep], start=start, state={name: value[keep] for name, value in state.items()},
-                                         rows=keep)
+                result = self.runner.run(x[keep], start=start, state=state.take(keep), rows=keep)
             merged = result.merged()
             if merged is not None:
                 probs[merged.rows] = merged.probs
@@ -316,8 +315,7 @@ class ServedModel:
             for pending in (result.escalate, result.pending):  # pending: nothing left to run it on
                 if pending is not None and len(pending.rows):
                     escalate_rows.append(pending.rows)
-                    for name, value in pending.state.items():
-                        esc_state[name][pending.rows] = value
+                    esc_state.put(pending.rows, pending.state)
         esc = torch.cat(escalate_rows)
         if len(esc):
             with_raw = esc[has_raw[esc]]
@@ -327,12 +325,12 @@ class ServedModel:
             for r in esc[~done[esc]].tolist():  # no raw input (or no larger network): best exit, degraded
                 if results[int(owner[r])] is not None:  # its request already failed
                     continue
-                k = int(esc_state[BEST_EXIT][r])
+                k = int(esc_state.best_exit[r])
                 if not 0 <= k < self.own_exits:
                     results[int(owner[r])] = RequestError(
                         "INTERNAL", "a row left for the larger network without any exit evaluated")
                     continue
-                probs[r], exit_stage[r] = esc_state[BEST_PROBS][r], self.runner.exit_stages[k]
+                probs[r], exit_stage[r] = esc_state.best_probs[r], self.runner.exit_stages[k]
                 degraded[r], done[r] = True, True
         return self._answers(items, live, first_row, results, probs, exit_stage, by_large, degraded)
 
@@ -358,7 +356,7 @@ class ServedModel:
         picked = torch.cat(ok)
         out = large(torch.cat(xs)).float().softmax(-1)  # [n, C]
         k = self.runner.num_exits - 1  # the larger network's final head ends the ladder
-        policy_state = {name: value[picked] for name, value in esc_state.items() if not name.startswith("_")}
+        policy_state = {name: value[picked] for name, value in esc_state.policy.items()}
         decision, _ = step(self.runner.policy, k, out, policy_state, self.runner.num_exits)
         probs[picked] = decision.answer
         exit_stage[picked] = large.num_stages - 1
@@ -432,13 +430,20 @@ class Parsed:
     rows: int
     # float32 [B, *feature_shape]; None = start from the raw input (or, with a body, not yet decoded)
     feature: torch.Tensor | None
-    state: dict[str, torch.Tensor]  # every entry of the model's state spec, B rows ({} with a body)
+    state: RowState | None  # B rows; None while a body waits to be decoded
     key: Hashable  # the batching key
     raw_format: str | None = None
     raw_items: tuple[bytes, ...] | None = None
     want_probabilities: bool = False
     top_k: int = 0
     body: "Body | None" = None  # feature and policy state still to decode (in the compute thread)
+
+    @property
+    def row_state(self) -> RowState:
+        """The decoded state (after `ServedModel.decode_bodies`)."""
+        if self.state is None:
+            raise RuntimeError(f"request {self.request_id}: its body was not decoded")
+        return self.state
 
 
 @dataclass(frozen=True)
@@ -477,36 +482,37 @@ def _decode_feature(tensor: "EncodedTensor | pb.Tensor", model: ServedModel, row
 
 
 def _decode_state(received: "Mapping[str, EncodedTensor | pb.Tensor]", model: ServedModel, rows: int, *,
-                  raw_start: bool) -> dict[str, torch.Tensor]:
+                  raw_start: bool) -> RowState:
     """The policy state of `rows` rows: decoded and checked, or fresh when none was sent."""
     if not received:
         return model.fresh_state(rows, raw_start=raw_start)
     try:
-        state = decode_policy_state(received, model.spec, rows=rows)
+        entries = decode_policy_state(received, model.spec, rows=rows)
     except StateError as exc:
         raise RequestError("INVALID_ARGUMENT", str(exc)) from None
-    fresh = model.runner.initial_state(rows)
-    for name in model.spec:  # optional entries left out: the worker's own start values
-        state.setdefault(name, fresh[name])
+    # optional entries left out: the worker's own start values
+    state = RowState.from_wire(entries, model.runner.initial_state(rows))
     _check_runtime_state(state, model, raw_start=raw_start)
     return state
 
 
-def _check_runtime_state(state: Mapping[str, torch.Tensor], model: ServedModel, *, raw_start: bool) -> None:
+def _check_runtime_state(state: RowState, model: ServedModel, *, raw_start: bool) -> None:
+    """The runtime's entries of received state hold values it can use (the messages name
+    them as on the wire)."""
     lo = 0 if raw_start else model.first_cloud
     hi = model.runner.num_exits - 1
-    nxt = state[NEXT_EXIT]
+    nxt = state.next_exit
     if len(nxt) and not bool(((nxt >= lo) & (nxt <= hi)).all()):
         bad = int(nxt[(nxt < lo) | (nxt > hi)][0])
         raise RequestError("INVALID_ARGUMENT", f"policy state {NEXT_EXIT} = {bad}: the next exit must be a ladder "
                                                f"index in {lo}..{hi} on this side of split {model.bundle.split}")
-    if bool((state[EVALUATED] < 0).any()):
+    if bool((state.evaluated < 0).any()):
         raise RequestError("INVALID_ARGUMENT", f"policy state {EVALUATED} must be >= 0")
-    if BEST_EXIT in state and not bool(((state[BEST_EXIT] >= -1) & (state[BEST_EXIT] < model.own_exits)).all()):
+    if not bool(((state.best_exit >= -1) & (state.best_exit < model.own_exits)).all()):
         raise RequestError("INVALID_ARGUMENT", f"policy state {BEST_EXIT} must be -1..{model.own_exits - 1}")
-    if BEST_CONF in state and not bool(((state[BEST_CONF] >= -1) & (state[BEST_CONF] <= 1)).all()):
+    if not bool(((state.best_conf >= -1) & (state.best_conf <= 1)).all()):
         raise RequestError("INVALID_ARGUMENT", f"policy state {BEST_CONF} must be in [-1, 1]")
-    if BEST_PROBS in state and not bool(((state[BEST_PROBS] >= 0) & (state[BEST_PROBS] <= 1)).all()):
+    if not bool(((state.best_probs >= 0) & (state.best_probs <= 1)).all()):
         raise RequestError("INVALID_ARGUMENT", f"policy state {BEST_PROBS} must be probabilities in [0, 1]")
 
 
@@ -577,7 +583,7 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
     state = _decode_state(request.policy_state, model, rows, raw_start=raw_start)
     # Raw input alone runs this network from stage 0 (edge weights needed), except for rows
     # already bound for the larger network (an edge-side escalation), which go straight there.
-    if raw_start and not model.can_start_raw and not bool((state[NEXT_EXIT] >= model.own_exits).all()):
+    if raw_start and not model.can_start_raw and not bool((state.next_exit >= model.own_exits).all()):
         raise RequestError("FAILED_PRECONDITION", f"this worker has no edge weights for {model.name}: it cannot "
                                                   f"run it from raw input; send the feature at split "
                                                   f"{model.bundle.split}")
@@ -606,7 +612,7 @@ def _deferred(request: pb.InferRequest, model: ServedModel, limits: ServiceLimit
         raise RequestError("INVALID_ARGUMENT", f"{len(request.edge_exits)} edge_exits for {rows} rows (0 or one per row)")
     key = (model.name, model.hash, "feature", request.split, request.feature.dtype, tensor.shape[1:])
     return Parsed(model=model, request_id=request.request_id, sample_ids=tuple(request.sample_ids), rows=rows,
-                  feature=None, state={}, key=key, want_probabilities=request.want_probabilities,
+                  feature=None, state=None, key=key, want_probabilities=request.want_probabilities,
                   top_k=request.top_k, body=Body(tensor, request.policy_state))
 
 

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
     from splitexit.bundle import Bundle
+    from splitexit.runtime import RowState
 
 __all__ = ["AgentConfig", "EdgeAgent", "SyncEdgeAgent"]
 
@@ -230,7 +231,6 @@ class EdgeAgent:
         import torch
 
         from splitexit import wire
-        from splitexit.runtime import BEST_CONF, BEST_EXIT, BEST_PROBS, EVALUATED
 
         t0 = time.perf_counter()
         x, images = self._inputs(inputs)
@@ -250,40 +250,33 @@ class EdgeAgent:
         pending = result.pending
         if pending is not None:
             state = pending.state
-            best_exit = state[BEST_EXIT].clone()
-            best_probs = state[BEST_PROBS].clone()
-            best_conf = state[BEST_CONF].clone()
-            missing = torch.nonzero(best_exit < 0).flatten()
+            missing = torch.nonzero(state.best_exit < 0).flatten()
             if len(missing) and self._fallback_exit is not None:
                 # No exit ran on these rows yet (a policy that skips heads): the exit at the
                 # split can still answer from the feature, should the cloud fail.
                 with torch.inference_mode():
                     logits = self.bundle.model.exit_logits(self._fallback_exit, pending.feature[missing])
                 probs = logits.float().softmax(-1)
-                best_probs[missing] = probs
-                best_conf[missing] = probs.max(-1).values
-                best_exit[missing] = self.exit_stages.index(self._fallback_exit)
+                # a copy: what the cloud receives stays what the edge's exits evaluated
+                state = replace(state, best_probs=state.best_probs.clone(), best_conf=state.best_conf.clone(),
+                                best_exit=state.best_exit.clone())
+                state.best_probs[missing] = probs
+                state.best_conf[missing] = probs.max(-1).values
+                state.best_exit[missing] = self.exit_stages.index(self._fallback_exit)
             rows = pending.rows.tolist()
-            for j, pos in enumerate(rows):
-                k = int(best_exit[j])
-                fallback[pos] = (k, best_probs[j] if k >= 0 else None, float(best_conf[j]))
-                evaluated[pos] = int(state[EVALUATED][j])
+            self._note_fallbacks(rows, state, fallback, evaluated)
             per_row = encoded_bytes(self.codec, (1, *pending.feature.shape[1:]))  # type: ignore[arg-type]
             for group in self._chunks([per_row] * len(rows)):
                 index = torch.tensor(group)
                 offloads.append(self._build(
                     "feature", [rows[g] for g in group], group_bytes=per_row * len(group),
-                    feature=pending.feature[index], state={n: v[index] for n, v in state.items()},
+                    feature=pending.feature[index], state=pending.state.take(index),
                     sample_ids=[ids[rows[g]] for g in group], codec=self.codec))
         escalate = result.escalate
         if escalate is not None:
-            state = escalate.state
             rows = escalate.rows.tolist()
             index = escalate.rows
-            for j, pos in enumerate(rows):
-                k = int(state[BEST_EXIT][j])
-                fallback[pos] = (k, state[BEST_PROBS][j] if k >= 0 else None, float(state[BEST_CONF][j]))
-                evaluated[pos] = int(state[EVALUATED][j])
+            self._note_fallbacks(rows, escalate.state, fallback, evaluated)
             pixels = images[index.numpy()] if images is not None else self._to_images(x[index])
             try:
                 items = wire.encode_raw_input(pixels, self.config.raw_format)
@@ -295,11 +288,21 @@ class EdgeAgent:
                 sub = torch.tensor(group)
                 offloads.append(self._build(
                     "raw", [rows[g] for g in group], group_bytes=sum(len(items[g]) + 16 for g in group),
-                    feature=None, state={n: v[sub] for n, v in state.items()},
+                    feature=None, state=escalate.state.take(sub),
                     sample_ids=[ids[rows[g]] for g in group], raw_items=[items[g] for g in group],
                     raw_format=self.config.raw_format))
         t3 = time.perf_counter()
         return _Prepared(edge, fallback, evaluated, offloads, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+
+    @staticmethod
+    def _note_fallbacks(rows: list[int], state: "RowState", fallback: dict[int, tuple[int, Any, float]],
+                        evaluated: list[int]) -> None:
+        """Each offloaded row's own answer, should the cloud fail (its best exit so far), and
+        the exit heads it evaluated on the edge."""
+        best_exit, best_conf, done = state.best_exit.tolist(), state.best_conf.tolist(), state.evaluated.tolist()
+        for j, pos in enumerate(rows):
+            fallback[pos] = (best_exit[j], state.best_probs[j] if best_exit[j] >= 0 else None, best_conf[j])
+            evaluated[pos] = done[j]
 
     def _build(self, kind: str, positions: list[int], *, group_bytes: int, **request: Any) -> _Offload:
         """An offload for these rows, or one that answers them locally when no valid

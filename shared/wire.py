@@ -5,9 +5,10 @@ core and imports no grpc; protobuf, torch and Pillow only where used).
 
 Policy state (`InferRequest.policy_state`, map name -> Tensor)
 -----------------------------------------------------------------
-The exit policy's per-row state after the edge's exits, runtime entries included
-(`splitexit.runtime.NEXT_EXIT`, `EVALUATED`; the `BEST_*` entries are optional). Every
-tensor is [B, ...] with the batch first, and travels like this:
+A `splitexit.runtime.RowState` after the edge's exits, flattened by `RowState.to_wire`:
+the policy's entries by their names, and the runtime's as `NEXT_EXIT` ("_next_exit"),
+`EVALUATED` and the optional `BEST_STATE` (names that start with "_", which policies may
+not use). Every tensor is [B, ...] with the batch first, and travels like this:
 
 | state dtype                    | on the wire                                              |
 |--------------------------------|----------------------------------------------------------|
@@ -59,9 +60,16 @@ if TYPE_CHECKING:
     import torch
 
     from splitexit.proto import inference_pb2
+    from splitexit.runtime import RowState
 
 __all__ = [
+    "BEST_CONF",
+    "BEST_EXIT",
+    "BEST_PROBS",
     "BEST_STATE",
+    "EVALUATED",
+    "NEXT_EXIT",
+    "RUNTIME_STATE",
     "InferAnswer",
     "MAX_EXACT_INT",
     "RAW_FORMATS",
@@ -83,9 +91,12 @@ __all__ = [
 # Integers travel as float32: exact up to 2**24.
 MAX_EXACT_INT = 2**24
 RAW_FORMATS: tuple[str, ...] = ("png", "jpeg", "u8")
+# The names of RowState's runtime entries on the wire (splitexit.runtime maps its fields to them).
+NEXT_EXIT, EVALUATED = "_next_exit", "_evaluated"
+BEST_CONF, BEST_EXIT, BEST_PROBS = "_best_conf", "_best_exit", "_best_probs"
 # Runtime entries the edge may leave out: the cloud then tracks its own best exit.
-BEST_STATE: tuple[str, ...] = ("_best_conf", "_best_exit", "_best_probs")
-_NEXT_EXIT, _EVALUATED = "_next_exit", "_evaluated"  # == splitexit.runtime's names (checked in tests)
+BEST_STATE: tuple[str, ...] = (BEST_CONF, BEST_EXIT, BEST_PROBS)
+RUNTIME_STATE: tuple[str, ...] = (NEXT_EXIT, EVALUATED, *BEST_STATE)
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG"}
 _PIL_MODE = {1: "L", 3: "RGB"}
 _BYTES_QUANT = Quantization(scheme="per_tensor", scale=(1.0,), zero_point=(0,))
@@ -117,7 +128,7 @@ class StateField:
 
 def state_spec(runner: Any) -> dict[str, StateField]:
     """Names, dtypes and per-row shapes of an `ExitRunner`'s state (policy + runtime)."""
-    reference = runner.initial_state(1)
+    reference = runner.initial_state(1).to_wire()
     return {
         name: StateField(name=name, dtype=value.dtype, row_shape=tuple(value.shape[1:]),
                          required=name not in BEST_STATE)
@@ -131,9 +142,10 @@ def _is_integer(dtype: "torch.dtype") -> bool:
     return dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex)
 
 
-def encode_policy_state(state: Mapping[str, "torch.Tensor"], *, rows: int | None = None,
+def encode_policy_state(state: "RowState | Mapping[str, torch.Tensor]", *, rows: int | None = None,
                         include_best: bool = False) -> dict[str, EncodedTensor]:
-    """Per-row policy state -> wire tensors (see the module docstring for the format).
+    """Per-row state -> wire tensors (see the module docstring for the format): a
+    RowState, or entries already named as on the wire.
 
     rows: the batch size every entry must have (default: that of the first entry).
     include_best: also send the runtime's BEST_* entries (the edge's best exit so far);
@@ -143,8 +155,9 @@ def encode_policy_state(state: Mapping[str, "torch.Tensor"], *, rows: int | None
     """
     import torch
 
+    entries = state if isinstance(state, Mapping) else state.to_wire()
     out: dict[str, EncodedTensor] = {}
-    for name, value in state.items():
+    for name, value in entries.items():
         if name in BEST_STATE and not include_best:
             continue
         if not isinstance(value, torch.Tensor):
@@ -279,17 +292,17 @@ def decode_raw_input(fmt: str, items: Sequence[bytes], input_shape: Sequence[int
 
 
 # --- requests and responses --------------------------------------------------------------
-def edge_exit_infos(state: Mapping[str, "torch.Tensor"], exit_stages: Sequence[int]) -> list["inference_pb2.EdgeExitInfo"]:
-    """EdgeExitInfo per row from the runtime's state after the edge ran (needs BEST_*).
+def edge_exit_infos(state: "RowState", exit_stages: Sequence[int]) -> list["inference_pb2.EdgeExitInfo"]:
+    """EdgeExitInfo per row from the runtime's state after the edge ran.
 
     exit_stages: the stage index of each ladder exit (bundle manifest "exits").
     """
     from splitexit.proto import inference_pb2 as pb
 
-    evaluated = state[_EVALUATED].tolist()
-    best_exit = state["_best_exit"].tolist()
-    best_conf = state["_best_conf"].tolist()
-    best_label = state["_best_probs"].argmax(-1).tolist()
+    evaluated = state.evaluated.tolist()
+    best_exit = state.best_exit.tolist()
+    best_conf = state.best_conf.tolist()
+    best_label = state.best_probs.argmax(-1).tolist()
     infos = []
     for n, k, conf, label in zip(evaluated, best_exit, best_conf, best_label):
         info = pb.EdgeExitInfo(exits_evaluated=int(n))
@@ -299,7 +312,7 @@ def edge_exit_infos(state: Mapping[str, "torch.Tensor"], exit_stages: Sequence[i
     return infos
 
 
-def build_request(bundle: Any = None, feature: "torch.Tensor | None" = None, state: Mapping[str, "torch.Tensor"] | None = None,
+def build_request(bundle: Any = None, feature: "torch.Tensor | None" = None, state: "RowState | None" = None,
                   sample_ids: Sequence[str] = (), *, codec: CodecName | str | None = None,
                   bundle_hash: str | None = None, model: str | None = None, split: int | None = None,
                   request_id: str | None = None, include_best: bool = False, edge_exits: bool = True,
@@ -311,8 +324,9 @@ def build_request(bundle: Any = None, feature: "torch.Tensor | None" = None, sta
         codec are the defaults of bundle_hash, model, split and codec.
     feature: [B, ...] output of stage `split` (None: a raw-input-only request).
     state: the runner's per-row state for those rows (`Pending.state`); None = fresh.
+        Its BEST_* entries travel with include_best.
     sample_ids: B ids (default: "0".."B-1").
-    edge_exits: fill EdgeExitInfo per row from the state's BEST_* entries when present.
+    edge_exits: fill EdgeExitInfo per row from the state's best exit so far.
     raw_items: one encoded input per row (see `encode_raw_input`) in `raw_format`.
     request_id: default a fresh uuid4 hex.
     """
@@ -345,10 +359,10 @@ def build_request(bundle: Any = None, feature: "torch.Tensor | None" = None, sta
             raise WireError(f"{len(raw_items)} raw input items for {rows} rows")
         msg.raw_input.format = raw_format
         msg.raw_input.items.extend(raw_items)
-    if state:
+    if state is not None:
         for name, tensor in encode_policy_state(state, rows=rows, include_best=include_best).items():
             msg.policy_state[name].CopyFrom(tensor.to_proto())
-        if edge_exits and all(n in state for n in (_EVALUATED, *BEST_STATE)) and bundle is not None:
+        if edge_exits and bundle is not None:
             msg.edge_exits.extend(edge_exit_infos(state, bundle.manifest["exits"]))
     return msg
 

@@ -21,7 +21,7 @@ from splitexit.checkpoint import CheckpointMeta
 from splitexit.codec import CodecError, decode
 from splitexit.models import ModelConfig, build_model
 from splitexit.proto import inference_pb2 as pb
-from splitexit.runtime import ExitRunner
+from splitexit.runtime import ExitRunner, RowState
 
 CONFIG = ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=(1, 2, 3, 4, 5))
 SHAPE = (1, 8, 8)
@@ -128,7 +128,8 @@ class TailHandler:
             return pb.InferResponse(request_id=request.request_id, rows=rows, worker_id=self.worker_id)
         try:
             feature = decode(request.feature, expect_shape=self.bundle.feature_shape)
-            state = wire.decode_policy_state(request.policy_state, self.spec, rows=n)
+            entries = wire.decode_policy_state(request.policy_state, self.spec, rows=n)
+            state = RowState.from_wire(entries, self.runner.initial_state(n))
         except (CodecError, wire.WireError) as exc:
             raise StatusError("INVALID_ARGUMENT", str(exc)) from None
         result = self.runner.run(feature, start=self.bundle.split + 1, state=state, rows=torch.arange(n))

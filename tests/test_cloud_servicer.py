@@ -20,7 +20,8 @@ from splitexit.policies import MaxProb, step
 from splitexit.policies.predictive import Predictive
 from splitexit.proto import PROTOCOL_VERSION
 from splitexit.proto import inference_pb2 as pb
-from splitexit.runtime import NEXT_EXIT, ExitRunner
+from splitexit.runtime import ExitRunner
+from splitexit.wire import NEXT_EXIT
 
 CONFIG = ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=(1, 2, 3, 4, 5))
 LARGE = ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=())
@@ -107,7 +108,7 @@ def _unsplit(model, policy, x, *, network=None, large=None, large_x=None) -> dic
         rows = result.escalate.rows
         with torch.no_grad():
             probs = large(large_x[rows]).softmax(-1)
-        sub = {n: v for n, v in result.escalate.state.items() if not n.startswith("_")}
+        sub = result.escalate.state.policy
         decision, _ = step(policy, runner.num_exits - 1, probs, sub, runner.num_exits)
         for r, answer in zip(rows.tolist(), decision.answer):
             out[r] = (int(answer.argmax()), large.num_stages - 1, "large")
@@ -356,7 +357,7 @@ def test_rows_escalated_on_the_edge_need_no_edge_weights(bundles, tmp_path: Path
     assert not served.can_start_raw
     images = _images(5, seed=13)
     state = served.runner.initial_state(5)
-    state[NEXT_EXIT][:] = served.runner.num_exits - 1  # the larger network's exit
+    state.next_exit[:] = served.runner.num_exits - 1  # the larger network's exit
     req = wire.build_request(served.bundle, None, state, [str(i) for i in range(5)],
                              raw_items=wire.encode_raw_input(images, "u8"), raw_format="u8")
     got = _run(models, req)[0]

@@ -28,9 +28,14 @@ def _policies():
     return [MaxProb(0.5), Patience(1), Predictive(step_ms=(1.0,) * 6, threshold=0.5, l0=1)]
 
 
-def test_runtime_names_are_the_runtimes() -> None:
-    assert (wire._NEXT_EXIT, wire._EVALUATED) == (runtime.NEXT_EXIT, runtime.EVALUATED)
-    assert set(wire.BEST_STATE) == {runtime.BEST_CONF, runtime.BEST_EXIT, runtime.BEST_PROBS}
+def test_row_state_travels_by_the_wire_schema_names(model) -> None:
+    state = ExitRunner(model, Patience(1), num_classes=10).initial_state(2)
+    assert set(state.to_wire()) == set(wire.RUNTIME_STATE) | set(state.policy)
+    assert set(state.to_wire(include_best=False)) == {wire.NEXT_EXIT, wire.EVALUATED} | set(state.policy)
+    assert all(name.startswith("_") for name in wire.RUNTIME_STATE)
+    assert not any(name.startswith("_") for name in state.policy)  # no policy name can clash
+    back = runtime.RowState.from_wire(state.to_wire(), ExitRunner(model, Patience(1), num_classes=10).initial_state(2))
+    assert back.to_wire().keys() == state.to_wire().keys()
 
 
 @pytest.mark.parametrize("policy", _policies(), ids=lambda p: p.name)
@@ -44,8 +49,8 @@ def test_policy_state_round_trips_exactly_through_protobuf(model, policy) -> Non
         msg.policy_state[name].CopyFrom(tensor.to_proto())
     msg = pb.InferRequest.FromString(msg.SerializeToString())
     decoded = wire.decode_policy_state(msg.policy_state, wire.state_spec(runner), rows=6)
-    assert set(decoded) == set(state)
-    for name, value in state.items():
+    assert set(decoded) == set(state.to_wire())
+    for name, value in state.to_wire().items():
         assert decoded[name].dtype == value.dtype, name
         assert torch.equal(decoded[name], value), name  # bit-exact, float64 too
 
@@ -56,7 +61,7 @@ def test_best_state_is_optional_and_left_out_by_default(model) -> None:
     encoded = wire.encode_policy_state(state)
     assert not set(wire.BEST_STATE) & set(encoded)
     decoded = wire.decode_policy_state(encoded, wire.state_spec(runner), rows=3)
-    assert set(decoded) == set(state) - set(wire.BEST_STATE)
+    assert set(decoded) == set(state.to_wire()) - set(wire.BEST_STATE)
 
 
 def _bad_states(runner: ExitRunner) -> list[tuple[str, dict, str]]:
@@ -74,11 +79,11 @@ def _bad_states(runner: ExitRunner) -> list[tuple[str, dict, str]]:
                                              data=np.asarray(values, "<f4").tobytes())
     return [
         ("unknown", {**good, "bogus": f32([0, 0], (2,))}, "unknown policy state"),
-        ("missing", with_(runtime.NEXT_EXIT, None), "missing"),
-        ("shape", with_(runtime.NEXT_EXIT, f32([1, 1, 1], (3,))), "shape"),
-        ("dtype", with_(runtime.NEXT_EXIT, EncodedTensor(dtype="float16", shape=(2,), data=b"\0" * 4)), "float32"),
-        ("fraction", with_(runtime.NEXT_EXIT, f32([1.5, 2], (2,))), "integers"),
-        ("huge", with_(runtime.EVALUATED, f32([1e9, 0], (2,))), "integers"),
+        ("missing", with_(wire.NEXT_EXIT, None), "missing"),
+        ("shape", with_(wire.NEXT_EXIT, f32([1, 1, 1], (3,))), "shape"),
+        ("dtype", with_(wire.NEXT_EXIT, EncodedTensor(dtype="float16", shape=(2,), data=b"\0" * 4)), "float32"),
+        ("fraction", with_(wire.NEXT_EXIT, f32([1.5, 2], (2,))), "integers"),
+        ("huge", with_(wire.EVALUATED, f32([1e9, 0], (2,))), "integers"),
         ("nan", with_("best_conf", f32([np.nan, 0], (2,))), "NaN"),
     ]
 
@@ -130,7 +135,7 @@ def test_build_request_and_parse_response(model) -> None:
     req = wire.build_request(None, pending.feature, pending.state, ["a", "b", "c", "d"], codec="int8",
                              bundle_hash="h" * 64, model="m", split=2, include_best=True, want_probabilities=True)
     assert req.feature.dtype == pb.DTYPE_UINT8 and list(req.feature.shape) == [4, 8, 8, 8]
-    assert set(req.policy_state) == set(pending.state) and req.request_id
+    assert set(req.policy_state) == set(pending.state.to_wire()) and req.request_id
     resp = pb.InferResponse(request_id=req.request_id, worker_id="w",
                             timing=pb.ServerTiming(queue_ms=1.0, compute_ms=2.0, batch_size=8))
     for sid in req.sample_ids:

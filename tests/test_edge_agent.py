@@ -27,7 +27,7 @@ from splitexit.policies import MaxProb, Patience
 from splitexit.policies.bolukbasi import Bolukbasi, num_features
 from splitexit.policies.predictive import Predictive
 from splitexit.proto import inference_pb2 as pb
-from splitexit.runtime import BEST_EXIT, BEST_PROBS, ExitRunner
+from splitexit.runtime import ExitRunner
 
 
 import splitexit_tests_edge_support as S  # noqa: E402  (registered by conftest.py)
@@ -127,7 +127,7 @@ def _local_best(path: Path, x: torch.Tensor) -> dict[int, tuple[int, int]]:
     head = ExitRunner(bundle.model, bundle.policy, num_classes=10).run(x, stop=bundle.split)
     exits = bundle.manifest["exits"]
     p = head.pending
-    return {row: (int(p.state[BEST_PROBS][j].argmax()), exits[int(p.state[BEST_EXIT][j])])
+    return {row: (int(p.state.best_probs[j].argmax()), exits[int(p.state.best_exit[j])])
             for j, row in enumerate(p.rows.tolist())}
 
 

@@ -302,7 +302,7 @@ def _request(path: Path, rid: str) -> pb.InferRequest:
     from splitexit.runtime import ExitRunner
 
     state = ExitRunner(bundle.model, bundle.policy, num_classes=10).initial_state(1)
-    state["_next_exit"][:] = 2
+    state.next_exit[:] = 2
     return wire.build_request(bundle, feature, state, ["s"], request_id=rid)
 
 

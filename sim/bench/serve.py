@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from queue import Empty
 from typing import Any, Callable, Sequence
@@ -60,7 +60,7 @@ from splitexit.cloud.batcher import BatcherConfig
 from splitexit.cloud.server import SWITCH_INTERVAL_MS, ServerConfig, compute_executor
 from splitexit.cloud.servicer import ServedModel, ServiceLimits, load_models, parse_request
 from splitexit.proto import inference_pb2 as pb
-from splitexit.runtime import NEXT_EXIT, Pending
+from splitexit.runtime import Pending, RowState
 from splitexit.sim.bench.common import BenchContext, add_untrained_argument, log
 from splitexit.sim.bench.serving import (SplitBundle, WorkerThread, add_bundle_arguments, last_stages_split,
                                          pending_rows, split_bundle)
@@ -223,14 +223,13 @@ def to_final_head(pending: Pending, bundle: SplitBundle) -> Pending:
     """The same rows with their policy's next exit set to the final head: the worker then
     skips the cloud-side exit heads (as for a policy that skips heads) and runs the plain
     stages and the final head, the bare tail's work."""
-    state = dict(pending.state)
     final = len(bundle.edge().manifest["exits"]) - 1  # ladder index of the final head
-    state[NEXT_EXIT] = torch.full_like(state[NEXT_EXIT], final)
+    state = replace(pending.state, next_exit=torch.full_like(pending.state.next_exit, final))
     return Pending(pending.rows, pending.feature, state)
 
 
-def _rows(pending: Pending, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return pending.feature[index], {name: value[index] for name, value in pending.state.items()}
+def _rows(pending: Pending, index: torch.Tensor) -> tuple[torch.Tensor, RowState]:
+    return pending.feature[index], pending.state.take(index)
 
 
 def build_requests(edge_bundle: Any, pending: Pending, *, rows: int, count: int, prefix: str,

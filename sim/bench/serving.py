@@ -23,7 +23,7 @@ from splitexit.cloud.servicer import ServedModel
 from splitexit.data import ArraySet, Normalize
 from splitexit.policies import ExitPolicy
 from splitexit.reference import Trained
-from splitexit.runtime import ExitRunner, Pending
+from splitexit.runtime import ExitRunner, Pending, RowState
 from splitexit.sim.bench.common import BenchContext, log
 
 T = TypeVar("T")
@@ -140,7 +140,7 @@ def pending_rows(bundle: SplitBundle, data: ArraySet, *, batch_size: int = 500) 
         raise CliError("the policy answers every test row on the edge: nothing reaches the cloud "
                        "(raise --budget or choose another --split)")
     return Pending(torch.cat([p.rows for p in parts]), torch.cat([p.feature for p in parts]),
-                   {name: torch.cat([p.state[name] for p in parts]) for name in parts[0].state})
+                   RowState.cat([p.state for p in parts]))
 
 
 class WorkerThread:

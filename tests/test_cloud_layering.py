@@ -1,25 +1,11 @@
-"""Layering and public API of splitexit.cloud."""
+"""Public API and light entry point of splitexit.cloud (its layering: test_layering.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import splitexit.cloud as cloud
-
-CLOUD = Path(__file__).resolve().parents[1] / "cloud"
-GRPC_MODULES = {"server.py", "servicer.py"}  # only the server and its servicer speak gRPC
-
-
-def test_cloud_imports_neither_edge_nor_sim_and_grpc_only_in_server_modules() -> None:
-    for path in CLOUD.rglob("*.py"):
-        text = path.read_text()
-        for part in ("splitexit.edge", "splitexit.sim"):
-            assert part not in text, f"{path.name} imports {part}"
-        if path.name not in GRPC_MODULES:
-            assert "import grpc" not in text and "from grpc" not in text, f"{path.name} imports grpc"
-
 
 def test_public_api_resolves() -> None:
     for name in cloud.__all__:

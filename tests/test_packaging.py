@@ -48,10 +48,3 @@ def test_public_api_lists_existing_names() -> None:
     for name in models.__all__:
         assert hasattr(models, name), name
     assert (ROOT / "shared" / "py.typed").is_file()
-
-
-def test_layering_shared_does_not_import_edge_cloud_sim() -> None:
-    for path in (ROOT / "shared").rglob("*.py"):
-        text = path.read_text()
-        for part in ("splitexit.edge", "splitexit.cloud", "splitexit.sim", "import grpc"):
-            assert part not in text, f"{path.relative_to(ROOT)} imports {part}"

@@ -4,8 +4,11 @@ Parts (each importable on its own; this package imports them lazily so that the 
 entry point stays light):
 - `splitexit.cloud.server`: `ServerConfig`, `build_server(config, models)` -> `CloudServer`
   (health, reflection, keepalive, limits, TLS/mTLS, token auth, graceful drain).
-- `splitexit.cloud.servicer`: `load_models(paths)`, `ServedModel`, `parse_request`,
-  `SplitInferenceServicer`.
+- `splitexit.cloud.served`: `load_models(paths)`, `ServedModel` (a bundle loaded, its
+  rows answered).
+- `splitexit.cloud.requests`: `parse_request`, `ServiceLimits` (each request checked and
+  decoded in one pass).
+- `splitexit.cloud.servicer`: `SplitInferenceServicer` (the gRPC face over the above).
 - `splitexit.cloud.batcher`: `BatcherConfig`, `Batcher` (dynamic batching per key).
 - `splitexit.cloud.metrics`: `Metrics` (Prometheus, a registry per server).
 - `splitexit.cloud.discovery`: `Advertiser`, `txt_properties` (`_splitexit._tcp.local.`).
@@ -45,11 +48,11 @@ _HOME = MappingProxyType({
     "CloudServer": "server",
     "Metrics": "metrics",
     "RequestError": "errors",
-    "ServedModel": "servicer",
+    "ServedModel": "served",
     "ServerConfig": "server",
     "ServerError": "server",
     "build_server": "server",
-    "load_models": "servicer",
+    "load_models": "served",
 })
 
 

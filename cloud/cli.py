@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:
     from splitexit.cloud.server import CloudServer, ServerConfig
-    from splitexit.cloud.servicer import ServedModel
+    from splitexit.cloud.served import ServedModel
 
 __all__ = ["build_config", "register", "serve"]
 
@@ -177,7 +177,7 @@ async def _report_stats(server: "CloudServer", interval: float) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """BundleError and ServerError are ValueErrors: `splitexit.cli.main` prints them as
     one line and exits 2."""
-    from splitexit.cloud.servicer import load_models
+    from splitexit.cloud.served import load_models
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     interfaces = [a.strip() for a in args.interfaces.split(",") if a.strip()] if args.interfaces else None

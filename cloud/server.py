@@ -59,7 +59,9 @@ from grpc_reflection.v1alpha import reflection
 from splitexit.cloud.answers import AnswerCacheConfig
 from splitexit.cloud.batcher import Batcher, BatcherConfig
 from splitexit.cloud.metrics import Metrics
-from splitexit.cloud.servicer import SERVICE_NAME, ServedModel, ServiceLimits, SplitInferenceServicer, add_to_server
+from splitexit.cloud.requests import ServiceLimits
+from splitexit.cloud.served import ServedModel
+from splitexit.cloud.servicer import SERVICE_NAME, SplitInferenceServicer, add_to_server
 from splitexit.tls import TlsError, check_key_pair
 
 __all__ = ["CloudServer", "HEALTH_SERVICES", "ServerConfig", "ServerError", "build_server"]
@@ -405,7 +407,7 @@ def _model_name(key: Hashable) -> str:
 
 
 def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedModel]) -> CloudServer:
-    """A grpc.aio server for `models` (from `splitexit.cloud.servicer.load_models`), bound
+    """A grpc.aio server for `models` (from `splitexit.cloud.served.load_models`), bound
     to config.host:config.port but not started. Raises ServerError (port in use, unreadable
     or non-PEM TLS files)."""
     if not models:

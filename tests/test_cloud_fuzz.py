@@ -19,7 +19,7 @@ from splitexit import wire
 from splitexit.bundle import export_bundle, load_bundle
 from splitexit.checkpoint import CheckpointMeta
 from splitexit.cloud.server import ServerConfig, build_server
-from splitexit.cloud.servicer import load_models
+from splitexit.cloud.served import load_models
 from splitexit.models import ModelConfig, build_model
 from splitexit.policies import Patience
 from splitexit.proto import inference_pb2 as pb

@@ -27,7 +27,7 @@ from splitexit.checkpoint import CheckpointMeta
 from splitexit.cloud.batcher import BatcherConfig
 from splitexit.cloud.errors import RequestError
 from splitexit.cloud.server import CloudServer, ServerConfig, ServerError, build_server, compute_thread_count
-from splitexit.cloud.servicer import load_models
+from splitexit.cloud.served import load_models
 from splitexit.models import ModelConfig, build_model
 from splitexit.policies import MaxProb
 from splitexit.proto import inference_pb2 as pb
@@ -100,7 +100,7 @@ def _edge_requests(bundle: Path, images: torch.Tensor, parts: int) -> list[pb.In
     p = runner.run(_normalize(images), stop=edge.split).pending
     assert p is not None and len(p.rows) >= 2 * parts
     chunks = torch.arange(len(p.rows)).chunk(parts)
-    return [wire.build_request(edge, p.feature[c], {n: v[c] for n, v in p.state.items()},
+    return [wire.build_request(edge, p.feature[c], p.state.take(c),
                                [str(int(r)) for r in p.rows[c]], request_id=f"q{i}")
             for i, c in enumerate(chunks)]
 

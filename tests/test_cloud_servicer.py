@@ -13,7 +13,8 @@ from splitexit import wire
 from splitexit.bundle import export_bundle, load_bundle
 from splitexit.checkpoint import CheckpointMeta
 from splitexit.cloud.errors import RequestError
-from splitexit.cloud.servicer import ServiceLimits, load_models, model_info, parse_request
+from splitexit.cloud.requests import ServiceLimits, parse_request
+from splitexit.cloud.served import load_models, model_info
 from splitexit.codec import encode
 from splitexit.models import ModelConfig, build_model
 from splitexit.policies import MaxProb, step

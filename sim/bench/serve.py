@@ -58,7 +58,8 @@ from splitexit.cli import CliError
 from splitexit.codec import CODECS
 from splitexit.cloud.batcher import BatcherConfig
 from splitexit.cloud.server import SWITCH_INTERVAL_MS, ServerConfig, compute_executor
-from splitexit.cloud.servicer import ServedModel, ServiceLimits, load_models, parse_request
+from splitexit.cloud.requests import ServiceLimits, parse_request
+from splitexit.cloud.served import ServedModel, load_models
 from splitexit.proto import inference_pb2 as pb
 from splitexit.runtime import Pending, RowState
 from splitexit.sim.bench.common import BenchContext, add_untrained_argument, log

@@ -19,7 +19,7 @@ from splitexit.bundle import Bundle, export_bundle, load_bundle
 from splitexit.calibrate import FitInputs, FitOptions, describe_fit, fit_policy
 from splitexit.cli import CliError
 from splitexit.cloud.server import CloudServer, ServerConfig, build_server
-from splitexit.cloud.servicer import ServedModel
+from splitexit.cloud.served import ServedModel
 from splitexit.data import ArraySet, Normalize
 from splitexit.policies import ExitPolicy
 from splitexit.reference import Trained

@@ -28,7 +28,7 @@ import numpy as np
 
 from splitexit import wire
 from splitexit.cloud.server import ServerConfig
-from splitexit.cloud.servicer import load_models
+from splitexit.cloud.served import load_models
 from splitexit.codec import CODECS, encoded_bytes
 from splitexit.edge import AgentConfig, EdgeAgent, GrpcTransport
 from splitexit.edge.results import Answer

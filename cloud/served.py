@@ -1,0 +1,328 @@
+"""A cloud bundle loaded for serving, and how its rows are answered.
+
+- `ServedModel.load(path)`: a cloud bundle ready to serve (tail runner, state spec,
+  optional edge weights for raw-input-only requests, the cascade's larger network).
+- `ServedModel.run_batch(parsed_requests)`: one tail call for a batch, answers per request
+  (runs in the batcher's compute thread).
+
+How a row is answered (see also `splitexit.wire` for the formats):
+1. With a feature: the tail runs from `split + 1`, resuming the row's `RowState` (none
+   sent = the policy starts fresh at the first cloud exit).
+   Without one (raw input only; needs the bundle's edge weights on this worker): the
+   whole network runs from stage 0 on the decoded input, normalized with the bundle's
+   mean/std.
+2. A row the policy sends to the cascade's larger network (RunResult.escalate, or a
+   next exit that already names it) runs that network on its decoded raw input, when the
+   request carries one, normalized with the larger network's mean/std; the policy then
+   decides at the ladder's last exit (the larger network's final head) as in an unsplit
+   run. Without raw input the row is answered with the most confident exit it evaluated
+   (the edge's too when it sent its best exit), flagged `degraded`; a row that
+   arrives already bound for the larger network without raw input runs this network's
+   remaining exits first, also flagged `degraded`.
+3. RowResult.exit_index is the stage index of the answering exit in RowResult.network
+   (the model name, or `splitexit.wire.larger_network_name(model)`).
+
+A batch that fails as a whole is re-run request by request, so one bad request (e.g. a
+policy state whose values the policy cannot use) fails alone and never its batch-mates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from splitexit.bundle import Bundle, BundleError, load_bundle, on_edge
+from splitexit.cloud.errors import RequestError
+from splitexit.cloud.requests import Parsed, ServiceLimits, decode_bodies
+from splitexit.codec import CODECS
+from splitexit.policies import PolicyError, step
+from splitexit.proto import PROTOCOL_VERSION
+from splitexit.proto import inference_pb2 as pb
+from splitexit.runtime import ExitRunner, RowState
+from splitexit.wire import RAW_FORMATS, StateField, WireError, decode_raw_input, larger_network_name, state_spec
+
+__all__ = ["ServedModel", "load_models", "model_info"]
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """A cloud bundle loaded for serving."""
+
+    bundle: Bundle
+    runner: ExitRunner
+    can_start_raw: bool  # the edge weights are loaded too: raw-input-only requests work
+    spec: dict[str, StateField] = field(init=False, repr=False)  # what policy_state must hold
+
+    def __post_init__(self) -> None:
+        self.spec = state_spec(self.runner)
+        self.own_exits = len(self.runner.exit_stages)  # ladder exits of this network, final head included
+        self.first_cloud = len(self.bundle.manifest["edge_exits"])  # ladder index of the first tail exit
+        self.num_classes = len(self.bundle.classes)
+        large = self.bundle.manifest.get("large") or {}
+        self._mean = torch.tensor(self.bundle.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(self.bundle.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._large_mean = torch.tensor(large.get("mean", self.bundle.mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self._large_std = torch.tensor(large.get("std", self.bundle.std), dtype=torch.float32).view(1, -1, 1, 1)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def hash(self) -> str:
+        return self.bundle.hash
+
+    @property
+    def raw_formats(self) -> tuple[str, ...]:
+        """Raw input is of use with a larger network or with the edge weights loaded."""
+        return RAW_FORMATS if (self.bundle.large is not None or self.can_start_raw) else ()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ServedModel":
+        """Load the cloud part of a bundle, plus its edge weights when the directory has
+        them (they let raw-input-only requests run the whole network). Raises BundleError."""
+        path = Path(path)
+        bundle = load_bundle(path, "cloud")
+        entry = bundle.manifest.get("files", {}).get("edge")
+        can_start_raw = False
+        if entry is not None and (path / entry["path"]).is_file():
+            # a present but corrupt edge file is an error, not a silent downgrade
+            edge = load_bundle(path, "edge", expect_hash=bundle.hash)
+            weights = {k: v for k, v in edge.model.state_dict().items() if on_edge(k, bundle.split)}
+            bundle.model.load_state_dict(weights, strict=False)
+            can_start_raw = True
+        try:
+            runner = ExitRunner(bundle.model, bundle.policy, num_classes=len(bundle.classes), network=bundle.network)
+        except PolicyError as exc:
+            raise BundleError(f"{path}: the policy does not fit the model ({exc})") from exc
+        return cls(bundle, runner, can_start_raw)
+
+    def model_spec(self) -> pb.ModelSpec:
+        return pb.ModelSpec(
+            name=self.name, bundle_hash=self.hash, arch=str(self.bundle.manifest["model"].get("arch", "")),
+            splits=[pb.SplitPoint(split=self.bundle.split, feature_shape=self.bundle.feature_shape)],
+            input_shape=self.bundle.input_shape, classes=self.bundle.classes, codecs=CODECS,
+            raw_formats=self.raw_formats,
+        )
+
+    def fresh_state(self, rows: int, *, raw_start: bool) -> RowState:
+        """State of rows that arrive without any: the policy starts at the first exit it
+        would evaluate on this side."""
+        state = self.runner.initial_state(rows)
+        if not raw_start:
+            state.next_exit = state.next_exit.clamp_min(self.first_cloud)
+        return state
+
+    def warm_up(self) -> None:
+        """Run the tail (and the larger network) once on a dummy row: first-call costs
+        (allocator, kernels, lazy init) are paid before the worker says SERVING."""
+        feature = torch.zeros(1, *self.bundle.feature_shape)
+        item = Parsed(model=self, request_id="warm-up", sample_ids=("0",), rows=1, feature=feature,
+                      state=self.fresh_state(1, raw_start=False), key=("warm-up",))
+        out = self.run_batch([item])[0]
+        if isinstance(out, Exception):
+            raise out
+        if self.bundle.large is not None:
+            with torch.inference_mode():
+                self.bundle.large(torch.zeros(1, *self.bundle.input_shape))
+
+    # -- compute (in the batcher's thread) -----------------------------------------------
+    def run_batch(self, items: Sequence[Parsed]) -> list["list[pb.RowResult] | RequestError"]:
+        """Answers for a batch of parsed requests of this model (one key). Bodies left
+        undecoded by `parse_request(..., defer_decode=True)` are decoded here first, a
+        batch's together; a request that fails to decode fails alone. A whole-batch
+        failure is retried request by request so that it fails only the request at fault."""
+        decoded = decode_bodies(self, items)
+        live = [i for i, d in enumerate(decoded) if isinstance(d, Parsed)]
+        out: list[list[pb.RowResult] | RequestError] = [d if isinstance(d, RequestError) else [] for d in decoded]
+        if live:
+            for i, answer in zip(live, self._run_isolated([decoded[i] for i in live])):  # type: ignore[misc]
+                out[i] = answer
+        return out
+
+    def _run_isolated(self, items: Sequence[Parsed]) -> list["list[pb.RowResult] | RequestError"]:
+        try:
+            return self._run(items)
+        except Exception as exc:
+            if len(items) == 1:
+                return [_compute_error(exc)]
+        out: list[list[pb.RowResult] | RequestError] = []
+        for item in items:
+            try:
+                out.extend(self._run([item]))
+            except Exception as exc:
+                out.append(_compute_error(exc))
+        return out
+
+    def _normalize(self, images: torch.Tensor, *, large: bool) -> torch.Tensor:
+        """uint8 [B, H, W, C] -> float [B, C, H, W] with the network's mean/std."""
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._large_mean) / self._large_std if large else (x - self._mean) / self._std
+
+    def _raw(self, item: Parsed, rows: Sequence[int] | None = None) -> torch.Tensor:
+        items = item.raw_items or ()
+        picked = items if rows is None else [items[r] for r in rows]
+        return decode_raw_input(item.raw_format or "", picked, self.bundle.input_shape)
+
+    @torch.inference_mode()
+    def _run(self, items: Sequence[Parsed]) -> list["list[pb.RowResult] | RequestError"]:
+        results: list[list[pb.RowResult] | RequestError | None] = [None] * len(items)
+        raw_start = items[0].feature is None  # one key: all of a batch start alike
+        inputs: dict[int, torch.Tensor] = {}
+        images: dict[int, torch.Tensor] = {}  # decoded raw input, reused for escalation
+        for i, item in enumerate(items):
+            if item.feature is not None:  # all of a batch alike (raw_start)
+                inputs[i] = item.feature
+                continue
+            try:
+                images[i] = self._raw(item)
+            except WireError as exc:
+                results[i] = RequestError("INVALID_ARGUMENT", str(exc))
+                continue
+            inputs[i] = self._normalize(images[i], large=False)
+        live = [i for i in inputs]
+        if not live:
+            return results  # type: ignore[return-value]
+        counts = torch.tensor([items[i].rows for i in live])
+        owner = torch.repeat_interleave(torch.tensor(live), counts)  # [N] item index of each row
+        first_row = {i: int(o) for i, o in zip(live, torch.cumsum(counts, 0) - counts)}
+        x = torch.cat([inputs[i] for i in live])  # [N, ...]
+        state = RowState.cat([items[i].row_state for i in live])
+        n = x.shape[0]
+        has_raw = torch.tensor([items[i].raw_items is not None for i in live], dtype=torch.bool).repeat_interleave(counts)
+
+        probs = torch.zeros(n, self.num_classes)
+        exit_stage = torch.full((n,), -1, dtype=torch.long)
+        by_large = torch.zeros(n, dtype=torch.bool)
+        degraded = torch.zeros(n, dtype=torch.bool)
+        done = torch.zeros(n, dtype=torch.bool)
+
+        # Rows whose policy already chose the larger network skip this one when they can.
+        to_large = state.next_exit >= self.own_exits
+        direct = to_large & has_raw
+        stuck = to_large & ~has_raw  # cannot get there: run this network's exits, degraded
+        state.next_exit[stuck] = self.first_cloud
+        degraded |= stuck
+        keep = torch.nonzero(~direct).flatten()
+        escalate_rows = [torch.nonzero(direct).flatten()]
+        # per-row state of escalated rows: their arrival state, or the state they left with
+        esc_state = state.clone()
+        if len(keep):
+            start = 0 if raw_start else self.bundle.split + 1
+            if len(keep) == n:  # the usual case: no copy of the batch (the runner copies the state itself)
+                result = self.runner.run(x, start=start, state=state, rows=keep)
+            else:
+                result = self.runner.run(x[keep], start=start, state=state.take(keep), rows=keep)
+            merged = result.merged()
+            if merged is not None:
+                probs[merged.rows] = merged.probs
+                exit_stage[merged.rows] = torch.tensor(self.runner.exit_stages)[merged.exit_index]
+                done[merged.rows] = True
+            for pending in (result.escalate, result.pending):  # pending: nothing left to run it on
+                if pending is not None and len(pending.rows):
+                    escalate_rows.append(pending.rows)
+                    esc_state.put(pending.rows, pending.state)
+        esc = torch.cat(escalate_rows)
+        if len(esc):
+            with_raw = esc[has_raw[esc]]
+            if len(with_raw) and self.bundle.large is not None:
+                self._run_large(items, with_raw, owner, first_row, images, esc_state, results,
+                                probs, exit_stage, by_large, done)
+            for r in esc[~done[esc]].tolist():  # no raw input (or no larger network): best exit, degraded
+                if results[int(owner[r])] is not None:  # its request already failed
+                    continue
+                k = int(esc_state.best_exit[r])
+                if not 0 <= k < self.own_exits:
+                    results[int(owner[r])] = RequestError(
+                        "INTERNAL", "a row left for the larger network without any exit evaluated")
+                    continue
+                probs[r], exit_stage[r] = esc_state.best_probs[r], self.runner.exit_stages[k]
+                degraded[r], done[r] = True, True
+        return self._answers(items, live, first_row, results, probs, exit_stage, by_large, degraded)
+
+    def _run_large(self, items, rows, owner, first_row, images, esc_state, results, probs, exit_stage, by_large,
+                   done) -> None:
+        """The larger network on the raw input of `rows` (all requests in one call); the
+        policy then decides at the ladder's last exit, as in an unsplit run."""
+        large = self.bundle.large
+        assert large is not None
+        xs, ok = [], []
+        for i in sorted(set(owner[rows].tolist())):
+            mine = rows[owner[rows] == i]
+            try:
+                local = (mine - first_row[i]).tolist()
+                pixels = images[i][local] if i in images else self._raw(items[i], local)
+            except WireError as exc:
+                results[i] = RequestError("INVALID_ARGUMENT", str(exc))
+                continue
+            xs.append(self._normalize(pixels, large=True))
+            ok.append(mine)
+        if not ok:
+            return
+        picked = torch.cat(ok)
+        out = large(torch.cat(xs)).float().softmax(-1)  # [n, C]
+        k = self.runner.num_exits - 1  # the larger network's final head ends the ladder
+        policy_state = {name: value[picked] for name, value in esc_state.policy.items()}
+        decision, _ = step(self.runner.policy, k, out, policy_state, self.runner.num_exits)
+        probs[picked] = decision.answer
+        exit_stage[picked] = large.num_stages - 1
+        by_large[picked] = True
+        done[picked] = True
+
+    def _answers(self, items, live, first_row, results, probs, exit_stage, by_large, degraded):
+        conf, label = probs.max(-1)
+        large_name = larger_network_name(self.name)
+        label_l, conf_l, stage_l = label.tolist(), conf.tolist(), exit_stage.tolist()
+        large_l, degraded_l = by_large.tolist(), degraded.tolist()
+        for i in live:
+            if results[i] is not None:
+                continue
+            item = items[i]
+            k = self.num_classes if item.top_k <= 0 else min(item.top_k, self.num_classes)
+            rows = []
+            for j in range(item.rows):
+                r = first_row[i] + j
+                row = pb.RowResult(sample_id=item.sample_ids[j], label=label_l[r], confidence=conf_l[r],
+                                   exit_index=stage_l[r], network=large_name if large_l[r] else self.name,
+                                   degraded=degraded_l[r])
+                if item.want_probabilities:
+                    p, c = probs[r].topk(k)
+                    row.top_k.extend(pb.ClassScore(class_index=ci, probability=pi)
+                                     for ci, pi in zip(c.tolist(), p.tolist()))
+                rows.append(row)
+            results[i] = rows
+        return results
+
+
+def _compute_error(exc: Exception) -> RequestError:
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, (PolicyError, IndexError, ValueError, RuntimeError)):
+        # The request's structure was validated; what remains is a value the policy cannot use.
+        return RequestError("INVALID_ARGUMENT", f"the exit policy cannot resume from this request's state "
+                                                f"({type(exc).__name__}: {str(exc)[:200]})")
+    return RequestError("INTERNAL", f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def load_models(paths: Sequence[str | Path]) -> dict[tuple[str, str], ServedModel]:
+    """Served models keyed by (name, bundle hash). Raises BundleError (also for a bundle
+    given twice)."""
+    models: dict[tuple[str, str], ServedModel] = {}
+    for path in paths:
+        model = ServedModel.load(path)
+        if (model.name, model.hash) in models:
+            raise BundleError(f"{path}: bundle {model.name} {model.hash[:12]} is given twice")
+        models[(model.name, model.hash)] = model
+    return models
+
+
+def model_info(models: Mapping[tuple[str, str], ServedModel], limits: ServiceLimits, worker_id: str) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        protocol_version=PROTOCOL_VERSION,
+        models=[m.model_spec() for _, m in sorted(models.items())],
+        limits=pb.Limits(max_message_bytes=limits.max_message_bytes, max_batch_rows=limits.max_request_rows),
+        worker_id=worker_id,
+    )

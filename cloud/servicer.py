@@ -23,6 +23,7 @@ from splitexit.cloud.requests import Parsed, ServiceLimits, parse_request
 from splitexit.cloud.served import ServedModel, model_info
 from splitexit.proto import inference_pb2 as pb
 from splitexit.proto import inference_pb2_grpc as pb_grpc
+from splitexit.status import STATUS_NUMBERS
 
 if TYPE_CHECKING:
     from splitexit.cloud.metrics import Metrics
@@ -185,7 +186,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
                 if self.metrics is not None:
                     self.metrics.stream_error(error.code)
                 response = pb.InferResponse(request_id=getattr(request, "request_id", ""), worker_id=self.worker_id,
-                                            error=pb.RequestError(code=grpc.StatusCode[error.code].value[0],
+                                            error=pb.RequestError(code=STATUS_NUMBERS[error.code],
                                                                   message=error.message))
             out.put_nowait(response)
 

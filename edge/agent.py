@@ -32,6 +32,7 @@ from splitexit.edge.spool import Spool
 from splitexit.edge.trace import TRACE_VERSION, TraceWriter
 from splitexit.edge.transport import OffloadError, Transport
 from splitexit.proto import inference_pb2 as pb
+from splitexit.status import status_name
 
 if TYPE_CHECKING:
     import torch
@@ -550,9 +551,7 @@ class EdgeAgent:
 
 
 def _code_name(number: int) -> str:
-    from splitexit.edge.transport import _CODE_BY_NUMBER
-
-    return _CODE_BY_NUMBER.get(number, "UNKNOWN")
+    return status_name(number) or "UNKNOWN"
 
 
 class SyncEdgeAgent:

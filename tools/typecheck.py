@@ -23,9 +23,15 @@ TREE = ROOT / ".cache" / "typecheck"
 
 
 def package_dirs() -> dict[str, Path]:
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    mapping = config["tool"]["setuptools"]["package-dir"]
-    return {name: ROOT / folder for name, folder in mapping.items()}
+    """Each listed package's folder: its own entry in the mapping, or its parent's folder
+    and its last name (as setuptools resolves it)."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = setuptools["package-dir"]
+    dirs: dict[str, Path] = {}
+    for name in sorted(setuptools["packages"], key=lambda n: n.count(".")):  # parents first
+        parent, _, last = name.rpartition(".")
+        dirs[name] = ROOT / mapping[name] if name in mapping else dirs[parent] / last
+    return dirs
 
 
 def lay_out(dirs: dict[str, Path]) -> Path:

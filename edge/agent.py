@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from splitexit.bundle import Bundle
     from splitexit.runtime import RowState
+    from splitexit.wire import WireError
 
 __all__ = ["AgentConfig", "EdgeAgent", "SyncEdgeAgent"]
 
@@ -67,6 +68,11 @@ class AgentConfig:
     max_batch_rows: int = 256  # rows per InferRequest (a worker's advertised limit may lower it)
     max_message_bytes: int = 64 * 1024 * 1024  # per InferRequest (likewise)
     raw_format: str = "png"  # RawInput format for escalated rows: png (lossless), jpeg, u8
+    # A cascade's rows that reach the cloud may be sent on to its larger network by a cloud
+    # exit, which runs on their raw input: send it with their feature. None = when the
+    # bundle's ladder ends in a larger network; False saves the bytes (such rows are then
+    # answered degraded, with the best exit they evaluated).
+    raw_with_features: bool | None = None
     want_probabilities: bool = False
     top_k: int = 0  # with want_probabilities: classes per row, 0 = all
     refine_timeout_ms: float = 10_000.0  # per spooled request resent by `refine`
@@ -146,6 +152,8 @@ class EdgeAgent:
         self.runner = ExitRunner(bundle.model, bundle.policy, num_classes=len(bundle.classes), network=bundle.network)
         self.exit_stages: tuple[int, ...] = tuple(bundle.manifest["exits"])
         self._fallback_exit = bundle.split if bundle.split in bundle.model.exit_points else None
+        cascade = any(network != 0 for network in bundle.network)
+        self._raw_with_features = cascade if self.config.raw_with_features is None else self.config.raw_with_features
         self._seq = 0
 
     # --- helpers -----------------------------------------------------------------------
@@ -267,22 +275,27 @@ class EdgeAgent:
             rows = pending.rows.tolist()
             self._note_fallbacks(rows, state, fallback, evaluated)
             per_row = encoded_bytes(self.codec, (1, *pending.feature.shape[1:]))  # type: ignore[arg-type]
-            for group in self._chunks([per_row] * len(rows)):
+            raw = self._raw_items(x, images, pending.rows) if self._raw_with_features else None
+            if isinstance(raw, wire.WireError):  # the features still go; escalations will be degraded
+                log.warning("raw input for the larger network not sent: %s", raw)
+                raw = None
+            row_bytes = [per_row + (len(raw[j]) + 16 if raw is not None else 0) for j in range(len(rows))]
+            for group in self._chunks(row_bytes):
                 index = torch.tensor(group)
+                with_raw = {} if raw is None else {"raw_items": [raw[g] for g in group],
+                                                   "raw_format": self.config.raw_format}
                 offloads.append(self._build(
-                    "feature", [rows[g] for g in group], group_bytes=per_row * len(group),
+                    "feature", [rows[g] for g in group], group_bytes=sum(row_bytes[g] for g in group),
                     feature=pending.feature[index], state=pending.state.take(index),
-                    sample_ids=[ids[rows[g]] for g in group], codec=self.codec))
+                    sample_ids=[ids[rows[g]] for g in group], codec=self.codec, **with_raw))
         escalate = result.escalate
         if escalate is not None:
             rows = escalate.rows.tolist()
             index = escalate.rows
             self._note_fallbacks(rows, escalate.state, fallback, evaluated)
-            pixels = images[index.numpy()] if images is not None else self._to_images(x[index])
-            try:
-                items = wire.encode_raw_input(pixels, self.config.raw_format)
-            except wire.WireError as exc:
-                error = OffloadError("INVALID_ARGUMENT", str(exc), reason="encode_failed")
+            items = self._raw_items(x, images, index)
+            if isinstance(items, wire.WireError):
+                error = OffloadError("INVALID_ARGUMENT", str(items), reason="encode_failed")
                 offloads.append(_Offload(None, "raw", rows, error=error))
                 items = ()
             for group in self._chunks([len(item) + 16 for item in items]):
@@ -294,6 +307,18 @@ class EdgeAgent:
                     raw_format=self.config.raw_format))
         t3 = time.perf_counter()
         return _Prepared(edge, fallback, evaluated, offloads, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+
+    def _raw_items(self, x: "torch.Tensor", images: np.ndarray | None,
+                   rows: "torch.Tensor") -> "tuple[bytes, ...] | WireError":
+        """These rows' input encoded for RawInput (the images as given, or the normalized
+        input turned back into pixels), or why it cannot be."""
+        from splitexit import wire
+
+        pixels = images[rows.numpy()] if images is not None else self._to_images(x[rows])
+        try:
+            return wire.encode_raw_input(pixels, self.config.raw_format)
+        except wire.WireError as exc:
+            return exc
 
     @staticmethod
     def _note_fallbacks(rows: list[int], state: "RowState", fallback: dict[int, tuple[int, Any, float]],

@@ -59,13 +59,13 @@ class ServedModel:
     def __post_init__(self) -> None:
         self.spec = state_spec(self.runner)
         self.own_exits = len(self.runner.exit_stages)  # ladder exits of this network, final head included
-        self.first_cloud = len(self.bundle.manifest["edge_exits"])  # ladder index of the first tail exit
+        self.first_cloud = len(self.bundle.manifest.edge_exits)  # ladder index of the first tail exit
         self.num_classes = len(self.bundle.classes)
-        large = self.bundle.manifest.get("large") or {}
         self._mean = torch.tensor(self.bundle.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(self.bundle.std, dtype=torch.float32).view(1, -1, 1, 1)
-        self._large_mean = torch.tensor(large.get("mean", self.bundle.mean), dtype=torch.float32).view(1, -1, 1, 1)
-        self._large_std = torch.tensor(large.get("std", self.bundle.std), dtype=torch.float32).view(1, -1, 1, 1)
+        large = self.bundle.manifest.large
+        self._large_mean = torch.tensor(large.mean if large else self.bundle.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._large_std = torch.tensor(large.std if large else self.bundle.std, dtype=torch.float32).view(1, -1, 1, 1)
 
     @property
     def name(self) -> str:
@@ -86,9 +86,9 @@ class ServedModel:
         them (they let raw-input-only requests run the whole network). Raises BundleError."""
         path = Path(path)
         bundle = load_bundle(path, "cloud")
-        entry = bundle.manifest.get("files", {}).get("edge")
+        entry = bundle.manifest.files.get("edge")
         can_start_raw = False
-        if entry is not None and (path / entry["path"]).is_file():
+        if entry is not None and (path / entry.path).is_file():
             # a present but corrupt edge file is an error, not a silent downgrade
             edge = load_bundle(path, "edge", expect_hash=bundle.hash)
             weights = {k: v for k, v in edge.model.state_dict().items() if on_edge(k, bundle.split)}
@@ -102,7 +102,7 @@ class ServedModel:
 
     def model_spec(self) -> pb.ModelSpec:
         return pb.ModelSpec(
-            name=self.name, bundle_hash=self.hash, arch=str(self.bundle.manifest["model"].get("arch", "")),
+            name=self.name, bundle_hash=self.hash, arch=self.bundle.manifest.model.arch,
             splits=[pb.SplitPoint(split=self.bundle.split, feature_shape=self.bundle.feature_shape)],
             input_shape=self.bundle.input_shape, classes=self.bundle.classes, codecs=CODECS,
             raw_formats=self.raw_formats,

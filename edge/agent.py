@@ -150,7 +150,7 @@ class EdgeAgent:
         self.spool = Spool(spool) if isinstance(spool, (str, Path)) else spool
         self.trace = TraceWriter(trace) if isinstance(trace, (str, Path)) else trace
         self.runner = ExitRunner(bundle.model, bundle.policy, num_classes=len(bundle.classes), network=bundle.network)
-        self.exit_stages: tuple[int, ...] = tuple(bundle.manifest["exits"])
+        self.exit_stages: tuple[int, ...] = bundle.manifest.exits
         self._fallback_exit = bundle.split if bundle.split in bundle.model.exit_points else None
         cascade = any(network != 0 for network in bundle.network)
         self._raw_with_features = cascade if self.config.raw_with_features is None else self.config.raw_with_features

@@ -53,12 +53,87 @@ def manifest_hash(manifest: Mapping[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
+class WeightFile:
+    path: str  # relative to the bundle directory
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LargeNetwork:
+    """The cascade's larger network as the manifest describes it (it runs on raw input)."""
+
+    model: ModelConfig
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """manifest.json, read and checked: what the bundle holds and where its halves meet.
+    `data` is the JSON as read, which the bundle hash covers."""
+
+    name: str
+    hash: str
+    model: ModelConfig
+    split: int  # the cut: stages 0..split run on the edge
+    exits: tuple[int, ...]  # stage index of each exit of this network's ladder, the final head last
+    edge_exits: tuple[int, ...]  # those at or before the split
+    cloud_exits: tuple[int, ...]
+    network: tuple[int, ...]  # network id per ladder exit (0 = this network, 1 = the cascade's larger one)
+    input_shape: tuple[int, ...]
+    feature_shape: tuple[int, ...]  # one sample's feature at the split (what an offload carries)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    policy: Mapping[str, Any]  # policy_to_dict's entry
+    calibration: Mapping[str, Any]
+    codec: str
+    files: Mapping[str, WeightFile]  # "edge", "cloud", optionally "large"
+    large: LargeNetwork | None
+    data: Mapping[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "manifest") -> "Manifest":
+        """Raises BundleError naming the field that is missing or of the wrong type."""
+        def ints(value: Any) -> tuple[int, ...]:
+            return tuple(int(v) for v in value)
+
+        def floats(value: Any) -> tuple[float, ...]:
+            return tuple(float(v) for v in value)
+
+        field = "?"
+        try:
+            field = "model"
+            model = ModelConfig.from_dict(data["model"])
+            large = None
+            if "large" in data:
+                field = "large"
+                entry = data["large"]
+                large = LargeNetwork(ModelConfig.from_dict(entry["model"]), floats(entry["mean"]), floats(entry["std"]))
+            field = "files"
+            files = {part: WeightFile(str(f["path"]), str(f["sha256"])) for part, f in data["files"].items()}
+            values: dict[str, Any] = {}
+            for field, read in (("name", str), ("hash", str), ("split", int), ("exits", ints), ("edge_exits", ints),
+                                ("cloud_exits", ints), ("input_shape", ints), ("feature_shape", ints),
+                                ("mean", floats), ("std", floats), ("codec", str), ("policy", dict),
+                                ("calibration", dict)):
+                values[field] = read(data[field])
+            field = "classes"
+            values["classes"] = tuple(str(c) for c in data["classes"])
+            field = "ladder"
+            values["network"] = ints(data["ladder"]["network"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"{where}: bad or missing {field!r} ({type(exc).__name__}: {exc})") from exc
+        return cls(model=model, large=large, files=files, data=data, **values)
+
+
+@dataclass(frozen=True)
 class Bundle:
-    """A loaded bundle part: the model (only this part's weights are real), its policy and
-    everything the runtime needs to know."""
+    """A loaded bundle part: the model (on the edge, only the stages it runs; see
+    `load_bundle`), its policy and everything the runtime needs to know."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     part: Part
     model: MultiExitNet
     policy: ExitPolicy
@@ -66,45 +141,57 @@ class Bundle:
 
     @property
     def hash(self) -> str:
-        return str(self.manifest["hash"])
+        return self.manifest.hash
 
     @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.manifest.name
 
     @property
     def split(self) -> int:
-        return int(self.manifest["split"])
+        return self.manifest.split
 
     @property
     def codec(self) -> str:
-        return str(self.manifest["codec"])
+        return self.manifest.codec
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["input_shape"])
+        return self.manifest.input_shape
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
         """Shape of one sample's feature at the split (what an offload carries)."""
-        return tuple(self.manifest["feature_shape"])
+        return self.manifest.feature_shape
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.manifest["classes"])
+        return self.manifest.classes
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return tuple(self.manifest["mean"])
+        return self.manifest.mean
 
     @property
     def std(self) -> tuple[float, ...]:
-        return tuple(self.manifest["std"])
+        return self.manifest.std
 
     @property
     def network(self) -> tuple[int, ...]:
         """Network id per ladder exit (0 = this network, 1 = the cascade's larger one)."""
-        return tuple(self.manifest["ladder"]["network"])
+        return self.manifest.network
+
+
+class NotOnThisSide(torch.nn.Module):
+    """Stands in for a module whose weights the loaded part does not carry (the cloud's
+    stages on the edge): no random weights to run by mistake, and a clear error if called."""
+
+    def __init__(self, name: str, part: str) -> None:
+        super().__init__()
+        self.name, self.part = name, part
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        raise BundleError(f"{self.name} is not in the {self.part} part of the bundle")
 
 
 def on_edge(key: str, split: int) -> bool:
@@ -177,8 +264,8 @@ def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *,
     return out
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest, checked: format, version and its own hash."""
+def read_manifest(path: str | Path) -> Manifest:
+    """The manifest, checked: format, version, its own hash and its fields."""
     path = Path(path)
     file = path / MANIFEST
     if not file.is_file():
@@ -193,33 +280,36 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise BundleError(f"{file}: bundle version {manifest.get('version')!r}, this splitexit reads {VERSION}")
     if manifest.get("hash") != manifest_hash(manifest):
         raise BundleError(f"{file}: manifest hash mismatch (edited or corrupt)")
-    return manifest
+    return Manifest.from_dict(manifest, str(file))
 
 
 def load_bundle(path: str | Path, part: Part, *, expect_hash: str | None = None) -> Bundle:
-    """Load one side of a bundle; every file it needs is checked against the manifest."""
+    """Load one side of a bundle; every file it needs is checked against the manifest.
+
+    The edge part builds only what it runs: the stages after the split, their exits and
+    the final head are `NotOnThisSide` placeholders (no weights)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     manifest = read_manifest(path)
-    if expect_hash is not None and manifest["hash"] != expect_hash:
-        raise BundleError(f"{path}: bundle hash {manifest['hash'][:12]} is not the expected {expect_hash[:12]}")
+    if expect_hash is not None and manifest.hash != expect_hash:
+        raise BundleError(f"{path}: bundle hash {manifest.hash[:12]} is not the expected {expect_hash[:12]}")
     if part not in ("edge", "cloud"):
         raise BundleError(f"part must be 'edge' or 'cloud', got {part!r}")
+    config = manifest.model
     try:
-        config = ModelConfig.from_dict(manifest["model"])
-        policy = policy_from_dict(manifest["policy"])
+        policy = policy_from_dict(dict(manifest.policy))
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path}: bad model or policy in the manifest ({exc})") from exc
 
     def weights(name: str) -> dict[str, torch.Tensor]:
-        entry = manifest["files"].get(name)
+        entry = manifest.files.get(name)
         if entry is None:
             raise BundleError(f"{path}: the manifest lists no {name} weights")
-        file = path / entry["path"]
+        file = path / entry.path
         if not file.is_file():
             raise BundleError(f"{file}: missing")
-        if _sha256(file) != entry["sha256"]:
+        if _sha256(file) != entry.sha256:
             raise BundleError(f"{file}: content hash mismatch (corrupt or replaced)")
         try:
             return load_file(str(file))
@@ -228,20 +318,33 @@ def load_bundle(path: str | Path, part: Part, *, expect_hash: str | None = None)
 
     model = build_model(config)
     tensors = weights(part)
-    split = int(manifest["split"])
+    split = manifest.split
     expected = {k for k in model.state_dict() if on_edge(k, split) == (part == "edge")}
     if expected != set(tensors):
         raise BundleError(f"{path}: {part} weights do not fit {config.arch} split after stage {split}")
+    if part == "edge":
+        _keep_edge_side(model, split)
     try:
-        model.load_state_dict(tensors, strict=False)
+        model.load_state_dict(tensors, strict=part == "edge")
     except RuntimeError as exc:
         raise BundleError(f"{path}: {part} weights do not fit {config.arch}: {str(exc).splitlines()[0]}") from exc
     large = None
-    if part == "cloud" and "large" in manifest["files"]:
-        large = build_model(ModelConfig.from_dict(manifest["large"]["model"]))
+    if part == "cloud" and manifest.large is not None and "large" in manifest.files:
+        large = build_model(manifest.large.model)
         try:
             large.load_state_dict(weights("large"), strict=True)
         except RuntimeError as exc:
             raise BundleError(f"{path}: larger network weights do not fit: {str(exc).splitlines()[0]}") from exc
         large.eval()
     return Bundle(path, manifest, part, model.eval(), policy, large)
+
+
+def _keep_edge_side(model: MultiExitNet, split: int) -> None:
+    """Replace what runs after the split (stages, their exits, the final head) with
+    placeholders, in place: the edge part holds only the weights it runs."""
+    for i in range(split + 1, model.num_stages):
+        model.stages[i] = NotOnThisSide(f"stage {i}", "edge")
+    for key in list(model.exits):
+        if int(key) > split:
+            model.exits[key] = NotOnThisSide(f"the exit after stage {key}", "edge")
+    model.head = NotOnThisSide("the final head", "edge")

@@ -219,7 +219,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Checkpoint + fitted policy -> a bundle directory (edge and cloud parts)."""
     import json
 
-    from splitexit.bundle import export_bundle
+    from splitexit.bundle import export_bundle, read_manifest
     from splitexit.checkpoint import load_checkpoint
     from splitexit.policies import policy_from_dict
 
@@ -238,10 +238,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     large = load_checkpoint(args.large) if args.large is not None else None
     path = export_bundle(args.out, model, meta, split=split, policy=policy, input_shape=tuple(shape),
                          name=args.name or "", codec=args.codec, calibration=entry.get("validation"), large=large)
-    manifest = json.loads((path / "manifest.json").read_text())
-    print(f"bundle {path}: {manifest['name']} split after stage {split}, edge exits {manifest['edge_exits']}, "
-          f"cloud exits {manifest['cloud_exits']}, policy {policy.name}, codec {args.codec}")
-    print(f"hash {manifest['hash']}")
+    manifest = read_manifest(path)
+    print(f"bundle {path}: {manifest.name} split after stage {split}, edge exits {list(manifest.edge_exits)}, "
+          f"cloud exits {list(manifest.cloud_exits)}, policy {policy.name}, codec {args.codec}")
+    print(f"hash {manifest.hash}")
 
 
 # --- parser --------------------------------------------------------------------------

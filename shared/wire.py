@@ -363,7 +363,7 @@ def build_request(bundle: Any = None, feature: "torch.Tensor | None" = None, sta
         for name, tensor in encode_policy_state(state, rows=rows, include_best=include_best).items():
             msg.policy_state[name].CopyFrom(tensor.to_proto())
         if edge_exits and bundle is not None:
-            msg.edge_exits.extend(edge_exit_infos(state, bundle.manifest["exits"]))
+            msg.edge_exits.extend(edge_exit_infos(state, bundle.manifest.exits))
     return msg
 
 

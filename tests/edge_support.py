@@ -98,11 +98,11 @@ class TailHandler:
         self.runner = ExitRunner(self.bundle.model, self.bundle.policy, num_classes=len(self.bundle.classes),
                                  network=self.bundle.network)
         self.spec = wire.state_spec(self.runner)
-        self.exits = list(self.bundle.manifest["exits"])
+        self.exits = list(self.bundle.manifest.exits)
 
     def model_info(self, *, bundle_hash: str | None = None) -> pb.ModelInfo:
         b = self.bundle
-        spec = pb.ModelSpec(name=b.name, bundle_hash=bundle_hash or b.hash, arch=b.manifest["model"]["arch"],
+        spec = pb.ModelSpec(name=b.name, bundle_hash=bundle_hash or b.hash, arch=b.manifest.model.arch,
                             splits=[pb.SplitPoint(split=b.split, feature_shape=b.feature_shape)],
                             input_shape=b.input_shape, classes=b.classes,
                             codecs=["fp32", "fp16", "int8", "int8-per-channel"], raw_formats=["png", "u8"])

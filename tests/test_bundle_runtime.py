@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitexit.bundle import BundleError, export_bundle, load_bundle, read_manifest
+from splitexit.bundle import BundleError, NotOnThisSide, export_bundle, load_bundle, manifest_hash, read_manifest
 from splitexit.checkpoint import CheckpointMeta
 from splitexit.models import ModelConfig, build_model
 from splitexit.policies import Ladder, MaxProb, Patience, simulate
@@ -95,8 +95,8 @@ def test_bundle_sides_carry_only_their_weights_and_reproduce_the_model(net, tmp_
     policy = _policies(model, x)[0]
     path = export_bundle(tmp_path / "b", model, meta, split=2, policy=policy, input_shape=SHAPE)
     edge, cloud = load_bundle(path, "edge"), load_bundle(path, "cloud")
-    assert edge.hash == cloud.hash == read_manifest(path)["hash"]
-    assert edge.feature_shape == (8, 8, 8) and edge.manifest["edge_exits"] == [1, 2]
+    assert edge.hash == cloud.hash == read_manifest(path).hash
+    assert edge.feature_shape == (8, 8, 8) and edge.manifest.edge_exits == (1, 2)
     from safetensors.torch import load_file
 
     edge_keys = set(load_file(str(path / "edge.safetensors")))
@@ -110,10 +110,36 @@ def test_bundle_sides_carry_only_their_weights_and_reproduce_the_model(net, tmp_
     assert np.array_equal(np.stack(got), np.stack(_offline(model, x, policy)[:2]))
 
 
+def test_the_edge_builds_only_what_it_runs(net, tmp_path: Path) -> None:
+    model, meta = net
+    path = export_bundle(tmp_path / "b", model, meta, split=2, policy=MaxProb(0.5), input_shape=SHAPE)
+    edge = load_bundle(path, "edge")
+    from safetensors.torch import load_file
+
+    assert set(edge.model.state_dict()) == set(load_file(str(path / "edge.safetensors")))  # no tail weights
+    assert all(isinstance(edge.model.stages[i], NotOnThisSide) for i in range(3, edge.model.num_stages))
+    assert isinstance(edge.model.head, NotOnThisSide) and isinstance(edge.model.exits["3"], NotOnThisSide)
+    with pytest.raises(BundleError, match="stage 3 is not in the edge part"):
+        edge.model(torch.randn(1, *SHAPE))
+    assert edge.model.exit_points == model.exit_points  # the ladder is the whole network's
+
+
+@pytest.mark.parametrize("field", ["split", "exits", "ladder", "model", "files"])
+def test_a_manifest_missing_a_field_is_refused_by_name(net, tmp_path: Path, field: str) -> None:
+    model, meta = net
+    path = export_bundle(tmp_path / "b", model, meta, split=1, policy=MaxProb(0.5), input_shape=SHAPE)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest[field]
+    manifest["hash"] = manifest_hash(manifest)  # a consistent manifest, only incomplete
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"bad or missing '{field}'"):
+        load_bundle(path, "edge")
+
+
 def test_tampered_or_mismatched_bundles_are_refused(net, tmp_path: Path) -> None:
     model, meta = net
     path = export_bundle(tmp_path / "b", model, meta, split=1, policy=MaxProb(0.5), input_shape=SHAPE)
-    good = read_manifest(path)["hash"]
+    good = read_manifest(path).hash
     with pytest.raises(BundleError, match="not the expected"):
         load_bundle(path, "edge", expect_hash="0" * 64)
     data = bytearray((path / "cloud.safetensors").read_bytes())

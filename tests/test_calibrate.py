@@ -82,7 +82,7 @@ def test_export_writes_a_bundle_both_sides_load(checkpoint, tmp_path: Path, caps
     edge, cloud = load_bundle(out, "edge"), load_bundle(out, "cloud")
     assert edge.hash == cloud.hash and edge.split == 2 and edge.codec == "fp16"
     assert edge.input_shape == (1, 8, 8)
-    assert edge.manifest["calibration"]["cost_frac"] <= 0.8 + 1e-9
+    assert edge.manifest.calibration["cost_frac"] <= 0.8 + 1e-9
     assert edge.hash in capsys.readouterr().out
     (tmp_path / "bad.json").write_text("{not json")
     assert main(["export", str(checkpoint[0]), "--policy", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b2")]) == 2

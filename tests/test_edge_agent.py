@@ -125,7 +125,7 @@ def _local_best(path: Path, x: torch.Tensor) -> dict[int, tuple[int, int]]:
     """(label, exit stage) of each pending row's most confident edge exit."""
     bundle = S.load_bundle(path, "edge")
     head = ExitRunner(bundle.model, bundle.policy, num_classes=10).run(x, stop=bundle.split)
-    exits = bundle.manifest["exits"]
+    exits = bundle.manifest.exits
     p = head.pending
     return {row: (int(p.state.best_probs[j].argmax()), exits[int(p.state.best_exit[j])])
             for j, row in enumerate(p.rows.tolist())}

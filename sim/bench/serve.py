@@ -224,7 +224,7 @@ def to_final_head(pending: Pending, bundle: SplitBundle) -> Pending:
     """The same rows with their policy's next exit set to the final head: the worker then
     skips the cloud-side exit heads (as for a policy that skips heads) and runs the plain
     stages and the final head, the bare tail's work."""
-    final = len(bundle.edge().manifest["exits"]) - 1  # ladder index of the final head
+    final = len(bundle.edge().manifest.exits) - 1  # ladder index of the final head
     state = replace(pending.state, next_exit=torch.full_like(pending.state.next_exit, final))
     return Pending(pending.rows, pending.feature, state)
 

@@ -47,8 +47,8 @@ class SplitBundle:
 
     def summary(self) -> dict[str, Any]:
         m = self.edge().manifest
-        return {"split": self.split, "feature_shape": list(m["feature_shape"]), "edge_exits": m["edge_exits"],
-                "cloud_exits": m["cloud_exits"], "policy": self.fit}
+        return {"split": self.split, "feature_shape": list(m.feature_shape), "edge_exits": list(m.edge_exits),
+                "cloud_exits": list(m.cloud_exits), "policy": self.fit}
 
 
 def add_bundle_arguments(parser: Any, *, split_default: str = "the last edge exit") -> None:

@@ -3,6 +3,9 @@
 - `EdgeAgent` / `SyncEdgeAgent`: answers a batch; exited rows on the device, pending rows'
   features to a cloud worker, escalated rows' raw input to a cascade's larger network;
   anything the cloud cannot answer in time comes back as the best local exit, `degraded`.
+  The agent orchestrates (offloads within the budget, fallbacks, spool, traces); the head's
+  run and the requests it leaves are `splitexit.edge.head`, the answers
+  `splitexit.edge.answering`, its settings `splitexit.edge.config.AgentConfig`.
 - Transports (`splitexit.edge.transport`): `GrpcTransport`, `InProcessTransport`,
   `WorkerPool` (confirmed workers, least-outstanding / round-robin, down + probe back).
 - Discovery (`splitexit.edge.discovery`): a zeroconf browser feeding the pool.

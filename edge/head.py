@@ -1,0 +1,244 @@
+"""The head of an edge bundle run on a batch, and the offloads it leaves (runs in a
+worker thread, off the event loop): inputs normalized, stages 0..split and their exits
+run (`ExitRunner`), each undecided row's own fallback answer noted, and the rows to
+offload packed into `InferRequest`s within the worker's limits (features, with a
+cascade's raw input; raw input alone for rows escalated on the edge)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from splitexit.codec import encoded_bytes
+from splitexit.edge.config import REQUEST_OVERHEAD, AgentConfig
+from splitexit.edge.transport import OffloadError
+from splitexit.proto import inference_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+    from splitexit.bundle import Bundle
+    from splitexit.runtime import RowState
+    from splitexit.wire import WireError
+
+__all__ = ["EdgeHead", "Offload", "Prepared"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Offload:
+    """One InferRequest of a batch, and what the agent needs to answer its rows without it."""
+
+    request: pb.InferRequest | None  # None when it could not be built (see error)
+    kind: str  # "feature" | "raw"
+    positions: list[int]  # rows of the batch, in request order
+    error: OffloadError | None = None  # known before sending: answer the rows locally
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """The head's outcome for a batch (computed off the event loop)."""
+
+    edge: list[tuple[int, int, "torch.Tensor", int]]  # (position, ladder exit, probs, evaluated)
+    fallback: dict[int, tuple[int, "torch.Tensor | None", float]]  # position -> (ladder exit, probs, conf)
+    evaluated: list[int]
+    offloads: list[Offload]
+    prepare_ms: float
+    head_ms: float
+    encode_ms: float
+
+
+class EdgeHead:
+    """The bundle's head with its policy. `limits()` gives (rows, bytes) per request: the
+    configured ones, lowered by what the worker advertises."""
+
+    def __init__(self, bundle: "Bundle", config: AgentConfig, limits: Callable[[], tuple[int, int]]) -> None:
+        from splitexit.runtime import ExitRunner
+
+        self.bundle = bundle
+        self.config = config
+        self.codec = config.codec or bundle.codec
+        self._limits = limits
+        self.runner = ExitRunner(bundle.model, bundle.policy, num_classes=len(bundle.classes), network=bundle.network)
+        self.exit_stages: tuple[int, ...] = bundle.manifest.exits
+        self._fallback_exit = bundle.split if bundle.split in bundle.model.exit_points else None
+        cascade = any(network != 0 for network in bundle.network)
+        self._raw_with_features = cascade if config.raw_with_features is None else config.raw_with_features
+
+    def _inputs(self, inputs: Any) -> tuple["torch.Tensor", np.ndarray | None]:
+        """Normalized float inputs [B, C, H, W] and, when given as images, uint8 [B, H, W, C]."""
+        import torch
+
+        from splitexit.data import Normalize
+
+        c, h, w = self.bundle.input_shape
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise ValueError("no inputs")
+            inputs = np.stack([np.asarray(i) for i in inputs])
+        if isinstance(inputs, torch.Tensor):
+            if inputs.dtype == torch.uint8:
+                inputs = inputs.cpu().numpy()
+            else:
+                x = inputs.detach().cpu().float()
+                if tuple(x.shape[1:]) != (c, h, w) or x.dim() != 4:
+                    raise ValueError(f"float inputs must be [B, {c}, {h}, {w}], got {list(x.shape)}")
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError("inputs hold NaN/inf values")
+                return x.contiguous(), None
+        if not isinstance(inputs, np.ndarray):
+            raise ValueError(f"inputs must be a tensor, an array or a list of images, got {type(inputs).__name__}")
+        if inputs.dtype == np.uint8:
+            images = inputs[..., None] if inputs.ndim == 3 and c == 1 else inputs
+            if images.ndim != 4 or images.shape[1:] != (h, w, c):
+                raise ValueError(f"uint8 images must be [B, {h}, {w}, {c}], got {list(inputs.shape)}")
+            images = np.ascontiguousarray(images)
+            return Normalize(self.bundle.mean, self.bundle.std)(torch.from_numpy(images)), images
+        if inputs.dtype.kind == "f":
+            return self._inputs(torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32)))
+        raise ValueError(f"inputs must be uint8 images or float tensors, got {inputs.dtype}")
+
+    def _to_images(self, x: "torch.Tensor") -> np.ndarray:
+        """Undo the normalization of float inputs (for a cascade's raw input)."""
+        import torch
+
+        mean = torch.tensor(self.bundle.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.bundle.std).view(1, -1, 1, 1)
+        pixels = ((x * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).contiguous().numpy()
+
+    def _chunks(self, row_bytes: Sequence[int]) -> list[list[int]]:
+        """Consecutive row groups within the row and byte limits per request (a row over
+        the byte limit alone goes in a group of its own, refused at build time)."""
+        max_rows, max_bytes = self._limits()
+        budget = max_bytes - REQUEST_OVERHEAD
+        groups: list[list[int]] = []
+        current: list[int] = []
+        size = 0
+        for i, b in enumerate(row_bytes):
+            if current and (len(current) >= max_rows or size + b > budget or b > budget):
+                groups.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += b
+        if current:
+            groups.append(current)
+        return groups
+
+    def prepare(self, inputs: Any, ids: Sequence[str]) -> Prepared:
+        import torch
+
+        from splitexit import wire
+
+        t0 = time.perf_counter()
+        x, images = self._inputs(inputs)
+        if len(ids) != len(x):
+            raise ValueError(f"{len(ids)} sample ids for {len(x)} inputs")
+        t1 = time.perf_counter()
+        result = self.runner.run(x, stop=self.bundle.split)
+        t2 = time.perf_counter()
+        evaluated = [0] * len(x)
+        edge = []
+        for a in result.answered:
+            for pos, probs, k, n in zip(a.rows.tolist(), a.probs, a.exit_index.tolist(), a.evaluated.tolist()):
+                edge.append((pos, k, probs, n))
+                evaluated[pos] = n
+        fallback: dict[int, tuple[int, torch.Tensor | None, float]] = {}
+        offloads: list[Offload] = []
+        pending = result.pending
+        if pending is not None:
+            state = pending.state
+            missing = torch.nonzero(state.best_exit < 0).flatten()
+            if len(missing) and self._fallback_exit is not None:
+                # No exit ran on these rows yet (a policy that skips heads): the exit at the
+                # split can still answer from the feature, should the cloud fail.
+                with torch.inference_mode():
+                    logits = self.bundle.model.exit_logits(self._fallback_exit, pending.feature[missing])
+                probs = logits.float().softmax(-1)
+                # a copy: what the cloud receives stays what the edge's exits evaluated
+                state = replace(state, best_probs=state.best_probs.clone(), best_conf=state.best_conf.clone(),
+                                best_exit=state.best_exit.clone())
+                state.best_probs[missing] = probs
+                state.best_conf[missing] = probs.max(-1).values
+                state.best_exit[missing] = self.exit_stages.index(self._fallback_exit)
+            rows = pending.rows.tolist()
+            self._note_fallbacks(rows, state, fallback, evaluated)
+            per_row = encoded_bytes(self.codec, (1, *pending.feature.shape[1:]))  # type: ignore[arg-type]
+            raw = self._raw_items(x, images, pending.rows) if self._raw_with_features else None
+            if isinstance(raw, wire.WireError):  # the features still go; escalations will be degraded
+                log.warning("raw input for the larger network not sent: %s", raw)
+                raw = None
+            row_bytes = [per_row + (len(raw[j]) + 16 if raw is not None else 0) for j in range(len(rows))]
+            for group in self._chunks(row_bytes):
+                index = torch.tensor(group)
+                with_raw = {} if raw is None else {"raw_items": [raw[g] for g in group],
+                                                   "raw_format": self.config.raw_format}
+                offloads.append(self._build(
+                    "feature", [rows[g] for g in group], group_bytes=sum(row_bytes[g] for g in group),
+                    feature=pending.feature[index], state=pending.state.take(index),
+                    sample_ids=[ids[rows[g]] for g in group], codec=self.codec, **with_raw))
+        escalate = result.escalate
+        if escalate is not None:
+            rows = escalate.rows.tolist()
+            index = escalate.rows
+            self._note_fallbacks(rows, escalate.state, fallback, evaluated)
+            items = self._raw_items(x, images, index)
+            if isinstance(items, wire.WireError):
+                error = OffloadError("INVALID_ARGUMENT", str(items), reason="encode_failed")
+                offloads.append(Offload(None, "raw", rows, error=error))
+                items = ()
+            for group in self._chunks([len(item) + 16 for item in items]):
+                sub = torch.tensor(group)
+                offloads.append(self._build(
+                    "raw", [rows[g] for g in group], group_bytes=sum(len(items[g]) + 16 for g in group),
+                    feature=None, state=escalate.state.take(sub),
+                    sample_ids=[ids[rows[g]] for g in group], raw_items=[items[g] for g in group],
+                    raw_format=self.config.raw_format))
+        t3 = time.perf_counter()
+        return Prepared(edge, fallback, evaluated, offloads, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+
+    def _raw_items(self, x: "torch.Tensor", images: np.ndarray | None,
+                   rows: "torch.Tensor") -> "tuple[bytes, ...] | WireError":
+        """These rows' input encoded for RawInput (the images as given, or the normalized
+        input turned back into pixels), or why it cannot be."""
+        from splitexit import wire
+
+        pixels = images[rows.numpy()] if images is not None else self._to_images(x[rows])
+        try:
+            return wire.encode_raw_input(pixels, self.config.raw_format)
+        except wire.WireError as exc:
+            return exc
+
+    @staticmethod
+    def _note_fallbacks(rows: list[int], state: "RowState", fallback: dict[int, tuple[int, Any, float]],
+                        evaluated: list[int]) -> None:
+        """Each offloaded row's own answer, should the cloud fail (its best exit so far), and
+        the exit heads it evaluated on the edge."""
+        best_exit, best_conf, done = state.best_exit.tolist(), state.best_conf.tolist(), state.evaluated.tolist()
+        for j, pos in enumerate(rows):
+            fallback[pos] = (best_exit[j], state.best_probs[j] if best_exit[j] >= 0 else None, best_conf[j])
+            evaluated[pos] = done[j]
+
+    def _build(self, kind: str, positions: list[int], *, group_bytes: int, **request: Any) -> Offload:
+        """An offload for these rows, or one that answers them locally when no valid
+        request can be made (too large for a message, a feature fp16 cannot hold)."""
+        from splitexit import wire
+
+        _, max_bytes = self._limits()
+        if group_bytes > max_bytes - REQUEST_OVERHEAD:
+            error = OffloadError("INVALID_ARGUMENT", f"a row needs {group_bytes} bytes, over the {max_bytes} "
+                                 "byte message limit", reason="too_large")
+            return Offload(None, kind, positions, error=error)
+        try:
+            message = wire.build_request(self.bundle, want_probabilities=self.config.want_probabilities,
+                                         top_k=self.config.top_k, **request)
+        except wire.WireError as exc:
+            return Offload(None, kind, positions,
+                            error=OffloadError("INVALID_ARGUMENT", str(exc), reason="encode_failed"))
+        return Offload(message, kind, positions)

@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test protos clean
+.PHONY: run test test-fast protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ $(TOOLS):
 test: $(STAMP) $(TOOLS)
 	$(BIN)/python tools/typecheck.py
 	$(BIN)/python -m pytest -q
+
+# The everyday lane while editing: no type check, no test marked slow (benchmarks, training,
+# worker processes, mDNS); `make test` runs everything.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Regenerates protos/splitexit/proto/*_pb2*.py(i) from the .proto files (commit them).
 protos: $(STAMP)

@@ -9,10 +9,10 @@ import pytest
 
 from splitexit.cli import build_parser, main
 
+pytestmark = pytest.mark.slow  # trains quick models and runs whole benchmarks
+
 POLICIES_REQUIRED = ("maxprob", "entropy", "patience", "bof_beta", "msdnet_budget", "eenet", "bolukbasi",
                      "predictive")
-
-
 
 
 def test_bench_is_a_subcommand_with_its_benchmarks() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from splitexit.cli import main
 
-pytestmark = pytest.mark.loopback
+pytestmark = [pytest.mark.loopback, pytest.mark.slow]
 
 CODECS = ("fp32", "fp16", "int8", "int8-per-channel")
 

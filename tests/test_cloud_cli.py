@@ -74,6 +74,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path: Path, bundle: Path) 
         _fails_with(capsys, _serve(bundle, "--port", str(taken.getsockname()[1])), "in use")
 
 
+@pytest.mark.slow
 def test_a_worker_process_serves_logs_and_drains_on_sigterm(bundle: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "splitexit.cli", *_serve(bundle, "--port", "0",

@@ -29,6 +29,7 @@ def test_txt_properties() -> None:
         txt_properties([ServiceModel(name="m", bundle_hash="h" * 64, split=0)] * 4, tls=False)
 
 
+@pytest.mark.slow
 def test_advertise_then_browse_on_loopback_finds_the_worker_with_its_txt() -> None:
     props = txt_properties([ServiceModel(name="tiny", bundle_hash="c" * 64, split=2)], tls=False, worker_id="w-1")
     threads_before = set(threading.enumerate())
@@ -58,6 +59,7 @@ def test_advertise_then_browse_on_loopback_finds_the_worker_with_its_txt() -> No
     assert set(threading.enumerate()) <= threads_before, "zeroconf left a thread running"
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_says_goodbye_and_a_long_id_is_still_advertised() -> None:
     """Browsers hear the worker leave at once (not when its records expire), and a worker id
     over the 63-byte DNS label limit is advertised under a shortened, unique name."""

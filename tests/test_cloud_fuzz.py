@@ -159,6 +159,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+@pytest.mark.slow
 def test_malformed_requests_never_hurt_the_worker(bundle: Path) -> None:
     rng = random.Random(1234)
     seeds = _seeds(bundle)

@@ -264,6 +264,7 @@ def test_an_interrupted_run_resumes_and_answers_each_input_once(bundle: Path, fo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "results.jsonl"]
 
 
+@pytest.mark.slow
 def test_run_discovers_a_worker_on_loopback(bundle: Path, folder: Path, worker, tmp_path: Path, capsys) -> None:
     import socket
 

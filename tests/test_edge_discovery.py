@@ -54,6 +54,7 @@ def test_txt_matching_and_static_addresses() -> None:
         DiscoveryConfig(service_type="_x._udp.local.")
 
 
+@pytest.mark.slow
 def test_browse_confirm_and_use_a_worker_on_loopback(tmp_path: Path) -> None:
     from zeroconf import IPVersion
     from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf

@@ -32,6 +32,7 @@ def _ce_per_exit(model, data: Dataset) -> np.ndarray:
         return np.array([float(torch.nn.functional.cross_entropy(o, y)) for o in model.forward_exits(x)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["bof", "pool"])
 def test_joint_training_lowers_the_loss_of_every_exit(digits: Dataset, cache_dir: Path, head: str) -> None:
     cfg = ModelConfig(**TINY, exit_after=(1, 3, 5), exit_head=head)
@@ -45,6 +46,7 @@ def test_joint_training_lowers_the_loss_of_every_exit(digits: Dataset, cache_dir
     assert len(history) == 5 and history[-1]["val_acc"][-1] > 0.8
 
 
+@pytest.mark.slow
 def test_exits_on_a_frozen_backbone_leave_the_backbone_untouched(digits: Dataset, cache_dir: Path) -> None:
     backbone_cfg = ModelConfig(**TINY, exit_after=(3,))
     _, _, backbone_path = train_cached(backbone_cfg, TrainConfig(epochs=3, **FAST), digits, cache_dir=cache_dir, on_epoch=None)
@@ -83,6 +85,7 @@ def _interrupted_after_two_epochs(cfg: ModelConfig, train_cfg: TrainConfig, digi
         train_cached(cfg, train_cfg, digits, cache_dir=cache_dir, on_epoch=stop_after_two)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_last_epoch(digits: Dataset, cache_dir: Path) -> None:
     cfg, train_cfg = ModelConfig(**TINY, exit_after=(2,)), TrainConfig(epochs=3, **FAST)
 
@@ -157,6 +160,7 @@ def test_the_cache_key_names_the_precision_that_ran(digits: Dataset, monkeypatch
     assert key("auto") == key("fp32")
 
 
+@pytest.mark.slow
 def test_bfloat16_training_learns_and_keeps_fp32_weights(digits: Dataset, cache_dir: Path) -> None:
     cfg = ModelConfig(**TINY, exit_after=(1, 3, 5), exit_head="bof")
     before = _ce_per_exit(build_model(cfg), digits)
@@ -203,10 +207,11 @@ def test_an_averaged_run_trains_resumes_and_keeps_old_cache_keys(digits: Dataset
     plain = TrainConfig(epochs=3, precision="fp32", **FAST)
     averaged = replace(plain, ema=0.95)
     assert run_key(cfg, plain, digits, None) != run_key(cfg, averaged, digits, None)
-    # an option at its "off" value is left out of the key: older cached runs stay found
+    assert run_key(cfg, plain, digits, None) != run_key(cfg, replace(plain, exit_grad=0.5), digits, None)
+    # options added later, at their "off" value, are left out of the key: older cached runs stay found
     key_without_option = train_module.hashlib.sha256(train_module.json.dumps(
         {"model": cfg.to_dict(), "train": {k: v for k, v in train_module.asdict(plain).items()
-                                           if k not in ("threads", "ema")},
+                                           if k not in ("threads", "ema", "exit_grad")},
          "data": train_module.dataset_fingerprint(digits), "init": None}, sort_keys=True).encode()).hexdigest()[:16]
     assert run_key(cfg, plain, digits, None) == key_without_option
 

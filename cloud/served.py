@@ -38,7 +38,7 @@ from splitexit.bundle import Bundle, BundleError, load_bundle, on_edge
 from splitexit.cloud.errors import RequestError
 from splitexit.cloud.requests import Parsed, ServiceLimits, decode_bodies
 from splitexit.codec import CODECS
-from splitexit.policies import PolicyError, step
+from splitexit.policies import PolicyError
 from splitexit.proto import PROTOCOL_VERSION
 from splitexit.proto import inference_pb2 as pb
 from splitexit.runtime import ExitRunner, RowState
@@ -64,6 +64,7 @@ class ServedModel:
         self._mean = torch.tensor(self.bundle.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(self.bundle.std, dtype=torch.float32).view(1, -1, 1, 1)
         large = self.bundle.manifest.large
+        self._large_stage = self.bundle.large.num_stages - 1 if self.bundle.large is not None else -1
         self._large_mean = torch.tensor(large.mean if large else self.bundle.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._large_std = torch.tensor(large.std if large else self.bundle.std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -95,7 +96,8 @@ class ServedModel:
             bundle.model.load_state_dict(weights, strict=False)
             can_start_raw = True
         try:
-            runner = ExitRunner(bundle.model, bundle.policy, num_classes=len(bundle.classes), network=bundle.network)
+            runner = ExitRunner(bundle.model, bundle.policy, num_classes=len(bundle.classes), network=bundle.network,
+                                larger=bundle.large)
         except PolicyError as exc:
             raise BundleError(f"{path}: the policy does not fit the model ({exc})") from exc
         return cls(bundle, runner, can_start_raw)
@@ -200,77 +202,57 @@ class ServedModel:
         degraded = torch.zeros(n, dtype=torch.bool)
         done = torch.zeros(n, dtype=torch.bool)
 
-        # Rows whose policy already chose the larger network skip this one when they can.
-        to_large = state.next_exit >= self.own_exits
-        direct = to_large & has_raw
-        stuck = to_large & ~has_raw  # cannot get there: run this network's exits, degraded
+        # Rows whose policy already chose the larger network go there when they can (the
+        # runner sends them on arrival); those without raw input cannot: they run this
+        # network's remaining exits instead, degraded.
+        stuck = (state.next_exit >= self.own_exits) & ~has_raw
         state.next_exit[stuck] = self.first_cloud
         degraded |= stuck
-        keep = torch.nonzero(~direct).flatten()
-        escalate_rows = [torch.nonzero(direct).flatten()]
-        # per-row state of escalated rows: their arrival state, or the state they left with
-        esc_state = state.clone()
-        if len(keep):
-            start = 0 if raw_start else self.bundle.split + 1
-            if len(keep) == n:  # the usual case: no copy of the batch (the runner copies the state itself)
-                result = self.runner.run(x, start=start, state=state, rows=keep)
-            else:
-                result = self.runner.run(x[keep], start=start, state=state.take(keep), rows=keep)
-            merged = result.merged()
-            if merged is not None:
-                probs[merged.rows] = merged.probs
-                exit_stage[merged.rows] = torch.tensor(self.runner.exit_stages)[merged.exit_index]
-                done[merged.rows] = True
-            for pending in (result.escalate, result.pending):  # pending: nothing left to run it on
-                if pending is not None and len(pending.rows):
-                    escalate_rows.append(pending.rows)
-                    esc_state.put(pending.rows, pending.state)
-        esc = torch.cat(escalate_rows)
-        if len(esc):
-            with_raw = esc[has_raw[esc]]
-            if len(with_raw) and self.bundle.large is not None:
-                self._run_large(items, with_raw, owner, first_row, images, esc_state, results,
-                                probs, exit_stage, by_large, done)
-            for r in esc[~done[esc]].tolist():  # no raw input (or no larger network): best exit, degraded
+
+        def larger_input(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """The larger network's input for those of `rows` whose request sent raw input;
+            a request whose raw input does not decode fails alone."""
+            xs, have = [], []
+            for i in sorted(set(owner[rows].tolist())):
+                if items[i].raw_items is None or results[i] is not None:
+                    continue
+                mine = rows[owner[rows] == i]
+                local = (mine - first_row[i]).tolist()
+                try:
+                    pixels = images[i][local] if i in images else self._raw(items[i], local)
+                except WireError as exc:
+                    results[i] = RequestError("INVALID_ARGUMENT", str(exc))
+                    continue
+                xs.append(self._normalize(pixels, large=True))
+                have.append(mine)
+            if not have:
+                return torch.empty(0, dtype=torch.long), torch.empty(0)
+            return torch.cat(have), torch.cat(xs)
+
+        start = 0 if raw_start else self.bundle.split + 1
+        result = self.runner.run(x, start=start, state=state, rows=torch.arange(n), larger_input=larger_input)
+        merged = result.merged()
+        if merged is not None:
+            large = merged.exit_index >= self.own_exits
+            own_stage = torch.tensor(self.runner.exit_stages)[merged.exit_index.clamp_max(self.own_exits - 1)]
+            probs[merged.rows] = merged.probs
+            exit_stage[merged.rows] = torch.where(large, self._large_stage, own_stage)
+            by_large[merged.rows] = large
+            done[merged.rows] = True
+        for left in (result.escalate, result.pending):  # no raw input (or no larger network): best exit, degraded
+            if left is None:
+                continue
+            for j, r in enumerate(left.rows.tolist()):
                 if results[int(owner[r])] is not None:  # its request already failed
                     continue
-                k = int(esc_state.best_exit[r])
+                k = int(left.state.best_exit[j])
                 if not 0 <= k < self.own_exits:
                     results[int(owner[r])] = RequestError(
                         "INTERNAL", "a row left for the larger network without any exit evaluated")
                     continue
-                probs[r], exit_stage[r] = esc_state.best_probs[r], self.runner.exit_stages[k]
+                probs[r], exit_stage[r] = left.state.best_probs[j], self.runner.exit_stages[k]
                 degraded[r], done[r] = True, True
         return self._answers(items, live, first_row, results, probs, exit_stage, by_large, degraded)
-
-    def _run_large(self, items, rows, owner, first_row, images, esc_state, results, probs, exit_stage, by_large,
-                   done) -> None:
-        """The larger network on the raw input of `rows` (all requests in one call); the
-        policy then decides at the ladder's last exit, as in an unsplit run."""
-        large = self.bundle.large
-        assert large is not None
-        xs, ok = [], []
-        for i in sorted(set(owner[rows].tolist())):
-            mine = rows[owner[rows] == i]
-            try:
-                local = (mine - first_row[i]).tolist()
-                pixels = images[i][local] if i in images else self._raw(items[i], local)
-            except WireError as exc:
-                results[i] = RequestError("INVALID_ARGUMENT", str(exc))
-                continue
-            xs.append(self._normalize(pixels, large=True))
-            ok.append(mine)
-        if not ok:
-            return
-        picked = torch.cat(ok)
-        out = large(torch.cat(xs)).float().softmax(-1)  # [n, C]
-        k = self.runner.num_exits - 1  # the larger network's final head ends the ladder
-        policy_state = {name: value[picked] for name, value in esc_state.policy.items()}
-        decision, _ = step(self.runner.policy, k, out, policy_state, self.runner.num_exits)
-        probs[picked] = decision.answer
-        exit_stage[picked] = large.num_stages - 1
-        by_large[picked] = True
-        done[picked] = True
 
     def _answers(self, items, live, first_row, results, probs, exit_stage, by_large, degraded):
         conf, label = probs.max(-1)

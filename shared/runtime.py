@@ -134,17 +134,27 @@ class RunResult:
                           for f in ("rows", "probs", "exit_index", "evaluated")))
 
 
+# rows -> (those of them whose larger-network input could be had, that input): a cascade's
+# larger network runs on raw input, which only the caller has (decoded, normalized its way)
+LargerInput = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class ExitRunner:
-    """A MultiExitNet (or the part of one a bundle carries) with a policy over its exits.
+    """A MultiExitNet (or the part of one a bundle carries) with a policy over its exits,
+    and a cascade's larger network where this side holds it.
 
     `exit_stages[k]` is the stage after which ladder exit k sits; the last entry is the
     final head (after the last stage). `network[k]` marks exits of other networks (a
-    cascade's larger network): a row sent there leaves this runner as `escalate`.
+    cascade's larger network, whose final head ends the ladder): a row sent there is run
+    on it when the runner has it (`larger`) and the run is given its input
+    (`larger_input`), and otherwise leaves the run as `escalate`.
     """
 
-    def __init__(self, model, policy: ExitPolicy, *, num_classes: int, network: tuple[int, ...] | None = None) -> None:
+    def __init__(self, model, policy: ExitPolicy, *, num_classes: int, network: tuple[int, ...] | None = None,
+                 larger: torch.nn.Module | None = None) -> None:
         self.model = model
         self.policy = policy
+        self.larger = larger
         self.num_classes = num_classes
         self.exit_stages = [*model.exit_points, model.num_stages - 1]
         own = len(self.exit_stages)
@@ -175,10 +185,11 @@ class ExitRunner:
 
     @torch.inference_mode()
     def run(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None, state: RowState | None = None,
-            rows: torch.Tensor | None = None) -> RunResult:
+            rows: torch.Tensor | None = None, larger_input: LargerInput | None = None) -> RunResult:
         """Run stages start..stop (inclusive; default to the last, final head included) on
         `x`, the input of stage `start`. `state` continues an earlier run (None = fresh;
-        the caller's copy is left as it was).
+        the caller's copy is left as it was). Rows bound for the larger network (on arrival
+        or by a decision here) run on it when `larger_input` gives their input.
 
         At small batches every torch op costs microseconds whatever its size, so the common
         case (every row left evaluates this exit, one network) takes whole tensors and no
@@ -255,8 +266,30 @@ class ExitRunner:
         if escalated:
             escalate = Pending(torch.cat([e.rows for e in escalated]), torch.empty(0),
                                RowState.cat([e.state for e in escalated]))
+            if self.larger is not None and larger_input is not None:
+                escalate = self._run_larger(escalate, larger_input, answered)
         pending = Pending(rows, feature, state) if len(rows) else None
         return RunResult(answered, pending, escalate)
+
+    def _run_larger(self, bound: Pending, larger_input: LargerInput, answered: list[Answered]) -> Pending | None:
+        """The larger network on the rows of `bound` whose input can be had, all in one
+        call; the policy decides at the ladder's last exit (its final head) as in an
+        unsplit run. Returns the rows left without input (None when none is)."""
+        assert self.larger is not None
+        have, x = larger_input(bound.rows)
+        if len(have):
+            position = {int(r): j for j, r in enumerate(bound.rows.tolist())}
+            sel = torch.tensor([position[int(r)] for r in have], dtype=torch.long)
+            probs = self.larger(x).float().softmax(-1)
+            k = self.num_exits - 1
+            decision, _ = step(self.policy, k, probs, {n: v[sel] for n, v in bound.state.policy.items()},
+                               self.num_exits)
+            answered.append(Answered(have, decision.answer, torch.full((len(have),), k, dtype=torch.long),
+                                     bound.state.evaluated[sel] + 1))
+        left = ~torch.isin(bound.rows, have)
+        if not bool(left.any()):
+            return None
+        return Pending(bound.rows[left], bound.feature, bound.state.take(left))
 
 
 def _take(value: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:

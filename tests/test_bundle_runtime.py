@@ -165,3 +165,33 @@ def test_export_refuses_what_cannot_be_split(net, tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="codec"):
         export_bundle(tmp_path / "b", model, meta, split=1, policy=MaxProb(0.5), input_shape=SHAPE, codec="zip")
     assert not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_the_runner_runs_a_cascades_larger_network_on_the_input_it_is_given(net) -> None:
+    model, _ = net
+    torch.manual_seed(5)
+    large = build_model(ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=())).eval()
+    x = torch.randn(64, *SHAPE)
+    with torch.no_grad():
+        conf = torch.stack([z.softmax(-1).max(-1).values for z in model.forward_exits(x)])
+    thresholds = conf.quantile(0.9, dim=1)
+    thresholds[-1] = conf[-1].median()  # about half of the rows that reach the final head go on
+    policy = MaxProb((*(float(t) for t in thresholds), 0.0))  # the last exit: the larger network's head
+    runner = ExitRunner(model, policy, num_classes=10, network=(0,) * 6 + (1,), larger=large)
+
+    alone = runner.run(x)  # no input for the larger network: its rows leave as `escalate`
+    bound = alone.escalate.rows
+    assert len(bound) > 2 and len(alone.merged().rows) + len(bound) == len(x)
+
+    even = bound[bound % 2 == 0]
+    partial = runner.run(x, larger_input=lambda rows: (rows[rows % 2 == 0], x[rows[rows % 2 == 0]]))
+    assert torch.equal(partial.escalate.rows, bound[bound % 2 == 1])  # those without input still leave
+    merged = partial.merged()
+    by_large = merged.exit_index == runner.num_exits - 1
+    assert torch.equal(merged.rows[by_large].sort().values, even.sort().values)
+    with torch.no_grad():
+        want = large(x[merged.rows[by_large]]).softmax(-1)
+    torch.testing.assert_close(merged.probs[by_large], want)
+
+    whole = runner.run(x, larger_input=lambda rows: (rows, x[rows]))
+    assert whole.escalate is None and len(whole.merged().rows) == len(x)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from splitexit.cli import EXIT_PARTIAL, CliError
+from splitexit.codec import CODECS
 
 if TYPE_CHECKING:
     from splitexit.edge.transport import GrpcConfig, WorkerPool
@@ -81,7 +82,7 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
                      help="an image, a folder of images, a .tar.gz of images, or a .npy/.npz array")
     run.add_argument("--out", required=True, type=Path, help="results as JSON lines ('-' = stdout)")
     _connection_args(run)
-    run.add_argument("--codec", choices=("fp32", "fp16", "int8", "int8-per-channel"),
+    run.add_argument("--codec", choices=CODECS,
                      help="feature codec (default: the bundle's)")
     run.add_argument("--latency-budget-ms", type=_positive_ms,
                      help="end-to-end budget per batch; rows the cloud cannot answer within it are answered locally")

@@ -25,6 +25,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from splitexit.checkpoint import CheckpointMeta
+from splitexit.codec import CODECS
 from splitexit.models import ModelConfig, MultiExitNet, build_model
 from splitexit.policies import ExitPolicy, PolicyError, policy_from_dict, policy_to_dict
 
@@ -32,7 +33,6 @@ FORMAT = "splitexit-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
 Part = Literal["edge", "cloud"]
-CODECS = ("fp32", "fp16", "int8", "int8-per-channel")
 
 
 class BundleError(ValueError):

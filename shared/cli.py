@@ -14,6 +14,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Sequence
 
+from splitexit.codec import CODECS
+
 EXIT_USAGE = 2
 EXIT_PARTIAL = 1  # the run finished, but some inputs have no answer (each named on stderr)
 
@@ -337,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", type=Path)
     exp.add_argument("--policy", type=Path, required=True, help="a policy file from `splitexit calibrate`")
     exp.add_argument("--split", type=int, help="stage index the edge runs through (default: the last exit's stage)")
-    exp.add_argument("--codec", choices=("fp32", "fp16", "int8", "int8-per-channel"), default="fp32")
+    exp.add_argument("--codec", choices=CODECS, default="fp32")
     exp.add_argument("--large", type=Path, help="the cascade's larger network (a checkpoint), served by the cloud")
     exp.add_argument("--name", help="model name on the wire (default: the architecture)")
     exp.add_argument("--input-size", type=_positive_int, help="input side in pixels, if the checkpoint lacks it")

@@ -94,15 +94,27 @@ def _concat(tensors: Sequence[EncodedTensor], rows: int) -> EncodedTensor:
                          quant=first.quant)
 
 
-def _decode_feature(tensor: "EncodedTensor | pb.Tensor", model: ServedModel, rows: int, *,
-                    max_bytes: int | None = None) -> torch.Tensor:
+def _feature_header(tensor: pb.Tensor, rows: int, limits: ServiceLimits) -> EncodedTensor:
+    """The cheap structural checks of a feature, before any value is decoded: its size
+    first, then dtype, shape, byte count and quantization, and one row per sample id."""
     try:
-        feature = decode(tensor, expect_shape=model.bundle.feature_shape, max_bytes=max_bytes)
+        if len(tensor.data) > limits.max_message_bytes:
+            raise CodecError(f"tensor data is {len(tensor.data)} bytes; the limit is {limits.max_message_bytes}")
+        header = EncodedTensor.from_proto(tensor)
     except CodecError as exc:
         raise RequestError("INVALID_ARGUMENT", f"feature: {exc}") from None
-    if feature.shape[0] != rows:
-        raise RequestError("INVALID_ARGUMENT", f"{rows} sample_ids for a feature of {feature.shape[0]} rows")
-    return feature
+    if header.shape[0] != rows:
+        raise RequestError("INVALID_ARGUMENT", f"{rows} sample_ids for a feature of {header.shape[0]} rows")
+    return header
+
+
+def _decode_feature(tensor: EncodedTensor, model: "ServedModel") -> torch.Tensor:
+    """A feature whose header was checked (`_feature_header`), decoded: the model's shape,
+    finite values."""
+    try:
+        return decode(tensor, expect_shape=model.bundle.feature_shape)
+    except CodecError as exc:
+        raise RequestError("INVALID_ARGUMENT", f"feature: {exc}") from None
 
 
 def _decode_state(received: "Mapping[str, EncodedTensor | pb.Tensor]", model: ServedModel, rows: int, *,
@@ -178,16 +190,21 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
     has_feature, has_raw = request.HasField("feature"), request.HasField("raw_input")
     if not has_feature and not has_raw:
         raise RequestError("INVALID_ARGUMENT", "the request carries neither a feature nor raw input")
-    feature = None
+    header = feature = None
     if has_feature:
         if request.split != model.bundle.split:
             raise RequestError("NOT_FOUND", f"split point {request.split} is not served for model {model.name}; "
                                             f"served: [{model.bundle.split}]")
-        if defer_decode and not has_raw:
-            return _deferred(request, model, limits, rows)
-        feature = _decode_feature(request.feature, model, rows, max_bytes=limits.max_message_bytes)
+        header = _feature_header(request.feature, rows, limits)
     if len(request.edge_exits) not in (0, rows):
         raise RequestError("INVALID_ARGUMENT", f"{len(request.edge_exits)} edge_exits for {rows} rows (0 or one per row)")
+    if header is not None:
+        if defer_decode and not has_raw:
+            batch_key = (model.name, model.hash, "feature", request.split, request.feature.dtype, header.shape[1:])
+            return Parsed(model=model, request_id=request.request_id, sample_ids=tuple(request.sample_ids), rows=rows,
+                          feature=None, state=None, key=batch_key, want_probabilities=request.want_probabilities,
+                          top_k=request.top_k, body=Body(header, request.policy_state))
+        feature = _decode_feature(header, model)
     raw_format = raw_items = None
     if has_raw:
         raw = request.raw_input
@@ -220,26 +237,6 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
                   want_probabilities=request.want_probabilities, top_k=request.top_k)
 
 
-def _deferred(request: pb.InferRequest, model: ServedModel, limits: ServiceLimits, rows: int) -> Parsed:
-    """A feature-only request with its body left to decode (the checks that stay here
-    are the cheap structural ones, in `decode`'s order)."""
-    data = request.feature.data
-    try:
-        if len(data) > limits.max_message_bytes:
-            raise CodecError(f"tensor data is {len(data)} bytes; the limit is {limits.max_message_bytes}")
-        tensor = EncodedTensor.from_proto(request.feature)  # dtype, shape, size, quantization
-    except CodecError as exc:
-        raise RequestError("INVALID_ARGUMENT", f"feature: {exc}") from None
-    if tensor.shape[0] != rows:
-        raise RequestError("INVALID_ARGUMENT", f"{rows} sample_ids for a feature of {tensor.shape[0]} rows")
-    if len(request.edge_exits) not in (0, rows):
-        raise RequestError("INVALID_ARGUMENT", f"{len(request.edge_exits)} edge_exits for {rows} rows (0 or one per row)")
-    key = (model.name, model.hash, "feature", request.split, request.feature.dtype, tensor.shape[1:])
-    return Parsed(model=model, request_id=request.request_id, sample_ids=tuple(request.sample_ids), rows=rows,
-                  feature=None, state=None, key=key, want_probabilities=request.want_probabilities,
-                  top_k=request.top_k, body=Body(tensor, request.policy_state))
-
-
 def decode_bodies(model: "ServedModel", items: Sequence[Parsed]) -> list[Parsed | RequestError]:
     """Decode the deferred feature and policy state of `items` (those with a body).
 
@@ -259,7 +256,7 @@ def decode_bodies(model: "ServedModel", items: Sequence[Parsed]) -> list[Parsed 
 def _decode_one(model: "ServedModel", item: Parsed) -> Parsed | RequestError:
     assert item.body is not None
     try:
-        feature = _decode_feature(item.body.feature, model, item.rows)
+        feature = _decode_feature(item.body.feature, model)
         state = _decode_state(item.body.policy_state, model, item.rows, raw_start=False)
     except RequestError as exc:
         return exc
@@ -275,9 +272,9 @@ def _decode_merged(model: "ServedModel", items: Sequence[Parsed]) -> list[Parsed
     total = sum(counts)
     try:
         try:
-            features = _decode_feature(_concat([b.feature for b in bodies], total), model, total).split(counts)
+            features = _decode_feature(_concat([b.feature for b in bodies], total), model).split(counts)
         except _Unmergeable:
-            features = tuple(_decode_feature(b.feature, model, n) for b, n in zip(bodies, counts))
+            features = tuple(_decode_feature(b.feature, model) for b in bodies)
         names = set(bodies[0].policy_state)
         if any(set(b.policy_state) != names for b in bodies):
             return None

@@ -62,6 +62,14 @@ def images(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 8, 8, 1), dtype=np.uint8)
 
 
+def batch(meta, n: int) -> tuple[np.ndarray, torch.Tensor]:
+    """n images (uint8 [n, 8, 8, 1]) and the network's input for them (normalized with meta)."""
+    from splitexit.data import Normalize
+
+    pixels = images(n)
+    return pixels, Normalize(meta.mean, meta.std)(torch.from_numpy(pixels))
+
+
 def reference(model, policy, x: torch.Tensor, exits: list[int]) -> list[tuple[int, int]]:
     """(label, exit stage) per row of the whole model under `policy`, in one process."""
     result = ExitRunner(model, policy, num_classes=len(CLASSES)).run(x)

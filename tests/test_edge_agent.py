@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from splitexit.data import Normalize
 from splitexit.edge import (
     AgentConfig,
     EdgeAgent,
@@ -42,9 +41,7 @@ def net():
 
 @pytest.fixture(scope="module")
 def data(net):
-    _, meta = net
-    images = S.images(N)
-    return images, Normalize(meta.mean, meta.std)(torch.from_numpy(images))
+    return S.batch(net[1], N)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import torch
 from splitexit.bundle import export_bundle
 from splitexit.cloud.server import CloudServer, ServerConfig, build_server
 from splitexit.cloud.served import load_models, model_info
-from splitexit.data import Normalize
 from splitexit.edge import AgentConfig, EdgeAgent, GrpcTransport, InProcessTransport
 from splitexit.edge.transport import Transport
 from splitexit.models import ModelConfig, build_model
@@ -36,15 +35,10 @@ LARGE = ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=())
 
 
 @pytest.fixture(scope="module")
-def net():
-    return S.tiny_model()
-
-
-@pytest.fixture(scope="module")
-def data(net):
-    _, meta = net
-    images = S.images(N)
-    return images, Normalize(meta.mean, meta.std)(torch.from_numpy(images))
+def tiny():
+    """(model, meta, images, the model's input for them)."""
+    model, meta = S.tiny_model()
+    return (model, meta, *S.batch(meta, N))
 
 
 def _policy(name: str, model, x: torch.Tensor):
@@ -84,9 +78,8 @@ def _answers(bundles: tuple[Path, ...], edge_bundle: Path, images: np.ndarray, k
 
 @pytest.mark.parametrize("kind", ["inprocess", "grpc"])
 @pytest.mark.parametrize("policy_name", ["maxprob", "patience", "predictive"])
-def test_split_answers_equal_the_whole_models(net, data, tmp_path: Path, kind: str, policy_name: str) -> None:
-    model, meta = net
-    images, x = data
+def test_split_answers_equal_the_whole_models(tiny, tmp_path: Path, kind: str, policy_name: str) -> None:
+    model, meta, images, x = tiny
     policy = _policy(policy_name, model, x)
     path = S.export(tmp_path, model, meta, policy, split=2)
     answers, server = _answers((path,), path, images, kind)
@@ -101,9 +94,8 @@ def test_split_answers_equal_the_whole_models(net, data, tmp_path: Path, kind: s
 
 
 @pytest.mark.parametrize("kind", ["inprocess", "grpc"])
-def test_a_cascade_sends_raw_input_to_the_larger_network(net, data, tmp_path: Path, kind: str) -> None:
-    model, meta = net
-    images, x = data
+def test_a_cascade_sends_raw_input_to_the_larger_network(tiny, tmp_path: Path, kind: str) -> None:
+    model, meta, images, x = tiny
     thresholds = S.exit_thresholds(model, x)
     torch.manual_seed(7)
     large = build_model(LARGE).eval()  # same mean/std as the edge network: the same x
@@ -120,9 +112,8 @@ def test_a_cascade_sends_raw_input_to_the_larger_network(net, data, tmp_path: Pa
         assert a.label == int(want[int(a.sample_id[1:])])
 
 
-def test_a_worker_that_serves_another_bundle_gets_degraded_answers_that_say_why(net, data, tmp_path: Path) -> None:
-    model, meta = net
-    images, x = data
+def test_a_worker_that_serves_another_bundle_gets_degraded_answers_that_say_why(tiny, tmp_path: Path) -> None:
+    model, meta, images, x = tiny
     served = S.export(tmp_path, model, meta, MaxProb(S.exit_thresholds(model, x)), split=2, name="tiny")
     retrained = S.tiny_model(seed=3)[0]  # the same model name, other weights: another bundle hash
     other = S.export(tmp_path / "other", retrained, meta, MaxProb(S.exit_thresholds(retrained, x)), split=2,

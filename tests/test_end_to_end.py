@@ -24,6 +24,7 @@ from splitexit.edge.transport import Transport
 from splitexit.models import ModelConfig, build_model
 from splitexit.policies import MaxProb, Patience
 from splitexit.policies.predictive import Predictive
+from splitexit.sim.link import LinkProfile, LinkProxy
 from splitexit.wire import larger_network_name
 
 import splitexit_tests_edge_support as S  # noqa: E402  (registered by conftest.py)
@@ -122,3 +123,35 @@ def test_a_worker_that_serves_another_bundle_gets_degraded_answers_that_say_why(
     offloaded = [a for a in answers if a.route != "edge"]
     assert offloaded and all(a.degraded and a.reason for a in offloaded)
     assert {a.reason for a in offloaded} <= {"failed_precondition", "no_worker", "mismatch"}, {a.reason for a in offloaded}
+
+
+def test_through_an_emulated_link_an_outage_turns_into_degraded_answers_and_nothing_is_lost(
+        tiny, tmp_path: Path) -> None:
+    model, meta, images, x = tiny
+    policy = MaxProb(S.exit_thresholds(model, x))
+    path = S.export(tmp_path, model, meta, policy, split=2)
+    want = S.reference(model, policy, x, [*model.exit_points, model.num_stages - 1])
+    ids = [f"s{i}" for i in range(N)]
+
+    async def go():
+        async with _worker(path) as server:
+            host, port = server.address.rsplit(":", 1)
+            link = LinkProfile.symmetric(rtt_ms=40, rate_mbps=20.0)
+            async with LinkProxy((host, int(port)), link) as proxy:
+                config = AgentConfig(request_timeout_ms=500)
+                async with EdgeAgent(path, GrpcTransport(proxy.address), config=config) as agent:
+                    before = await agent.infer(images, ids)
+                    outage = proxy.outage("blackhole", 2.0)
+                    during = await agent.infer(images, ids)  # each offload times out after 500 ms
+                    await asyncio.sleep(outage.end_s - proxy.now_s())
+                    after = await agent.infer(images, ids)
+                    return before, during, after, proxy.counters
+
+    before, during, after, counters = asyncio.run(asyncio.wait_for(go(), 60))
+    for answers in (before, during, after):
+        assert [a.sample_id for a in answers] == ids  # one answer per input, every time
+    assert [(a.label, a.exit) for a in before] == want and not any(a.degraded for a in before)
+    offloaded = [a for a in during if a.route != "edge"]
+    assert offloaded and all(a.degraded and a.reason == "deadline_exceeded" for a in offloaded)
+    assert [(a.label, a.exit) for a in after] == want and not any(a.degraded for a in after)
+    assert counters.bytes_up > 0 and counters.connections >= 1

@@ -1,0 +1,291 @@
+"""The split planner: the expected latency of every way to answer an input, for a device,
+a link and a cloud worker, and the choice among them (METHODS.md §5-6).
+
+A row answered at ladder exit j (stage e_j) costs, with the network cut after stage s:
+- on the device, e_j <= s: the device's stages 0..e_j and the exit heads evaluated so far;
+- in the cloud, e_j > s: the device's stages 0..s and its exit heads, the feature at s
+  up the link (bytes / uplink + RTT), the worker's stages s+1..e_j and its exit heads, and
+  the answer down.
+The expected latency of a (split, policy setting) is the sum over exits of the share of
+inputs answered there times that cost (METHODS.md §6's formula, with exit heads counted).
+The routes a user would otherwise take are special cases, always in the table:
+- `edge_only`: the whole network on the device, no exits, no link;
+- `edge_exits`: exits, every stage on the device (a split after the last stage);
+- `cloud_only`: the input compressed (e.g. JPEG) up the link, the whole network in the cloud;
+- `split`: Neurosurgeon's best cut without exits;
+- `adaptive`: the best (split, policy setting) with exits on both sides.
+
+Everything here is plain data and arithmetic (no torch), so the edge agent can re-plan
+online (`Replanner`) from its own estimate of the link (`LinkEstimator`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence
+
+__all__ = [
+    "Candidate",
+    "DeviceTimes",
+    "ExitBehaviour",
+    "LinkEstimate",
+    "LinkEstimator",
+    "Replanner",
+    "plan",
+]
+
+Route = Literal["edge_only", "edge_exits", "cloud_only", "split", "adaptive"]
+ANSWER_BYTES = 64  # one row's answer on the wire (label, confidence, ids): small, but not zero
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceTimes:
+    """Milliseconds of one sample's pass on one machine: each stage, each exit head (keyed
+    by the stage it follows) and the final head (`splitexit.cost.Timings` at batch 1)."""
+
+    stage_ms: tuple[float, ...]
+    exit_ms: Mapping[int, float]
+    head_ms: float
+
+    def __post_init__(self) -> None:
+        if not self.stage_ms or min(self.stage_ms) < 0 or self.head_ms < 0 or min(self.exit_ms.values(), default=0) < 0:
+            raise ValueError("times must be non-negative, with at least one stage")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_ms)
+
+    def backbone_ms(self) -> float:
+        return sum(self.stage_ms) + self.head_ms
+
+    def scaled(self, factor: float) -> "DeviceTimes":
+        """These times `factor` times slower (a device class derived from a measurement)."""
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        return DeviceTimes(stage_ms=tuple(t * factor for t in self.stage_ms),
+                           exit_ms={k: t * factor for k, t in self.exit_ms.items()}, head_ms=self.head_ms * factor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkEstimate:
+    """A link as the planner sees it. `up_mbps` None or 0: no link (the cloud is out of reach)."""
+
+    up_mbps: float | None
+    down_mbps: float | None = None  # None: not the bottleneck (answers are tiny)
+    rtt_ms: float = 0.0
+
+    @property
+    def usable(self) -> bool:
+        return self.up_mbps is not None and self.up_mbps > 0 and math.isfinite(self.rtt_ms)
+
+    def transfer_ms(self, up_bytes: float, down_bytes: float = ANSWER_BYTES) -> float:
+        """One request's bytes up, its answer down, and a round trip."""
+        if not self.usable:
+            return math.inf
+        assert self.up_mbps is not None
+        ms = up_bytes * 8 / (self.up_mbps * 1e3) + self.rtt_ms
+        if self.down_mbps:
+            ms += down_bytes * 8 / (self.down_mbps * 1e3)
+        return ms
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExitBehaviour:
+    """How a policy setting answers, measured on validation outputs: the share of inputs
+    answered at each ladder exit (this network's exits, its final head last) and the
+    accuracy of those answers."""
+
+    setting: str  # e.g. "maxprob q=0.9"
+    share: tuple[float, ...]
+    acc: float
+
+    def __post_init__(self) -> None:
+        if min(self.share, default=-1) < 0 or abs(sum(self.share) - 1) > 1e-6:
+            raise ValueError(f"{self.setting}: shares must be >= 0 and sum to 1, got {self.share}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One way to answer, with what the cost model expects of it per input."""
+
+    route: Route
+    split: int | None  # the stage the network is cut after (None: not cut)
+    setting: str | None  # the exit policy setting (None: no exits)
+    expected_ms: float
+    acc: float
+    bytes_up: float  # expected bytes sent per input
+    on_device: float  # share of inputs answered on the device
+
+    def describe(self) -> str:
+        where = "" if self.split is None else f" split after stage {self.split}"
+        how = "" if self.setting is None else f" ({self.setting})"
+        return f"{self.route}{where}{how}"
+
+
+def _exit_costs(times: DeviceTimes, exits: Sequence[int], start: int, end: int, *, final: bool) -> list[float]:
+    """Cumulative ms on one machine of running stages start..end and evaluating, on the
+    way, the exit heads of `exits` within that range: the cost of reaching each of those
+    exits, in order, then (with `final`) of the final head after stage `end`."""
+    out, ms = [], 0.0
+    wanted = [k for k in exits if start <= k <= end]
+    stage = start
+    for k in wanted:
+        while stage <= k:
+            ms += times.stage_ms[stage]
+            stage += 1
+        ms += times.exit_ms[k]
+        out.append(ms)
+    if final:
+        while stage <= end:
+            ms += times.stage_ms[stage]
+            stage += 1
+        out.append(ms + times.head_ms)
+    return out
+
+
+def expected_ms(device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: Sequence[int],
+                behaviour: ExitBehaviour, split: int, feature_bytes: float) -> tuple[float, float]:
+    """(expected ms per input, share answered on the device) of cutting after `split` under
+    `behaviour`. `exits` are the stages of the exit heads, ascending (the final head is
+    after the last stage); a split after the last stage keeps everything on the device."""
+    last = device.num_stages - 1
+    if len(behaviour.share) != len(exits) + 1:
+        raise ValueError(f"{behaviour.setting}: {len(behaviour.share)} shares for {len(exits) + 1} exits")
+    if split >= last:
+        costs = _exit_costs(device, exits, 0, last, final=True)
+        return sum(p * c for p, c in zip(behaviour.share, costs)), 1.0
+    edge = _exit_costs(device, exits, 0, split, final=False)
+    edge_part = sum(device.stage_ms[: split + 1]) + sum(device.exit_ms[k] for k in exits if k <= split)
+    tail = _exit_costs(cloud, exits, split + 1, last, final=True)
+    offload = edge_part + link.transfer_ms(feature_bytes)
+    costs = edge + [offload + c for c in tail]
+    on_device = sum(behaviour.share[: len(edge)])
+    total = 0.0
+    for p, c in zip(behaviour.share, costs):
+        if p > 0:  # an unreachable cloud costs nothing when no input goes there
+            total += p * c
+    return total, on_device
+
+
+def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: Sequence[int],
+         behaviours: Sequence[ExitBehaviour], full_acc: float, feature_bytes: Sequence[float],
+         input_bytes: float, splits: Sequence[int] | None = None, cloud_only_acc: float | None = None,
+         accuracy_floor: float | None = None, latency_target_ms: float | None = None) -> list[Candidate]:
+    """Every candidate, best first.
+
+    Best: with `latency_target_ms`, the most accurate candidate that meets it (Edgent), then
+    the fastest; otherwise the fastest among those at or above `accuracy_floor` (default:
+    no floor). Candidates that break the constraint follow, fastest first. `feature_bytes[s]`
+    is what crosses the link per input when cut after stage s (in the codec used);
+    `input_bytes` the compressed input of cloud-only; `splits` the allowed cut points
+    (default: every stage but the last).
+    """
+    if device.num_stages != cloud.num_stages or len(feature_bytes) < device.num_stages - 1:
+        raise ValueError("device and cloud times, and feature bytes, must describe the same network")
+    last = device.num_stages - 1
+    allowed = [s for s in (range(last) if splits is None else splits) if 0 <= s < last]
+    no_exits = ExitBehaviour(setting="no exits", share=(0.0,) * len(exits) + (1.0,), acc=full_acc)
+    out = [Candidate(route="edge_only", split=None, setting=None, expected_ms=device.backbone_ms(), acc=full_acc,
+                     bytes_up=0.0, on_device=1.0)]
+    cloud_ms = link.transfer_ms(input_bytes) + cloud.backbone_ms()
+    out.append(Candidate(route="cloud_only", split=None, setting=None, expected_ms=cloud_ms,
+                         acc=full_acc if cloud_only_acc is None else cloud_only_acc,
+                         bytes_up=input_bytes, on_device=0.0))
+    plain = [Candidate(route="split", split=s, setting=None, acc=full_acc, bytes_up=feature_bytes[s], on_device=0.0,
+                       expected_ms=expected_ms(device, cloud, link, exits, no_exits, s, feature_bytes[s])[0])
+             for s in allowed]
+    if plain:
+        out.append(min(plain, key=lambda c: c.expected_ms))  # Neurosurgeon's cut
+    with_exits = []
+    for b in behaviours:
+        ms, _ = expected_ms(device, cloud, link, exits, b, last, 0.0)
+        out.append(Candidate(route="edge_exits", split=None, setting=b.setting, expected_ms=ms, acc=b.acc,
+                             bytes_up=0.0, on_device=1.0))
+        for s in allowed:
+            ms, local = expected_ms(device, cloud, link, exits, b, s, feature_bytes[s])
+            with_exits.append(Candidate(route="adaptive", split=s, setting=b.setting, expected_ms=ms, acc=b.acc,
+                                        bytes_up=(1 - local) * feature_bytes[s], on_device=local))
+    out.extend(with_exits)
+    return rank(out, accuracy_floor=accuracy_floor, latency_target_ms=latency_target_ms)
+
+
+def rank(candidates: Sequence[Candidate], *, accuracy_floor: float | None = None,
+         latency_target_ms: float | None = None) -> list[Candidate]:
+    """Best first (see `plan`)."""
+    if latency_target_ms is not None:
+        meets = [c for c in candidates if c.expected_ms <= latency_target_ms]
+        first = sorted(meets, key=lambda c: (-c.acc, c.expected_ms))
+    else:
+        floor = -math.inf if accuracy_floor is None else accuracy_floor
+        first = sorted((c for c in candidates if c.acc >= floor), key=lambda c: (c.expected_ms, -c.acc))
+    rest = sorted((c for c in candidates if c not in first), key=lambda c: c.expected_ms)
+    return first + rest
+
+
+# --- online -----------------------------------------------------------------------------
+class LinkEstimator:
+    """A passive estimate of the uplink from the agent's own offloads: over the last
+    `window` requests, the time on the wire is fitted as RTT + bytes / bandwidth (least
+    squares), which needs requests of different sizes; while they are all alike, the last
+    RTT fitted (or the fastest request seen) stands in for it."""
+
+    def __init__(self, window: int = 20) -> None:
+        self._seen: deque[tuple[float, float]] = deque(maxlen=window)  # (bytes, ms on the wire)
+        self._rtt_ms: float | None = None
+
+    def observe(self, bytes_up: int, seconds: float, *, server_ms: float = 0.0) -> None:
+        """One offload: its request's bytes and its round trip (seconds), of which the
+        worker spent `server_ms` (queue and compute, from its answer's timing)."""
+        self._seen.append((float(bytes_up), max(seconds * 1e3 - server_ms, 1e-3)))
+
+    def estimate(self) -> LinkEstimate | None:
+        if len(self._seen) < 2:
+            return None
+        sizes = [b for b, _ in self._seen]
+        times = [t for _, t in self._seen]
+        mean_b, mean_t = sum(sizes) / len(sizes), sum(times) / len(times)
+        var_b = sum((b - mean_b) ** 2 for b in sizes)
+        if var_b > 0 and max(sizes) >= 1.5 * min(sizes):
+            slope = sum((b - mean_b) * (t - mean_t) for b, t in self._seen) / var_b  # ms per byte
+            if slope > 0:
+                self._rtt_ms = max(0.0, mean_t - slope * mean_b)
+                return LinkEstimate(up_mbps=8 / (slope * 1e3), rtt_ms=self._rtt_ms)
+        rtt = self._rtt_ms if self._rtt_ms is not None else 0.0
+        transfer = [(b, t - rtt) for b, t in self._seen if t > rtt]
+        if not transfer:
+            return None
+        return LinkEstimate(up_mbps=sum(b for b, _ in transfer) * 8 / (sum(t for _, t in transfer) * 1e3), rtt_ms=rtt)
+
+
+@dataclass
+class Replanner:
+    """Keeps a plan, and changes it only when another is better by `margin` (relative) on
+    `patience` estimates in a row: a noisy but steady link must not make it flap."""
+
+    margin: float = 0.1
+    patience: int = 3
+    current: Candidate | None = None
+    _challenger: str | None = field(default=None, repr=False)
+    _streak: int = field(default=0, repr=False)
+    changes: int = 0
+
+    def update(self, ranked: Sequence[Candidate]) -> Candidate:
+        """The plan to use given a fresh ranking (best first, costs under the new estimate)."""
+        best = ranked[0]
+        if self.current is None:
+            self.current, self.changes = best, self.changes + 1
+            return best
+        now = next((c for c in ranked if c.describe() == self.current.describe()), None)
+        if now is None or best.expected_ms < now.expected_ms * (1 - self.margin) or not math.isfinite(now.expected_ms):
+            key = best.describe()
+            self._streak = self._streak + 1 if key == self._challenger else 1
+            self._challenger = key
+            if self._streak >= self.patience or now is None or not math.isfinite(now.expected_ms):
+                self.current, self._streak, self._challenger = best, 0, None
+                self.changes += 1
+        else:
+            self._streak, self._challenger = 0, None
+            self.current = now  # the same plan, its cost under the new estimate
+        return self.current

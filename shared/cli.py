@@ -246,6 +246,37 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"hash {manifest.hash}")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    """Time every stage, exit head and the final head of a bundle's network here."""
+    from splitexit.bundle import read_manifest
+    from splitexit.models import build_model
+    from splitexit.profile import measure_profile
+
+    manifest = read_manifest(args.bundle)
+    model = build_model(manifest.model)  # timing does not depend on the weights' values
+    batches = _batch_sizes(args.batch_sizes)
+    c, h, w = manifest.input_shape
+    profile = measure_profile(model, (c, h, w), name=args.name, arch=manifest.model.arch, batch_sizes=batches,
+                              threads=args.threads, repeats=args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(args.out)
+    one = profile.at(batches[0])
+    print(f"{args.name}: {manifest.model.arch} at batch {batches[0]}: stages "
+          f"{', '.join(f'{t:.3f}' for t in one.stage_ms)} ms, exits "
+          f"{', '.join(f'{k}: {t:.3f}' for k, t in sorted(one.exit_ms.items()))} ms, head {one.head_ms:.3f} ms")
+    print(f"{profile.source}; wrote {args.out}")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise CliError(f"--batch-sizes takes comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise CliError(f"--batch-sizes takes positive integers, got {text!r}")
+    return sizes
+
+
 # --- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from splitexit import __version__
@@ -345,6 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--input-size", type=_positive_int, help="input side in pixels, if the checkpoint lacks it")
     exp.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     exp.set_defaults(func=cmd_export)
+
+    prof = sub.add_parser("profile", help="time each stage and exit head of a bundle's network on this device")
+    common(prof)
+    prof.add_argument("bundle", type=Path)
+    prof.add_argument("--name", default="this-device", help="the device's name in the profile")
+    prof.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes to time (default: 1)")
+    prof.add_argument("--repeats", type=_positive_int, default=20, help="timed calls per piece (median)")
+    prof.add_argument("--out", type=Path, default=Path("runs/device.json"), help="where the profile goes")
+    prof.set_defaults(func=cmd_profile)
 
     # The other parts (sim: `bench`, later edge, cloud) add their commands through entry
     # points, so this module never imports them (shared imports neither edge, cloud nor sim).

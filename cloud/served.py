@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from splitexit.bundle import Bundle, BundleError, load_bundle, on_edge
+from splitexit.bundle import Bundle, BundleError, has_edge_weights, load_bundle, load_whole
 from splitexit.cloud.errors import RequestError
 from splitexit.cloud.requests import Parsed, ServiceLimits, decode_bodies
 from splitexit.codec import CODECS
@@ -86,15 +86,8 @@ class ServedModel:
         """Load the cloud part of a bundle, plus its edge weights when the directory has
         them (they let raw-input-only requests run the whole network). Raises BundleError."""
         path = Path(path)
-        bundle = load_bundle(path, "cloud")
-        entry = bundle.manifest.files.get("edge")
-        can_start_raw = False
-        if entry is not None and (path / entry.path).is_file():
-            # a present but corrupt edge file is an error, not a silent downgrade
-            edge = load_bundle(path, "edge", expect_hash=bundle.hash)
-            weights = {k: v for k, v in edge.model.state_dict().items() if on_edge(k, bundle.split)}
-            bundle.model.load_state_dict(weights, strict=False)
-            can_start_raw = True
+        can_start_raw = has_edge_weights(path)
+        bundle = load_whole(path) if can_start_raw else load_bundle(path, "cloud")
         try:
             runner = ExitRunner(bundle.model, bundle.policy, num_classes=len(bundle.classes), network=bundle.network,
                                 larger=bundle.large)

@@ -339,6 +339,22 @@ def load_bundle(path: str | Path, part: Part, *, expect_hash: str | None = None)
     return Bundle(path, manifest, part, model.eval(), policy, large)
 
 
+def has_edge_weights(path: str | Path) -> bool:
+    """Does this bundle directory hold its edge weights file (a cloud worker's copy may not)?"""
+    entry = read_manifest(path).files.get("edge")
+    return entry is not None and (Path(path) / entry.path).is_file()
+
+
+def load_whole(path: str | Path) -> Bundle:
+    """The cloud part with the edge weights loaded too: the whole network, for a worker
+    that runs raw input from stage 0 or a planner that measures every exit. A present but
+    corrupt edge file is an error (BundleError), not a silent downgrade."""
+    bundle = load_bundle(path, "cloud")
+    edge = load_bundle(path, "edge", expect_hash=bundle.hash)
+    bundle.model.load_state_dict(edge.model.state_dict(), strict=False)  # the edge part holds only its own weights
+    return bundle
+
+
 def _keep_edge_side(model: MultiExitNet, split: int) -> None:
     """Replace what runs after the split (stages, their exits, the final head) with
     placeholders, in place: the edge part holds only the weights it runs."""

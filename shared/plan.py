@@ -119,9 +119,12 @@ class Candidate:
     on_device: float  # share of inputs answered on the device
 
     def describe(self) -> str:
-        where = "" if self.split is None else f" split after stage {self.split}"
-        how = "" if self.setting is None else f" ({self.setting})"
-        return f"{self.route}{where}{how}"
+        """e.g. "adaptive: split after stage 3, maxprob q=0.9"."""
+        parts = [] if self.split is None else [f"split after stage {self.split}"]
+        parts += [] if self.setting is None else [self.setting]
+        if self.route == "split":
+            parts.append("no exits")
+        return self.route + (": " + ", ".join(parts) if parts else "")
 
 
 def _exit_costs(times: DeviceTimes, exits: Sequence[int], start: int, end: int, *, final: bool) -> list[float]:

@@ -1,0 +1,158 @@
+"""`splitexit plan BUNDLE --link LINK --device PROFILE`: where to cut the bundle's network
+and how to route, for a link and a device (the planner of `splitexit.plan` fed with
+measurements).
+
+What it measures, on the data set given (default: the embedded digits' validation split):
+every exit's outputs of the bundle's network (trained weights), and from them how each
+policy setting answers: the bundle's own policy, and max-prob thresholds from 0.5 to
+0.99 as alternatives. Costs: the device's times from its profile, the worker's from
+`--cloud` (or measured here), the features' bytes in the bundle's codec at every cut, the
+input as JPEG at `--jpeg-quality` for cloud-only. It prints the ranked table with the
+reason for the choice and writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from splitexit.cli import CliError
+
+__all__ = ["register"]
+
+MAXPROB_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("plan", help="rank routes and split points of a bundle for a link and a device")
+    common(p)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--link", required=True,
+                   help="a link profile (3g, lte, wifi, 3g-webpagetest, 3g-slow, cable, fios) or a Mahimahi trace "
+                        "file, or ARCHIVE.tar.gz:TRACE (its mean capacity is planned for)")
+    p.add_argument("--rtt-ms", type=float, help="round trip time (default: the profile's; 50 ms for a trace)")
+    p.add_argument("--device", type=Path, help="the device's profile (`splitexit profile`); default: measured here")
+    p.add_argument("--cloud", type=Path, help="the worker's profile; default: measured here")
+    p.add_argument("--data", default="digits", help="data set whose validation split is measured (default: digits)")
+    p.add_argument("--accuracy-floor", type=float, help="the least accuracy a plan may have")
+    p.add_argument("--latency-target", type=float, help="ms: the most accurate plan that meets it")
+    p.add_argument("--objective", choices=("latency",), default="latency",
+                   help="what is minimized (energy: not yet)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="cloud-only: the input sent as JPEG at this quality")
+    p.add_argument("--out", type=Path, default=Path("runs/plan.json"))
+    p.set_defaults(func=cmd_plan)
+
+
+def _link(args: argparse.Namespace) -> tuple[Any, str]:
+    from splitexit.plan import LinkEstimate
+    from splitexit.sim.link import PROFILES, load_trace
+
+    spec: str = args.link
+    if spec in PROFILES:
+        profile = PROFILES[spec]
+        rtt = profile.up.delay_ms + profile.down.delay_ms if args.rtt_ms is None else args.rtt_ms
+        return LinkEstimate(up_mbps=profile.up.rate_mbps, down_mbps=profile.down.rate_mbps, rtt_ms=rtt), spec
+    archive, _, member = spec.partition(".tar.gz:")
+    try:
+        trace = load_trace(archive + ".tar.gz", member) if member else load_trace(spec)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--link {spec}: not a link profile ({', '.join(PROFILES)}) nor a readable trace ({exc})") from None
+    rtt = 50.0 if args.rtt_ms is None else args.rtt_ms
+    return LinkEstimate(up_mbps=trace.mean_mbps, rtt_ms=rtt), f"{trace.name} (mean {trace.mean_mbps:.2f} Mbit/s)"
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    import torch
+
+    from splitexit import wire
+    from splitexit.bundle import load_whole
+    from splitexit.codec import encoded_bytes
+    from splitexit.cost import cost_model
+    from splitexit.data import Normalize, load_dataset
+    from splitexit.evaluate import cached_exit_outputs
+    from splitexit.plan import ExitBehaviour, plan
+    from splitexit.policies import MaxProb, simulate
+    from splitexit.profile import load_profile, measure_profile
+
+    if args.accuracy_floor is not None and args.latency_target is not None:
+        raise CliError("give --accuracy-floor or --latency-target, not both")
+    link, link_name = _link(args)
+    bundle = load_whole(args.bundle)
+    if bundle.large is not None:
+        raise CliError(f"{args.bundle} is a cascade: planning its larger network is not supported yet")
+    model, manifest = bundle.model.eval(), bundle.manifest
+    c, h, w = manifest.input_shape
+    dataset = load_dataset(args.data, cache_dir=args.cache_dir)
+    outputs = cached_exit_outputs(model, dataset.val, Normalize(bundle.mean, bundle.std), cache_dir=args.cache_dir,
+                                  tag="plan-val")
+    costs = cost_model(model, (c, h, w))
+    ladder = costs.exit_ladder()
+
+    def behaviour(policy: Any, name: str) -> ExitBehaviour:
+        out = simulate(policy, outputs.probs, ladder, outputs.labels)
+        share = np.bincount(out.exit_index, minlength=ladder.num_exits) / len(out.exit_index)
+        return ExitBehaviour(setting=name, share=tuple(float(x) for x in share), acc=out.acc)
+
+    behaviours = [behaviour(bundle.policy, f"bundle's {bundle.policy.name}")]
+    behaviours += [behaviour(MaxProb(q), f"maxprob q={q}") for q in MAXPROB_SWEEP]
+    full_acc = float(outputs.correct()[-1].mean())
+
+    def times(path: Path | None, name: str) -> Any:
+        if path is not None:
+            profile = load_profile(path)
+            if profile.arch != manifest.model.arch:
+                raise CliError(f"{path} profiles {profile.arch}, the bundle's network is {manifest.model.arch}")
+        else:
+            profile = measure_profile(model, (c, h, w), name=name, arch=manifest.model.arch, threads=args.threads)
+        return profile, profile.at(1)
+
+    device_profile, device = times(args.device, "this machine (as the device)")
+    cloud_profile, cloud = times(args.cloud, "this machine (as the worker)")
+    with torch.inference_mode():
+        _, feats = model.forward_intermediates(torch.zeros(1, c, h, w))
+    feature_bytes = [float(encoded_bytes(bundle.codec, (1, *f.shape[1:]))) for f in feats]  # type: ignore[arg-type]
+    images = dataset.val.images[:200]
+    input_bytes = float(np.mean([len(b) for b in wire.encode_raw_input(images, "jpeg", quality=args.jpeg_quality)]))
+
+    ranked = plan(device=device, cloud=cloud, link=link, exits=model.exit_points, behaviours=behaviours,
+                  full_acc=full_acc, feature_bytes=feature_bytes, input_bytes=input_bytes,
+                  accuracy_floor=args.accuracy_floor, latency_target_ms=args.latency_target)
+    best = ranked[0]
+    if args.latency_target is not None:
+        why = (f"the most accurate plan expected within {args.latency_target:g} ms" if best.expected_ms <= args.latency_target
+               else f"no plan is expected within {args.latency_target:g} ms: the fastest")
+    elif args.accuracy_floor is not None:
+        why = (f"the fastest plan with accuracy >= {args.accuracy_floor:g}" if best.acc >= args.accuracy_floor
+               else f"no plan reaches accuracy {args.accuracy_floor:g}: the fastest")
+    else:
+        why = "the fastest plan (no accuracy floor given)"
+    print(f"link {link_name}: up {link.up_mbps or 0:.2f} Mbit/s, RTT {link.rtt_ms:.0f} ms; device: "
+          f"{device_profile.name} ({device_profile.source}); worker: {cloud_profile.name}")
+    print(f"measured on {len(outputs.labels)} validation inputs of {dataset.name}; full network accuracy {full_acc:.4f}")
+    print(_table(ranked))
+    print(f"choice: {best.describe()}, expected {best.expected_ms:.2f} ms per input at accuracy {best.acc:.4f}: {why}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "bundle": str(args.bundle), "hash": bundle.hash, "link": link_name, "up_mbps": link.up_mbps,
+        "rtt_ms": link.rtt_ms, "device": device_profile.to_dict(), "cloud": cloud_profile.to_dict(),
+        "data": dataset.name, "full_acc": full_acc, "feature_bytes": feature_bytes, "input_bytes": input_bytes,
+        "choice": {"plan": best.describe(), "why": why},
+        "candidates": [{"plan": c.describe(), "route": c.route, "split": c.split, "setting": c.setting,
+                        "expected_ms": c.expected_ms, "acc": c.acc, "bytes_up": c.bytes_up, "on_device": c.on_device}
+                       for c in ranked],
+    }, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _table(ranked: list[Any], rows: int = 12) -> str:
+    """The best `rows` candidates, and every static route wherever it ranks."""
+    shown = ranked[:rows] + [c for c in ranked[rows:] if c.route in ("edge_only", "cloud_only", "split")]
+    lines = [f"{'rank':>4}  {'plan':<52} {'ms':>9} {'acc':>7} {'bytes up':>9} {'device':>7}"]
+    for c in shown:
+        lines.append(f"{ranked.index(c) + 1:>4}  {c.describe()[:52]:<52} {c.expected_ms:>9.2f} {c.acc:>7.4f} "
+                     f"{c.bytes_up:>9.0f} {c.on_device:>7.2f}")
+    return "\n".join(lines)

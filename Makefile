@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/splitexit demo
+	$(BIN)/splitexit sim demo
 
 # buf: a standard gRPC command-line client (server reflection) for tests/test_cloud_grpc_cli.py;
 # from the npm registry when npm is there, else that one test is skipped

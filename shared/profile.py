@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from splitexit.plan import DeviceTimes
 
-__all__ = ["DeviceProfile", "ProfileError", "derived", "load_profile", "measure_profile"]
+__all__ = ["DEVICE_CLASSES", "DeviceProfile", "ProfileError", "derived", "device_class", "load_profile", "measure_profile"]
 
 FORMAT = "splitexit-device-profile"
 
@@ -88,6 +88,27 @@ def derived(base: DeviceProfile, *, name: str, factor: float, source: str) -> De
         raise ProfileError("a derived profile needs the source of its factor")
     return DeviceProfile(name=name, source=f"{base.name} x {factor:g} ({source})", arch=base.arch,
                          threads=base.threads, times={b: t.scaled(factor) for b, t in base.times.items()})
+
+
+# Device classes derived from a profile measured on an x86 server core (as this project's
+# machines are), one thread each. The factor is a published single-thread latency ratio
+# for a ResNet: ncnn's benchncnn results (Tencent/ncnn, benchmark/README.md at commit
+# f4e9a782913873aa32ecc18d78f023ea3b951b0e), resnet18 fp32 on the CPU, 1 thread, average ms.
+_NCNN = "ncnn benchmark/README.md @ f4e9a78, benchncnn resnet18 fp32, 1 thread"
+DEVICE_CLASSES: dict[str, tuple[float, str]] = {
+    "rpi4": (191.10 / 13.82, f"{_NCNN}: Raspberry Pi 4 (Cortex-A72 1.8 GHz) 191.10 ms over "
+                             "AMD EPYC 9V45 (AVX-512) 13.82 ms"),
+    "jetson-nano": (221.60 / 13.82, f"{_NCNN}: Jetson Nano CPU (Cortex-A57) 221.60 ms over "
+                                    "AMD EPYC 9V45 (AVX-512) 13.82 ms"),
+}
+
+
+def device_class(base: DeviceProfile, name: str) -> DeviceProfile:
+    """`base` (measured on an x86 server core) as a device of class `name` (DEVICE_CLASSES)."""
+    if name not in DEVICE_CLASSES:
+        raise ProfileError(f"unknown device class {name!r}; known: {', '.join(DEVICE_CLASSES)}")
+    factor, source = DEVICE_CLASSES[name]
+    return derived(base, name=f"{name}-class", factor=factor, source=source)
 
 
 def _cpu_name() -> str:

@@ -1,11 +1,12 @@
-"""`splitexit sim ...`: the simulation harness's commands (the main job's demo for now)."""
+"""`splitexit sim ...`: the simulation harness's commands: the main job's demo, the link
+emulator and its control."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Callable
 
-from splitexit.sim import demo
+from splitexit.sim import demo, link_cli
 
 __all__ = ["register"]
 
@@ -17,3 +18,4 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     common(p)
     demo.add_arguments(p)
     p.set_defaults(func=demo.cmd_demo)
+    link_cli.register_into(commands, common)

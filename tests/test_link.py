@@ -249,3 +249,50 @@ def test_bad_settings_are_refused() -> None:
         Direction(loss=1.0)
     with pytest.raises(ValueError, match="outage mode"):
         Outage(0, 1, "explode")  # type: ignore[arg-type]
+
+
+def test_the_control_commands_change_a_running_link() -> None:
+    from splitexit.sim.link_cli import control
+
+    async def body() -> tuple[dict, dict, dict, float]:
+        async with _link(LinkProfile(up=Direction(delay_ms=5))) as proxy:
+            changed = await control(proxy, {"set": {"up": {"delay_ms": 50, "jitter_ms": 0}}})
+            rtt = statistics.median(await _pings(proxy, 3))
+            outage = await control(proxy, {"outage": {"mode": "reset", "seconds": 0.1}})
+            bad = await control(proxy, {"set": {"up": {"warp_factor": 9}}})
+            return changed, outage, bad, rtt
+
+    changed, outage, bad, rtt = _run(body())
+    assert changed["ok"] and changed["up"]["delay_ms"] == 50 and changed["down"]["delay_ms"] == 0
+    assert 48 <= rtt <= 58
+    assert outage["ok"] and not bad["ok"] and "warp_factor" in bad["error"]
+
+
+@pytest.mark.slow
+def test_the_link_command_runs_and_takes_control_commands(tmp_path: Path, capsys) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from splitexit.cli import main
+
+    async def echo_server() -> None:
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "splitexit.cli", "sim", "link", "--target", f"127.0.0.1:{port}", "--profile", "lte",
+            "--control", "127.0.0.1:0", "--seconds", "20", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert line.startswith("link 127.0.0.1:") and "control on" in line, line
+            control = line.rsplit("control on ", 1)[1].strip()
+            code = await asyncio.to_thread(main, ["sim", "link-ctl", control, '{"set": {"up": {"rate_mbps": 2.0}}}'])
+            assert code in (0, None)
+        finally:
+            proc.terminate()
+            await proc.wait()
+            server.close()
+
+    asyncio.run(asyncio.wait_for(echo_server(), 90))
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["ok"] and answer["up"]["rate_mbps"] == 2.0 and answer["up"]["delay_ms"] == 35.0

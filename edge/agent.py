@@ -30,6 +30,7 @@ from splitexit.edge.results import Answer
 from splitexit.edge.spool import Spool
 from splitexit.edge.trace import TRACE_VERSION, TraceWriter
 from splitexit.edge.transport import OffloadError, Transport
+from splitexit.plan import LinkEstimator
 
 if TYPE_CHECKING:
     from splitexit.bundle import Bundle
@@ -68,6 +69,8 @@ class EdgeAgent:
         self.spool = Spool(spool) if isinstance(spool, (str, Path)) else spool
         self.trace = TraceWriter(trace) if isinstance(trace, (str, Path)) else trace
         self.head = EdgeHead(bundle, self.config, self._limits)  # the head's run and the requests it leaves
+        self.link = LinkEstimator()  # the uplink as this agent's own offloads see it (for re-planning)
+        self._answered_offloads = 0
         self.answering = AnswerMaker(bundle, self.config)  # rows' answers: edge, cloud or degraded
         self._seq = 0
 
@@ -165,6 +168,7 @@ class EdgeAgent:
                                "encode": round(prepared.encode_ms, 3), "offload": round(offload_ms, 3),
                                "total": round(elapsed_ms(), 3)},
                 "workers": sorted(workers), "offloads": [o.record for o in prepared.offloads],
+                "link": _link_record(self.link),
             })
 
     async def _offload(self, offload: Offload, budget_ms: float | None,
@@ -198,6 +202,10 @@ class EdgeAgent:
                               queue_ms=round(response.timing.queue_ms, 3),
                               compute_ms=round(response.timing.compute_ms, 3),
                               batch_size=response.timing.batch_size)
+                if self._answered_offloads:  # the first one also paid for the connection's set-up
+                    self.link.observe(record["bytes_up"], rtt / 1e3,
+                                      server_ms=response.timing.queue_ms + response.timing.compute_ms)
+                self._answered_offloads += 1
                 return offload, self.answering.cloud(request, response, (time.perf_counter() - t0) * 1e3, worker)
             except Exception as exc:  # foreign transports too: a row must never go unanswered
                 error = OffloadError.from_exception(exc)
@@ -265,6 +273,13 @@ class EdgeAgent:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _link_record(link: LinkEstimator) -> dict[str, float] | None:
+    estimate = link.estimate()
+    if estimate is None or estimate.up_mbps is None:
+        return None
+    return {"up_mbps": round(estimate.up_mbps, 3), "rtt_ms": round(estimate.rtt_ms, 3)}
 
 
 class SyncEdgeAgent:

@@ -15,6 +15,8 @@ One record per `EdgeAgent.infer` call (a batch), a msgpack map:
     workers        workers that answered
     offloads       per InferRequest: {request_id, kind: feature|raw, rows, worker, status,
                    bytes_up, bytes_down, rtt_ms, queue_ms, compute_ms, batch_size}
+    link           the agent's estimate of its uplink so far, {up_mbps, rtt_ms}, or nil
+                   until offloads of different sizes have been seen (`splitexit.plan.LinkEstimator`)
 
 Records are appended and flushed one by one, so a reader sees whole records; a record
 torn by a crash at the end of the file is skipped by `read_trace`.

@@ -24,7 +24,7 @@ from splitexit.edge.transport import Transport
 from splitexit.models import ModelConfig, build_model
 from splitexit.policies import MaxProb, Patience
 from splitexit.policies.predictive import Predictive
-from splitexit.sim.link import LinkProfile, LinkProxy
+from splitexit.sim.link import Direction, LinkProfile, LinkProxy
 from splitexit.wire import larger_network_name
 
 import splitexit_tests_edge_support as S  # noqa: E402  (registered by conftest.py)
@@ -155,3 +155,23 @@ def test_through_an_emulated_link_an_outage_turns_into_degraded_answers_and_noth
     assert offloaded and all(a.degraded and a.reason == "deadline_exceeded" for a in offloaded)
     assert [(a.label, a.exit) for a in after] == want and not any(a.degraded for a in after)
     assert counters.bytes_up > 0 and counters.connections >= 1
+
+
+def test_the_agent_estimates_its_uplink_from_its_own_offloads(tiny, tmp_path: Path) -> None:
+    model, meta, images, x = tiny
+    path = S.export(tmp_path, model, meta, MaxProb(2.0, fallback=False), split=2)  # every row offloaded
+
+    async def go():
+        async with _worker(path) as server:
+            host, port = server.address.rsplit(":", 1)
+            link = LinkProfile(up=Direction(rate_mbps=4.0, burst_bytes=1500, delay_ms=20), down=Direction(delay_ms=20))
+            async with LinkProxy((host, int(port)), link) as proxy:
+                async with EdgeAgent(path, GrpcTransport(proxy.address)) as agent:
+                    for rows in (1, 2, 8, 20, 40, 4, 30):  # the first also sets the connection up: not counted
+                        await agent.infer(images[:rows])
+                    return agent.link.estimate()
+
+    estimate = asyncio.run(asyncio.wait_for(go(), 60))
+    assert estimate is not None
+    assert 4.0 * 0.7 <= estimate.up_mbps <= 4.0 * 1.3, estimate
+    assert 40 * 0.7 <= estimate.rtt_ms <= 40 * 2, estimate  # the worker and the agent add their own ms

@@ -125,6 +125,7 @@ def test_a_worker_that_serves_another_bundle_gets_degraded_answers_that_say_why(
     assert {a.reason for a in offloaded} <= {"failed_precondition", "no_worker", "mismatch"}, {a.reason for a in offloaded}
 
 
+@pytest.mark.slow
 def test_through_an_emulated_link_an_outage_turns_into_degraded_answers_and_nothing_is_lost(
         tiny, tmp_path: Path) -> None:
     model, meta, images, x = tiny

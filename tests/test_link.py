@@ -93,6 +93,7 @@ def test_the_round_trip_is_the_two_delays() -> None:
     assert 60 * 0.95 <= statistics.median(rtts) <= 60 * 1.1, rtts
 
 
+@pytest.mark.slow
 def test_jitter_stays_within_its_bounds_and_spreads() -> None:
     async def body() -> list[float]:
         async with _link(LinkProfile(up=Direction(delay_ms=30, jitter_ms=20))) as proxy:
@@ -103,6 +104,7 @@ def test_jitter_stays_within_its_bounds_and_spreads() -> None:
     assert max(rtts) - min(rtts) > 15  # really spread (uniform over 40 ms)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate_mbps", [4.0, 16.0])
 def test_bandwidth_is_what_was_asked(rate_mbps: float) -> None:
     sink = Sink()
@@ -156,6 +158,7 @@ def _replay_throughput(trace: Trace, window: tuple[float, float]) -> tuple[float
     return _run(body())
 
 
+@pytest.mark.slow
 def test_trace_replay_delivers_the_traces_capacity() -> None:
     # 3 packets every 2 ms for 50 ms, then 1 every 2 ms: 18 and 6 Mbit/s, 12 on average
     times = [t for t in range(2, 51, 2) for _ in range(3)] + list(range(52, 101, 2))
@@ -174,6 +177,7 @@ def test_a_real_cellular_trace_is_replayed_within_ten_percent() -> None:
     assert expected * 0.9 <= measured <= expected * 1.1, (measured, expected)
 
 
+@pytest.mark.slow
 def test_loss_stalls_for_an_rto_and_loses_nothing() -> None:
     async def body() -> tuple[list[float], int]:
         async with _link(LinkProfile(up=Direction(loss=0.3, rto_ms=60))) as proxy:

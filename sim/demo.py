@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"2. device: {profile.name} ({profile.source}); worker: this machine")
     print(f"   plan for link {args.link} (up {link.up_mbps} Mbit/s, RTT {link.rtt_ms:.0f} ms): best overall "
           f"{ranked[0].describe()} ({ranked[0].expected_ms:.2f} ms expected); best cut without exits: stage "
-          f"{split.split}; adaptive: {adaptive.describe()} ({adaptive.expected_ms:.2f} ms)")
+          f"{split.split}; {adaptive.describe()} ({adaptive.expected_ms:.2f} ms)")
 
     # -- 3. bundles, the worker, the links -------------------------------------------------
     args.out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     }
     test = dataset.test if not args.inputs else dataset.test.subset(np.arange(min(args.inputs, len(dataset.test))))
     results = asyncio.run(_run_all(model, normalize, test, paths, link_profile, never, adaptive_policy, profile,
-                                   {"split": split.describe(), "adaptive": adaptive.describe()}))
+                                   {"split": f"cut after stage {split.split}, no exits",
+                                    "adaptive": f"cut after stage {adaptive.split}, {adaptive.setting}"}))
 
     # -- 4. the table ------------------------------------------------------------------------
     print(f"4. {len(test)} test inputs, one at a time, through the emulated {args.link} link:")

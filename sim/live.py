@@ -67,21 +67,23 @@ def summarize(name: str, records: Sequence[Record], labels: np.ndarray, *, bytes
 
 
 class WorkerProcess:
-    """`splitexit cloud serve BUNDLE...` in a process of its own, on 127.0.0.1 (a free
-    port), without mDNS; `address` once started."""
+    """`splitexit cloud serve BUNDLE...` in a process of its own, on 127.0.0.1, without mDNS;
+    `address` once started. It can be killed and started again (on the same port)."""
 
-    def __init__(self, bundles: Sequence[Path], *, threads: int = 1, extra: Sequence[str] = ()) -> None:
+    def __init__(self, bundles: Sequence[Path], *, threads: int = 1, port: int = 0, extra: Sequence[str] = ()) -> None:
         self.bundles = list(bundles)
         self.threads = threads
+        self.port = port  # 0: a free one (a restarted worker keeps the port it was given)
         self.extra = list(extra)
         self.address = ""
         self._proc: asyncio.subprocess.Process | None = None
 
-    async def __aenter__(self) -> "WorkerProcess":
+    async def start(self) -> None:
+        """Start the process and wait for its "serving ... on HOST:PORT" line."""
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "splitexit.cli", "cloud", "serve", *map(str, self.bundles), "--host", "127.0.0.1",
-            "--port", "0", "--no-advertise", "--threads", str(self.threads), "--grace", "1", *self.extra,
+            "--port", str(self.port), "--no-advertise", "--threads", str(self.threads), "--grace", "1", *self.extra,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
         assert self._proc.stdout is not None and self._proc.stderr is not None
         try:
@@ -90,12 +92,19 @@ class WorkerProcess:
             line = ""
         if " on " not in line:
             err = (await self._proc.stderr.read()).decode()[-2000:]
-            await self.__aexit__()
+            await self.stop()
             raise RuntimeError(f"the worker did not start: {line.strip()} {err.strip()}")
         self.address = line.split(" on ", 1)[1].split()[0]
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def kill(self) -> None:
+        """SIGKILL, as a crash would: no drain, no goodbye."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        """SIGTERM (the worker drains), then SIGKILL after 15 s."""
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
             return
@@ -105,6 +114,13 @@ class WorkerProcess:
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
+
+    async def __aenter__(self) -> "WorkerProcess":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 def pad_to_profile(model: Any, profile: Any) -> Any:

@@ -79,3 +79,13 @@ def test_serve_refuses_bad_settings(bench_dirs: tuple[Path, Path], capsys: pytes
     cache, out = bench_dirs
     assert main(["bench", "serve", "--quick", "--cache-dir", str(cache), "--out", str(out), "--rows", "64"]) == 2
     assert "exceeds --batch" in capsys.readouterr().err
+
+
+def test_faults_quick_loses_nothing_and_recovers_within_two_seconds(quick_bench) -> None:
+    result = quick_bench("faults", "--outages", "1", "--partition", "1", "--interval-ms", "100")
+    assert set(result["scenarios"]) == {"outage_1s", "partition_1s"}
+    assert result["lost"] == 0 and result["sent"] == result["answered"] > 0
+    for name, scenario in result["scenarios"].items():
+        assert scenario["lost"] == 0, name
+        assert scenario["recovered_s"] is not None and scenario["recovered_s"] <= 2.0, (name, scenario)
+    assert result["scenarios"]["outage_1s"]["degraded"] > 0  # the outage was felt, and answered locally

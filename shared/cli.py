@@ -250,18 +250,22 @@ def cmd_profile(args: argparse.Namespace) -> None:
     """Time every stage, exit head and the final head of a bundle's network here."""
     from splitexit.bundle import read_manifest
     from splitexit.models import build_model
-    from splitexit.profile import measure_profile
+    from splitexit.profile import DEVICE_CLASSES, device_class, measure_profile
 
     manifest = read_manifest(args.bundle)
     model = build_model(manifest.model)  # timing does not depend on the weights' values
     batches = _batch_sizes(args.batch_sizes)
     c, h, w = manifest.input_shape
+    if args.as_class is not None and args.as_class not in DEVICE_CLASSES:
+        raise CliError(f"unknown device class {args.as_class!r}; known: {', '.join(DEVICE_CLASSES)}")
     profile = measure_profile(model, (c, h, w), name=args.name, arch=manifest.model.arch, batch_sizes=batches,
                               threads=args.threads, repeats=args.repeats)
+    if args.as_class is not None:  # this machine's times scaled to the device class
+        profile = device_class(profile, args.as_class)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(args.out)
     one = profile.at(batches[0])
-    print(f"{args.name}: {manifest.model.arch} at batch {batches[0]}: stages "
+    print(f"{profile.name}: {manifest.model.arch} at batch {batches[0]}: stages "
           f"{', '.join(f'{t:.3f}' for t in one.stage_ms)} ms, exits "
           f"{', '.join(f'{k}: {t:.3f}' for k, t in sorted(one.exit_ms.items()))} ms, head {one.head_ms:.3f} ms")
     print(f"{profile.source}; wrote {args.out}")
@@ -383,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--name", default="this-device", help="the device's name in the profile")
     prof.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes to time (default: 1)")
     prof.add_argument("--repeats", type=_positive_int, default=20, help="timed calls per piece (median)")
+    prof.add_argument("--as", dest="as_class", metavar="CLASS",
+                      help="scale the times measured here to a device class (rpi4, jetson-nano: published ratios)")
     prof.add_argument("--out", type=Path, default=Path("runs/device.json"), help="where the profile goes")
     prof.set_defaults(func=cmd_profile)
 

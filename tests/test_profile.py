@@ -44,6 +44,14 @@ def test_profile_times_every_piece_and_reads_back(bundle: Path, tmp_path: Path, 
         derived(profile, name="x", factor=2.0, source=" ")
 
 
+def test_a_device_class_is_this_machine_scaled_with_its_source(bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pi.json"
+    assert main(["profile", str(bundle), "--as", "rpi4", "--repeats", "3", "--out", str(out)]) == 0
+    pi = load_profile(out)
+    assert pi.name == "rpi4-class" and "Raspberry Pi 4" in pi.source and "ncnn" in pi.source
+    assert main(["profile", str(bundle), "--as", "toaster", "--out", str(out)]) == 2
+
+
 def test_bad_profiles_are_refused(tmp_path: Path, bundle: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "something else"}))

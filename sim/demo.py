@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     # -- 2. the plan --------------------------------------------------------------------
     val = cached_exit_outputs(model, dataset.val, normalize, cache_dir=args.cache_dir, tag="demo-val")
     ladder = cost_model(model, (c, h, w)).exit_ladder()
-    settings = {f"maxprob q={q}": MaxProb(q) for q in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)}
+    settings = {f"maxprob q={q}": MaxProb(q, fallback=False) for q in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)}
     behaviours = []
     for name, policy in settings.items():
         outcome = simulate(policy, val.probs, ladder, val.labels)

@@ -24,6 +24,7 @@ from splitexit.cli import CliError
 
 __all__ = ["register"]
 
+# the final head answers the rows no exit took (no SDN fallback), so high q tends to the full network
 MAXPROB_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
@@ -98,7 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         return ExitBehaviour(setting=name, share=tuple(float(x) for x in share), acc=out.acc)
 
     behaviours = [behaviour(bundle.policy, f"bundle's {bundle.policy.name}")]
-    behaviours += [behaviour(MaxProb(q), f"maxprob q={q}") for q in MAXPROB_SWEEP]
+    behaviours += [behaviour(MaxProb(q, fallback=False), f"maxprob q={q}") for q in MAXPROB_SWEEP]
     full_acc = float(outputs.correct()[-1].mean())
 
     def times(path: Path | None, name: str) -> Any:

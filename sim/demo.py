@@ -44,15 +44,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
     from splitexit.bundle import export_bundle
-    from splitexit.codec import encoded_bytes
     from splitexit.cost import cost_model
     from splitexit.data import Normalize, load_digits
     from splitexit.evaluate import cached_exit_outputs
     from splitexit.models import ModelConfig
-    from splitexit.plan import DeviceTimes, ExitBehaviour, LinkEstimate, plan
-    from splitexit.policies import MaxProb, simulate
+    from splitexit.plan import DeviceTimes, LinkEstimate, plan
+    from splitexit.policies import MaxProb
     from splitexit.profile import DEVICE_CLASSES, device_class, measure_profile
     from splitexit.sim.link import PROFILES
+    from splitexit.sim.planning import MAXPROB_SWEEP, cut_bytes, exit_behaviour, jpeg_bytes
     from splitexit.train import TrainConfig, train_cached
 
     if args.link not in PROFILES:
@@ -74,23 +74,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     # -- 2. the plan --------------------------------------------------------------------
     val = cached_exit_outputs(model, dataset.val, normalize, cache_dir=args.cache_dir, tag="demo-val")
     ladder = cost_model(model, (c, h, w)).exit_ladder()
-    settings = {f"maxprob q={q}": MaxProb(q, fallback=False) for q in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)}
-    behaviours = []
-    for name, policy in settings.items():
-        outcome = simulate(policy, val.probs, ladder, val.labels)
-        share = np.bincount(outcome.exit_index, minlength=ladder.num_exits) / len(val.labels)
-        behaviours.append(ExitBehaviour(setting=name, share=tuple(float(s) for s in share), acc=outcome.acc))
+    settings = {f"maxprob q={q}": MaxProb(q, fallback=False) for q in MAXPROB_SWEEP}
+    behaviours = [exit_behaviour(policy, name, val, ladder) for name, policy in settings.items()]
     measured = measure_profile(model, (c, h, w), name="this machine", arch=model_cfg.arch, threads=1)
     profile = measured if args.device == "here" else device_class(measured, args.device)
     device: DeviceTimes = profile.at(1)
     link = LinkEstimate(up_mbps=link_profile.up.rate_mbps, down_mbps=link_profile.down.rate_mbps,
                         rtt_ms=link_profile.up.delay_ms + link_profile.down.delay_ms)
-    with torch.inference_mode():
-        _, feats = model.forward_intermediates(torch.zeros(1, c, h, w))
-    feature_bytes = [float(encoded_bytes("fp32", (1, *f.shape[1:]))) for f in feats]
-    from splitexit import wire
-
-    input_bytes = float(np.mean([len(b) for b in wire.encode_raw_input(dataset.val.images[:100], "jpeg")]))
+    feature_bytes = cut_bytes(model, (c, h, w), "fp32")
+    input_bytes = jpeg_bytes(dataset.val.images[:100])
     full_acc = float(val.correct()[-1].mean())
     ranked = plan(device=device, cloud=measured.at(1), link=link, exits=model.exit_points, behaviours=behaviours,
                   full_acc=full_acc, feature_bytes=feature_bytes, input_bytes=input_bytes,

@@ -132,27 +132,28 @@ def pad_to_profile(model: Any, profile: Any) -> Any:
     import torch
 
     class Padded(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module, piece: str) -> None:
+        def __init__(self, inner: torch.nn.Module, kind: str, index: int = 0) -> None:
             super().__init__()
-            self.inner, self.piece = inner, piece
+            self.inner, self.kind, self.index = inner, kind, index  # "stage", "exit" (after stage index) or "head"
+
+        def target_ms(self, batch: int) -> float:
+            t = profile.at(batch)
+            return float(t.head_ms if self.kind == "head" else t.exit_ms[self.index] if self.kind == "exit"
+                         else t.stage_ms[self.index])
 
         def forward(self, *args: Any) -> Any:
             start = time.perf_counter()
             out = self.inner(*args)
-            times = profile.at(int(args[0].shape[0]))
-            target = (times.head_ms if self.piece == "head" else
-                      times.exit_ms[int(self.piece[5:])] if self.piece.startswith("exit ") else
-                      times.stage_ms[int(self.piece[6:])]) / 1e3
-            left = target - (time.perf_counter() - start)
+            left = self.target_ms(int(args[0].shape[0])) / 1e3 - (time.perf_counter() - start)
             if left > 0:
                 time.sleep(left)
             return out
 
     padded = copy.deepcopy(model)
     for i in range(padded.num_stages):
-        padded.stages[i] = Padded(padded.stages[i], f"stage {i}")
+        padded.stages[i] = Padded(padded.stages[i], "stage", i)
     for k in list(padded.exits):
-        padded.exits[k] = Padded(padded.exits[k], f"exit {k}")
+        padded.exits[k] = Padded(padded.exits[k], "exit", int(k))
     padded.head = Padded(padded.head, "head")
     return padded
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from splitexit.cli import CliError
 
-__all__ = ["register"]
+__all__ = ["MAXPROB_SWEEP", "cut_bytes", "exit_behaviour", "jpeg_bytes", "register"]
 
 # the final head answers the rows no exit took (no SDN fallback), so high q tends to the full network
 MAXPROB_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -48,6 +48,35 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     p.set_defaults(func=cmd_plan)
 
 
+def exit_behaviour(policy: Any, setting: str, outputs: Any, ladder: Any) -> Any:
+    """How `policy` answers `outputs` (every exit's probabilities over a set): the share of
+    inputs answered at each exit of `ladder` and their accuracy."""
+    from splitexit.plan import ExitBehaviour
+    from splitexit.policies import simulate
+
+    out = simulate(policy, outputs.probs, ladder, outputs.labels)
+    share = np.bincount(out.exit_index, minlength=ladder.num_exits) / len(out.exit_index)
+    return ExitBehaviour(setting=setting, share=tuple(float(x) for x in share), acc=out.acc)
+
+
+def cut_bytes(model: Any, input_shape: tuple[int, int, int], codec: str) -> list[float]:
+    """Bytes per input crossing the link when cut after each stage, in `codec`."""
+    import torch
+
+    from splitexit.codec import encoded_bytes
+
+    with torch.inference_mode():
+        _, feats = model.forward_intermediates(torch.zeros(1, *input_shape))
+    return [float(encoded_bytes(codec, (1, *f.shape[1:]))) for f in feats]  # type: ignore[arg-type]
+
+
+def jpeg_bytes(images: np.ndarray, quality: int = 90) -> float:
+    """Mean bytes of `images` as the JPEGs a device would send for cloud-only."""
+    from splitexit import wire
+
+    return float(np.mean([len(b) for b in wire.encode_raw_input(images, "jpeg", quality=quality)]))
+
+
 def _link(args: argparse.Namespace) -> tuple[Any, str]:
     from splitexit.plan import LinkEstimate
     from splitexit.sim.link import PROFILES, load_trace
@@ -67,16 +96,12 @@ def _link(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    import torch
-
-    from splitexit import wire
     from splitexit.bundle import load_whole
-    from splitexit.codec import encoded_bytes
     from splitexit.cost import cost_model
     from splitexit.data import Normalize, load_dataset
     from splitexit.evaluate import cached_exit_outputs
-    from splitexit.plan import ExitBehaviour, plan
-    from splitexit.policies import MaxProb, simulate
+    from splitexit.plan import plan
+    from splitexit.policies import MaxProb
     from splitexit.profile import load_profile, measure_profile
 
     if args.accuracy_floor is not None and args.latency_target is not None:
@@ -93,13 +118,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     costs = cost_model(model, (c, h, w))
     ladder = costs.exit_ladder()
 
-    def behaviour(policy: Any, name: str) -> ExitBehaviour:
-        out = simulate(policy, outputs.probs, ladder, outputs.labels)
-        share = np.bincount(out.exit_index, minlength=ladder.num_exits) / len(out.exit_index)
-        return ExitBehaviour(setting=name, share=tuple(float(x) for x in share), acc=out.acc)
-
-    behaviours = [behaviour(bundle.policy, f"bundle's {bundle.policy.name}")]
-    behaviours += [behaviour(MaxProb(q, fallback=False), f"maxprob q={q}") for q in MAXPROB_SWEEP]
+    behaviours = [exit_behaviour(bundle.policy, f"bundle's {bundle.policy.name}", outputs, ladder)]
+    behaviours += [exit_behaviour(MaxProb(q, fallback=False), f"maxprob q={q}", outputs, ladder) for q in MAXPROB_SWEEP]
     full_acc = float(outputs.correct()[-1].mean())
 
     def times(path: Path | None, name: str) -> Any:
@@ -113,11 +133,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     device_profile, device = times(args.device, "this machine (as the device)")
     cloud_profile, cloud = times(args.cloud, "this machine (as the worker)")
-    with torch.inference_mode():
-        _, feats = model.forward_intermediates(torch.zeros(1, c, h, w))
-    feature_bytes = [float(encoded_bytes(bundle.codec, (1, *f.shape[1:]))) for f in feats]  # type: ignore[arg-type]
-    images = dataset.val.images[:200]
-    input_bytes = float(np.mean([len(b) for b in wire.encode_raw_input(images, "jpeg", quality=args.jpeg_quality)]))
+    feature_bytes = cut_bytes(model, (c, h, w), bundle.codec)
+    input_bytes = jpeg_bytes(dataset.val.images[:200], args.jpeg_quality)
 
     ranked = plan(device=device, cloud=cloud, link=link, exits=model.exit_points, behaviours=behaviours,
                   full_acc=full_acc, feature_bytes=feature_bytes, input_bytes=input_bytes,

@@ -112,7 +112,7 @@ def _decode_feature(tensor: EncodedTensor, model: "ServedModel") -> torch.Tensor
     """A feature whose header was checked (`_feature_header`), decoded: the model's shape,
     finite values."""
     try:
-        return decode(tensor, expect_shape=model.bundle.feature_shape)
+        return torch.from_numpy(decode(tensor, expect_shape=model.bundle.feature_shape))
     except CodecError as exc:
         raise RequestError("INVALID_ARGUMENT", f"feature: {exc}") from None
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from splitexit.bundle import Bundle, BundleError, has_edge_weights, load_bundle, load_whole
@@ -42,7 +43,9 @@ from splitexit.policies import PolicyError
 from splitexit.proto import PROTOCOL_VERSION
 from splitexit.proto import inference_pb2 as pb
 from splitexit.runtime import ExitRunner, RowState
-from splitexit.wire import RAW_FORMATS, StateField, WireError, decode_raw_input, larger_network_name, state_spec
+from splitexit.wire import (
+    RAW_FORMATS, StateField, WireError, decode_raw_input, larger_network_name, state_spec, top_classes,
+)
 
 __all__ = ["ServedModel", "load_models", "model_info"]
 
@@ -108,7 +111,7 @@ class ServedModel:
         would evaluate on this side."""
         state = self.runner.initial_state(rows)
         if not raw_start:
-            state.next_exit = state.next_exit.clamp_min(self.first_cloud)
+            state.next_exit = np.maximum(state.next_exit, self.first_cloud)
         return state
 
     def warm_up(self) -> None:
@@ -152,12 +155,12 @@ class ServedModel:
                 out.append(_compute_error(exc))
         return out
 
-    def _normalize(self, images: torch.Tensor, *, large: bool) -> torch.Tensor:
+    def _normalize(self, images: np.ndarray, *, large: bool) -> torch.Tensor:
         """uint8 [B, H, W, C] -> float [B, C, H, W] with the network's mean/std."""
-        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self._large_mean) / self._large_std if large else (x - self._mean) / self._std
 
-    def _raw(self, item: Parsed, rows: Sequence[int] | None = None) -> torch.Tensor:
+    def _raw(self, item: Parsed, rows: Sequence[int] | None = None) -> np.ndarray:
         items = item.raw_items or ()
         picked = items if rows is None else [items[r] for r in rows]
         return decode_raw_input(item.raw_format or "", picked, self.bundle.input_shape)
@@ -167,7 +170,7 @@ class ServedModel:
         results: list[list[pb.RowResult] | RequestError | None] = [None] * len(items)
         raw_start = items[0].feature is None  # one key: all of a batch start alike
         inputs: dict[int, torch.Tensor] = {}
-        images: dict[int, torch.Tensor] = {}  # decoded raw input, reused for escalation
+        images: dict[int, np.ndarray] = {}  # decoded raw input, reused for escalation
         for i, item in enumerate(items):
             if item.feature is not None:  # all of a batch alike (raw_start)
                 inputs[i] = item.feature
@@ -181,19 +184,19 @@ class ServedModel:
         live = [i for i in inputs]
         if not live:
             return results  # type: ignore[return-value]
-        counts = torch.tensor([items[i].rows for i in live])
-        owner = torch.repeat_interleave(torch.tensor(live), counts)  # [N] item index of each row
-        first_row = {i: int(o) for i, o in zip(live, torch.cumsum(counts, 0) - counts)}
+        counts = np.asarray([items[i].rows for i in live])
+        owner = np.repeat(np.asarray(live), counts)  # [N] item index of each row
+        first_row = {i: int(o) for i, o in zip(live, np.cumsum(counts) - counts)}
         x = torch.cat([inputs[i] for i in live])  # [N, ...]
         state = RowState.cat([items[i].row_state for i in live])
         n = x.shape[0]
-        has_raw = torch.tensor([items[i].raw_items is not None for i in live], dtype=torch.bool).repeat_interleave(counts)
+        has_raw = np.repeat(np.asarray([items[i].raw_items is not None for i in live], dtype=bool), counts)
 
-        probs = torch.zeros(n, self.num_classes)
-        exit_stage = torch.full((n,), -1, dtype=torch.long)
-        by_large = torch.zeros(n, dtype=torch.bool)
-        degraded = torch.zeros(n, dtype=torch.bool)
-        done = torch.zeros(n, dtype=torch.bool)
+        probs = np.zeros((n, self.num_classes), dtype=np.float32)
+        exit_stage = np.full(n, -1, dtype=np.int64)
+        by_large = np.zeros(n, dtype=bool)
+        degraded = np.zeros(n, dtype=bool)
+        done = np.zeros(n, dtype=bool)
 
         # Rows whose policy already chose the larger network go there when they can (the
         # runner sends them on arrival); those without raw input cannot: they run this
@@ -202,7 +205,7 @@ class ServedModel:
         state.next_exit[stuck] = self.first_cloud
         degraded |= stuck
 
-        def larger_input(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def larger_input(rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
             """The larger network's input for those of `rows` whose request sent raw input;
             a request whose raw input does not decode fails alone."""
             xs, have = [], []
@@ -219,17 +222,17 @@ class ServedModel:
                 xs.append(self._normalize(pixels, large=True))
                 have.append(mine)
             if not have:
-                return torch.empty(0, dtype=torch.long), torch.empty(0)
-            return torch.cat(have), torch.cat(xs)
+                return np.empty(0, dtype=np.int64), torch.empty(0)
+            return np.concatenate(have), torch.cat(xs)
 
         start = 0 if raw_start else self.bundle.split + 1
-        result = self.runner.run(x, start=start, state=state, rows=torch.arange(n), larger_input=larger_input)
+        result = self.runner.run(x, start=start, state=state, rows=np.arange(n), larger_input=larger_input)
         merged = result.merged()
         if merged is not None:
             large = merged.exit_index >= self.own_exits
-            own_stage = torch.tensor(self.runner.exit_stages)[merged.exit_index.clamp_max(self.own_exits - 1)]
+            own_stage = np.asarray(self.runner.exit_stages)[np.minimum(merged.exit_index, self.own_exits - 1)]
             probs[merged.rows] = merged.probs
-            exit_stage[merged.rows] = torch.where(large, self._large_stage, own_stage)
+            exit_stage[merged.rows] = np.where(large, self._large_stage, own_stage)
             by_large[merged.rows] = large
             done[merged.rows] = True
         for left in (result.escalate, result.pending):  # no raw input (or no larger network): best exit, degraded
@@ -248,7 +251,7 @@ class ServedModel:
         return self._answers(items, live, first_row, results, probs, exit_stage, by_large, degraded)
 
     def _answers(self, items, live, first_row, results, probs, exit_stage, by_large, degraded):
-        conf, label = probs.max(-1)
+        conf, label = probs.max(-1), probs.argmax(-1)
         large_name = larger_network_name(self.name)
         label_l, conf_l, stage_l = label.tolist(), conf.tolist(), exit_stage.tolist()
         large_l, degraded_l = by_large.tolist(), degraded.tolist()
@@ -264,9 +267,7 @@ class ServedModel:
                                    exit_index=stage_l[r], network=large_name if large_l[r] else self.name,
                                    degraded=degraded_l[r])
                 if item.want_probabilities:
-                    p, c = probs[r].topk(k)
-                    row.top_k.extend(pb.ClassScore(class_index=ci, probability=pi)
-                                     for ci, pi in zip(c.tolist(), p.tolist()))
+                    row.top_k.extend(pb.ClassScore(class_index=c, probability=p) for c, p in top_classes(probs[r], k))
                 rows.append(row)
             results[i] = rows
         return results

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from splitexit.edge.config import AgentConfig
 from splitexit.edge.results import Answer
 from splitexit.edge.transport import OffloadError
@@ -12,8 +14,6 @@ from splitexit.proto import inference_pb2 as pb
 from splitexit.status import status_name
 
 if TYPE_CHECKING:
-    import torch
-
     from splitexit.bundle import Bundle
 
 __all__ = ["AnswerMaker"]
@@ -31,27 +31,27 @@ class AnswerMaker:
     def _class_name(self, label: int) -> str | None:
         return self.bundle.classes[label] if 0 <= label < len(self.bundle.classes) else None
 
-    def edge(self, sample_id: str, k: int, probs: "torch.Tensor", latency_ms: float) -> Answer:
-        conf, label = probs.max(-1)
+    def edge(self, sample_id: str, k: int, probs: np.ndarray, latency_ms: float) -> Answer:
+        conf, label = probs.max(), probs.argmax()
         return Answer(sample_id=sample_id, label=int(label), class_name=self._class_name(int(label)),
                       confidence=float(conf), exit=self.stage(k), network=self.bundle.name, route="edge",
                       latency_ms=latency_ms, top_k=self._top_k(probs))
 
-    def _top_k(self, probs: "torch.Tensor") -> tuple[tuple[int, float], ...]:
+    def _top_k(self, probs: np.ndarray) -> tuple[tuple[int, float], ...]:
+        from splitexit.wire import top_classes
+
         if not self.config.want_probabilities:
             return ()
-        k = self.config.top_k or len(probs)
-        values, index = probs.topk(min(k, len(probs)))
-        return tuple(zip(index.tolist(), values.tolist()))
+        return top_classes(probs, self.config.top_k or len(probs))
 
-    def degraded(self, sample_id: str, fallback: tuple[int, "torch.Tensor | None", float], reason: str,
+    def degraded(self, sample_id: str, fallback: tuple[int, np.ndarray | None, float], reason: str,
                   latency_ms: float, *, spooled: bool) -> Answer:
         k, probs, _ = fallback
         if probs is None:  # no exit could run on this row on the edge: nothing to answer with
             return Answer(sample_id=sample_id, label=-1, class_name=None, confidence=0.0, exit=-1,
                           network=self.bundle.name, route="degraded", reason=reason, latency_ms=latency_ms,
                           spooled=spooled)
-        conf, label = probs.max(-1)
+        conf, label = probs.max(), probs.argmax()
         return Answer(sample_id=sample_id, label=int(label), class_name=self._class_name(int(label)),
                       confidence=float(conf), exit=self.stage(k), network=self.bundle.name, route="degraded",
                       reason=reason, latency_ms=latency_ms, spooled=spooled, top_k=self._top_k(probs))

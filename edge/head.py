@@ -1,8 +1,9 @@
 """The head of an edge bundle run on a batch, and the offloads it leaves (runs in a
 worker thread, off the event loop): inputs normalized, stages 0..split and their exits
-run (`ExitRunner`), each undecided row's own fallback answer noted, and the rows to
-offload packed into `InferRequest`s within the worker's limits (features, with a
-cascade's raw input; raw input alone for rows escalated on the edge)."""
+run (`ExitRunner` on the bundle's engine: ONNX Runtime segments or eager torch), each
+undecided row's own fallback answer noted, and the rows to offload packed into
+`InferRequest`s within the worker's limits (features, with a cascade's raw input; raw
+input alone for rows escalated on the edge). Torch-free unless the engine is torch's."""
 
 from __future__ import annotations
 
@@ -19,10 +20,8 @@ from splitexit.edge.transport import OffloadError
 from splitexit.proto import inference_pb2 as pb
 
 if TYPE_CHECKING:
-    import torch
-
-    from splitexit.bundle import Bundle
-    from splitexit.runtime import RowState
+    from splitexit.manifest import Bundle
+    from splitexit.runtime import Engine, RowState
     from splitexit.wire import WireError
 
 __all__ = ["EdgeHead", "Offload", "Prepared"]
@@ -45,8 +44,8 @@ class Offload:
 class Prepared:
     """The head's outcome for a batch (computed off the event loop)."""
 
-    edge: list[tuple[int, int, "torch.Tensor", int]]  # (position, ladder exit, probs, evaluated)
-    fallback: dict[int, tuple[int, "torch.Tensor | None", float]]  # position -> (ladder exit, probs, conf)
+    edge: list[tuple[int, int, np.ndarray, int]]  # (position, ladder exit, probs, evaluated)
+    fallback: dict[int, tuple[int, np.ndarray | None, float]]  # position -> (ladder exit, probs, conf)
     evaluated: list[int]
     offloads: list[Offload]
     prepare_ms: float
@@ -55,43 +54,41 @@ class Prepared:
 
 
 class EdgeHead:
-    """The bundle's head with its policy. `limits()` gives (rows, bytes) per request: the
-    configured ones, lowered by what the worker advertises."""
+    """The bundle's head with its policy, run by `engine` (default: torch on the bundle's
+    model). `limits()` gives (rows, bytes) per request: the configured ones, lowered by
+    what the worker advertises."""
 
-    def __init__(self, bundle: "Bundle", config: AgentConfig, limits: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, bundle: "Bundle", config: AgentConfig, limits: Callable[[], tuple[int, int]],
+                 engine: "Engine | None" = None) -> None:
         from splitexit.runtime import ExitRunner
 
         self.bundle = bundle
         self.config = config
         self.codec = config.codec or bundle.codec
         self._limits = limits
-        self.runner = ExitRunner(bundle.model, bundle.policy, num_classes=len(bundle.classes), network=bundle.network)
+        if engine is None:
+            from splitexit.runtime import TorchEngine
+
+            engine = TorchEngine(bundle.model)
+        self.engine: Engine = engine
+        self.runner = ExitRunner(engine, bundle.policy, num_classes=len(bundle.classes), network=bundle.network)
+        c = len(bundle.mean)
+        self._mean = np.asarray(bundle.mean, dtype=np.float32).reshape(1, c, 1, 1)
+        self._std = np.asarray(bundle.std, dtype=np.float32).reshape(1, c, 1, 1)
         self.exit_stages: tuple[int, ...] = bundle.manifest.exits
         self._fallback_exit = bundle.split if bundle.split in bundle.model.exit_points else None
         cascade = any(network != 0 for network in bundle.network)
         self._raw_with_features = cascade if config.raw_with_features is None else config.raw_with_features
 
-    def _inputs(self, inputs: Any) -> tuple["torch.Tensor", np.ndarray | None]:
-        """Normalized float inputs [B, C, H, W] and, when given as images, uint8 [B, H, W, C]."""
-        import torch
-
-        from splitexit.data import Normalize
-
+    def _inputs(self, inputs: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Normalized float32 inputs [B, C, H, W] and, when given as images, uint8 [B, H, W, C]."""
         c, h, w = self.bundle.input_shape
         if isinstance(inputs, (list, tuple)):
             if not inputs:
                 raise ValueError("no inputs")
             inputs = np.stack([np.asarray(i) for i in inputs])
-        if isinstance(inputs, torch.Tensor):
-            if inputs.dtype == torch.uint8:
-                inputs = inputs.cpu().numpy()
-            else:
-                x = inputs.detach().cpu().float()
-                if tuple(x.shape[1:]) != (c, h, w) or x.dim() != 4:
-                    raise ValueError(f"float inputs must be [B, {c}, {h}, {w}], got {list(x.shape)}")
-                if not bool(torch.isfinite(x).all()):
-                    raise ValueError("inputs hold NaN/inf values")
-                return x.contiguous(), None
+        if hasattr(inputs, "detach"):  # a torch tensor: its values
+            inputs = inputs.detach().cpu().numpy()
         if not isinstance(inputs, np.ndarray):
             raise ValueError(f"inputs must be a tensor, an array or a list of images, got {type(inputs).__name__}")
         if inputs.dtype == np.uint8:
@@ -99,19 +96,26 @@ class EdgeHead:
             if images.ndim != 4 or images.shape[1:] != (h, w, c):
                 raise ValueError(f"uint8 images must be [B, {h}, {w}, {c}], got {list(inputs.shape)}")
             images = np.ascontiguousarray(images)
-            return Normalize(self.bundle.mean, self.bundle.std)(torch.from_numpy(images)), images
+            return self._normalize(images), images
         if inputs.dtype.kind == "f":
-            return self._inputs(torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32)))
+            x = np.ascontiguousarray(inputs, dtype=np.float32)
+            if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
+                raise ValueError(f"float inputs must be [B, {c}, {h}, {w}], got {list(x.shape)}")
+            if not bool(np.isfinite(x).all()):
+                raise ValueError("inputs hold NaN/inf values")
+            return x, None
         raise ValueError(f"inputs must be uint8 images or float tensors, got {inputs.dtype}")
 
-    def _to_images(self, x: "torch.Tensor") -> np.ndarray:
-        """Undo the normalization of float inputs (for a cascade's raw input)."""
-        import torch
+    def _normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, C] -> float32 [B, C, H, W] with the bundle's mean/std (the
+        arithmetic of `splitexit.data.Normalize`, in numpy)."""
+        x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        return np.ascontiguousarray((x - self._mean) / self._std)
 
-        mean = torch.tensor(self.bundle.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.bundle.std).view(1, -1, 1, 1)
-        pixels = ((x * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1).contiguous().numpy()
+    def _to_images(self, x: np.ndarray) -> np.ndarray:
+        """Undo the normalization of float inputs (for a cascade's raw input)."""
+        pixels = np.clip(np.round((x * self._std + self._mean) * 255.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
     def _chunks(self, row_bytes: Sequence[int]) -> list[list[int]]:
         """Consecutive row groups within the row and byte limits per request (a row over
@@ -132,8 +136,6 @@ class EdgeHead:
         return groups
 
     def prepare(self, inputs: Any, ids: Sequence[str]) -> Prepared:
-        import torch
-
         from splitexit import wire
 
         t0 = time.perf_counter()
@@ -141,7 +143,7 @@ class EdgeHead:
         if len(ids) != len(x):
             raise ValueError(f"{len(ids)} sample ids for {len(x)} inputs")
         t1 = time.perf_counter()
-        result = self.runner.run(x, stop=self.bundle.split)
+        result = self.runner.run(self.engine.from_array(x), stop=self.bundle.split)
         t2 = time.perf_counter()
         evaluated = [0] * len(x)
         edge = []
@@ -149,23 +151,21 @@ class EdgeHead:
             for pos, probs, k, n in zip(a.rows.tolist(), a.probs, a.exit_index.tolist(), a.evaluated.tolist()):
                 edge.append((pos, k, probs, n))
                 evaluated[pos] = n
-        fallback: dict[int, tuple[int, torch.Tensor | None, float]] = {}
+        fallback: dict[int, tuple[int, np.ndarray | None, float]] = {}
         offloads: list[Offload] = []
         pending = result.pending
         if pending is not None:
             state = pending.state
-            missing = torch.nonzero(state.best_exit < 0).flatten()
+            missing = np.flatnonzero(state.best_exit < 0)
             if len(missing) and self._fallback_exit is not None:
                 # No exit ran on these rows yet (a policy that skips heads): the exit at the
                 # split can still answer from the feature, should the cloud fail.
-                with torch.inference_mode():
-                    logits = self.bundle.model.exit_logits(self._fallback_exit, pending.feature[missing])
-                probs = logits.float().softmax(-1)
+                probs = self.engine.exit_probs(self._fallback_exit, self.engine.take(pending.feature, missing))
                 # a copy: what the cloud receives stays what the edge's exits evaluated
-                state = replace(state, best_probs=state.best_probs.clone(), best_conf=state.best_conf.clone(),
-                                best_exit=state.best_exit.clone())
+                state = replace(state, best_probs=state.best_probs.copy(), best_conf=state.best_conf.copy(),
+                                best_exit=state.best_exit.copy())
                 state.best_probs[missing] = probs
-                state.best_conf[missing] = probs.max(-1).values
+                state.best_conf[missing] = probs.max(-1)
                 state.best_exit[missing] = self.exit_stages.index(self._fallback_exit)
             rows = pending.rows.tolist()
             self._note_fallbacks(rows, state, fallback, evaluated)
@@ -176,25 +176,24 @@ class EdgeHead:
                 raw = None
             row_bytes = [per_row + (len(raw[j]) + 16 if raw is not None else 0) for j in range(len(rows))]
             for group in self._chunks(row_bytes):
-                index = torch.tensor(group)
+                index = np.asarray(group)
                 with_raw = {} if raw is None else {"raw_items": [raw[g] for g in group],
                                                    "raw_format": self.config.raw_format}
                 offloads.append(self._build(
                     "feature", [rows[g] for g in group], group_bytes=sum(row_bytes[g] for g in group),
-                    feature=pending.feature[index], state=pending.state.take(index),
+                    feature=self.engine.take(pending.feature, index), state=pending.state.take(index),
                     sample_ids=[ids[rows[g]] for g in group], codec=self.codec, **with_raw))
         escalate = result.escalate
         if escalate is not None:
             rows = escalate.rows.tolist()
-            index = escalate.rows
             self._note_fallbacks(rows, escalate.state, fallback, evaluated)
-            items = self._raw_items(x, images, index)
+            items = self._raw_items(x, images, escalate.rows)
             if isinstance(items, wire.WireError):
                 error = OffloadError("INVALID_ARGUMENT", str(items), reason="encode_failed")
                 offloads.append(Offload(None, "raw", rows, error=error))
                 items = ()
             for group in self._chunks([len(item) + 16 for item in items]):
-                sub = torch.tensor(group)
+                sub = np.asarray(group)
                 offloads.append(self._build(
                     "raw", [rows[g] for g in group], group_bytes=sum(len(items[g]) + 16 for g in group),
                     feature=None, state=escalate.state.take(sub),
@@ -203,13 +202,13 @@ class EdgeHead:
         t3 = time.perf_counter()
         return Prepared(edge, fallback, evaluated, offloads, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
 
-    def _raw_items(self, x: "torch.Tensor", images: np.ndarray | None,
-                   rows: "torch.Tensor") -> "tuple[bytes, ...] | WireError":
+    def _raw_items(self, x: np.ndarray, images: np.ndarray | None,
+                   rows: np.ndarray) -> "tuple[bytes, ...] | WireError":
         """These rows' input encoded for RawInput (the images as given, or the normalized
         input turned back into pixels), or why it cannot be."""
         from splitexit import wire
 
-        pixels = images[rows.numpy()] if images is not None else self._to_images(x[rows])
+        pixels = images[rows] if images is not None else self._to_images(x[rows])
         try:
             return wire.encode_raw_input(pixels, self.config.raw_format)
         except wire.WireError as exc:

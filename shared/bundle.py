@@ -1,185 +1,34 @@
-"""Bundles: what an edge device and a cloud worker load.
-
-A bundle is a directory:
-    manifest.json       architecture, split, exits, policy, calibration, codec, hashes
-    edge.safetensors    stages 0..split and their exits (no cloud weights)
-    cloud.safetensors   stages split+1.. , their exits and the final head
-    large.safetensors   optional: the cascade's larger network (cloud side, raw input)
-
-The bundle hash is the SHA-256 of the canonical manifest (without its `hash` field), and
-the manifest holds every weight file's SHA-256: one hash names the whole bundle, both sides
-check it, and any change to a file or to the manifest is caught on load.
+"""Bundles with their torch weights: exporting one, and loading a side of it to run in
+torch (the cloud worker, the torch edge engine, planners). The manifest itself, its
+checks and the `Bundle` record are `splitexit.manifest` (torch-free); see there for the
+directory layout and the hashes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from splitexit.checkpoint import CheckpointMeta
 from splitexit.codec import CODECS
-from splitexit.models import ModelConfig, MultiExitNet, build_model
+from splitexit.manifest import (
+    FORMAT, MANIFEST, VERSION, Bundle, BundleError, LargeNetwork, Manifest, Part, WeightFile, sha256_file, checked_file,
+    manifest_hash,
+)
+from splitexit.manifest import read_manifest as _read_manifest
+from splitexit.models import MultiExitNet, build_model
 from splitexit.policies import ExitPolicy, PolicyError, policy_from_dict, policy_to_dict
 
-FORMAT = "splitexit-bundle"
-VERSION = 1
-MANIFEST = "manifest.json"
-Part = Literal["edge", "cloud"]
-
-
-class BundleError(ValueError):
-    """A bundle that is missing, corrupt, tampered with or does not fit."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest_hash(manifest: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    path: str  # relative to the bundle directory
-    sha256: str
-
-
-@dataclass(frozen=True)
-class LargeNetwork:
-    """The cascade's larger network as the manifest describes it (it runs on raw input)."""
-
-    model: ModelConfig
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Manifest:
-    """manifest.json, read and checked: what the bundle holds and where its halves meet.
-    `data` is the JSON as read, which the bundle hash covers."""
-
-    name: str
-    hash: str
-    model: ModelConfig
-    split: int  # the cut: stages 0..split run on the edge
-    exits: tuple[int, ...]  # stage index of each exit of this network's ladder, the final head last
-    edge_exits: tuple[int, ...]  # those at or before the split
-    cloud_exits: tuple[int, ...]
-    network: tuple[int, ...]  # network id per ladder exit (0 = this network, 1 = the cascade's larger one)
-    input_shape: tuple[int, ...]
-    feature_shape: tuple[int, ...]  # one sample's feature at the split (what an offload carries)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: tuple[str, ...]
-    policy: Mapping[str, Any]  # policy_to_dict's entry
-    calibration: Mapping[str, Any]
-    codec: str
-    files: Mapping[str, WeightFile]  # "edge", "cloud", optionally "large"
-    large: LargeNetwork | None
-    data: Mapping[str, Any]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "manifest") -> "Manifest":
-        """Raises BundleError naming the field that is missing or of the wrong type."""
-        def ints(value: Any) -> tuple[int, ...]:
-            return tuple(int(v) for v in value)
-
-        def floats(value: Any) -> tuple[float, ...]:
-            return tuple(float(v) for v in value)
-
-        field = "?"
-        try:
-            field = "model"
-            model = ModelConfig.from_dict(data["model"])
-            large = None
-            if "large" in data:
-                field = "large"
-                entry = data["large"]
-                large = LargeNetwork(ModelConfig.from_dict(entry["model"]), floats(entry["mean"]), floats(entry["std"]))
-            field = "files"
-            files = {part: WeightFile(str(f["path"]), str(f["sha256"])) for part, f in data["files"].items()}
-            values: dict[str, Any] = {}
-            for field, read in (("name", str), ("hash", str), ("split", int), ("exits", ints), ("edge_exits", ints),
-                                ("cloud_exits", ints), ("input_shape", ints), ("feature_shape", ints),
-                                ("mean", floats), ("std", floats), ("codec", str), ("policy", dict),
-                                ("calibration", dict)):
-                values[field] = read(data[field])
-            field = "classes"
-            values["classes"] = tuple(str(c) for c in data["classes"])
-            field = "ladder"
-            values["network"] = ints(data["ladder"]["network"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"{where}: bad or missing {field!r} ({type(exc).__name__}: {exc})") from exc
-        return cls(model=model, large=large, files=files, data=data, **values)
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """A loaded bundle part: the model (on the edge, only the stages it runs; see
-    `load_bundle`), its policy and everything the runtime needs to know."""
-
-    path: Path
-    manifest: Manifest
-    part: Part
-    model: MultiExitNet
-    policy: ExitPolicy
-    large: MultiExitNet | None = None  # the cascade's larger network (cloud part only)
-
-    @property
-    def hash(self) -> str:
-        return self.manifest.hash
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def split(self) -> int:
-        return self.manifest.split
-
-    @property
-    def codec(self) -> str:
-        return self.manifest.codec
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.manifest.input_shape
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        """Shape of one sample's feature at the split (what an offload carries)."""
-        return self.manifest.feature_shape
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return self.manifest.classes
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self.manifest.mean
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self.manifest.std
-
-    @property
-    def network(self) -> tuple[int, ...]:
-        """Network id per ladder exit (0 = this network, 1 = the cascade's larger one)."""
-        return self.manifest.network
+__all__ = [
+    "Bundle", "BundleError", "LargeNetwork", "Manifest", "NotOnThisSide", "Part", "WeightFile", "export_bundle",
+    "has_edge_weights", "load_bundle", "load_whole", "manifest_hash", "on_edge", "read_manifest",
+]
 
 
 class NotOnThisSide(torch.nn.Module):
@@ -252,7 +101,7 @@ def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *,
             files["large"] = "large.safetensors"
             manifest["large"] = {"model": large_meta.model.to_dict(), "mean": list(large_meta.mean),
                                  "std": list(large_meta.std)}
-        manifest["files"] = {part: {"path": f, "sha256": _sha256(tmp / f)} for part, f in files.items()}
+        manifest["files"] = {part: {"path": f, "sha256": sha256_file(tmp / f)} for part, f in files.items()}
         manifest["hash"] = manifest_hash(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if out.exists():
@@ -265,22 +114,13 @@ def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *,
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """The manifest, checked: format, version, its own hash and its fields."""
-    path = Path(path)
-    file = path / MANIFEST
-    if not file.is_file():
-        raise BundleError(f"{path}: not a bundle (no {MANIFEST})")
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{file}: unreadable manifest ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{file}: not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise BundleError(f"{file}: bundle version {manifest.get('version')!r}, this splitexit reads {VERSION}")
-    if manifest.get("hash") != manifest_hash(manifest):
-        raise BundleError(f"{file}: manifest hash mismatch (edited or corrupt)")
-    return Manifest.from_dict(manifest, str(file))
+    """The manifest, checked: format, version, its own hash and its fields, the network's
+    config included (`splitexit.manifest.read_manifest` checks all but that, without torch)."""
+    manifest = _read_manifest(path)
+    manifest.model  # noqa: B018 - parsed here so that a bad config fails on read
+    if manifest.large is not None:
+        manifest.large.model  # noqa: B018
+    return manifest
 
 
 def load_bundle(path: str | Path, part: Part, *, expect_hash: str | None = None) -> Bundle:
@@ -306,11 +146,7 @@ def load_bundle(path: str | Path, part: Part, *, expect_hash: str | None = None)
         entry = manifest.files.get(name)
         if entry is None:
             raise BundleError(f"{path}: the manifest lists no {name} weights")
-        file = path / entry.path
-        if not file.is_file():
-            raise BundleError(f"{file}: missing")
-        if _sha256(file) != entry.sha256:
-            raise BundleError(f"{file}: content hash mismatch (corrupt or replaced)")
+        file = checked_file(path, entry)
         try:
             return load_file(str(file))
         except Exception as exc:  # safetensors raises its own types

@@ -17,13 +17,14 @@ symmetric int8 code would leave its 128 negative levels unused; asymmetric uint8
 (zero_point in [-128, 127]; symmetric is zero_point = 0), which other senders may prefer.
 
 Bytes are little-endian in row-major order, never pickle. Decoding always returns a
-float32 CPU tensor (the tail runs in float32) and validates strictly: anything malformed
+float32 array (the tail runs in float32) and validates strictly: anything malformed
 raises `CodecError` (a ValueError) with a message a client can be shown, so a server maps
 it to INVALID_ARGUMENT and never crashes on it.
 
 `EncodedTensor` is the plain, grpc-free form; `to_proto` / `from_proto` convert to and from
-`splitexit.proto.inference_pb2.Tensor` (protobuf only). torch and the generated protobuf
-module are imported only where used, so `encoded_bytes` serves a planner without either.
+`splitexit.proto.inference_pb2.Tensor` (protobuf only). The codec is numpy: it takes torch
+tensors too (as arrays) but never imports torch, so the torch-free edge encodes with it; the
+generated protobuf module is imported only where used.
 """
 
 from __future__ import annotations
@@ -31,13 +32,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Collection, Literal, Sequence, get_args
+from typing import TYPE_CHECKING, Any, Collection, Literal, Sequence, get_args
 
 import numpy as np
 
-if TYPE_CHECKING:  # torch and protobuf only where a tensor is encoded or converted
-    import torch
-
+if TYPE_CHECKING:  # protobuf only where a tensor is converted
     from splitexit.proto import inference_pb2
 
 __all__ = [
@@ -277,65 +276,73 @@ def encoded_bytes(codec: CodecName, shape: Sequence[int]) -> int:
     raise CodecError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
 
 
-def encode(x: "torch.Tensor", codec: CodecName = "fp32") -> EncodedTensor:
-    """Encode a batch of features `x` [B, ...] (any float dtype, any device).
+def as_array(x: Any) -> np.ndarray:
+    """A CPU array of `x`: a numpy array as it is, a torch tensor's values (a view where it
+    can be), without importing torch here (the torch-free edge encodes numpy arrays)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if not x.is_floating_point():
+            raise CodecError(f"expected a floating-point tensor, got {x.dtype}")
+        return x.float().numpy()
+    if not isinstance(x, np.ndarray):
+        raise CodecError(f"expected an array or a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def encode(x: Any, codec: CodecName = "fp32") -> EncodedTensor:
+    """Encode a batch of features `x` [B, ...] (a float numpy array or torch tensor).
 
     Raises CodecError for an unknown codec, an empty or non-float tensor, NaN/inf values,
     values beyond float16's range with `fp16`, or a rank < 2 tensor with
     `int8-per-channel` (the channels are axis 1).
     """
-    import torch
-
     if codec not in CODECS:
         raise CodecError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
-    if not isinstance(x, torch.Tensor):
-        raise CodecError(f"expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise CodecError(f"expected a floating-point tensor, got {x.dtype}")
-    if not 1 <= x.dim() <= MAX_RANK or x.numel() == 0:
+    a = as_array(x)
+    if a.dtype.kind != "f":
+        raise CodecError(f"expected a floating-point tensor, got {a.dtype}")
+    if not 1 <= a.ndim <= MAX_RANK or a.size == 0:
         raise CodecError(
-            f"cannot encode shape {_fmt(x.shape)}: need rank 1..{MAX_RANK} (batch first), no empty dims"
+            f"cannot encode shape {_fmt(a.shape)}: need rank 1..{MAX_RANK} (batch first), no empty dims"
         )
-    x = x.detach().to("cpu", torch.float32).contiguous()  # [B, ...]
-    if not bool(torch.isfinite(x).all()):
-        raise CodecError(f"cannot encode {int((~torch.isfinite(x)).sum())} NaN/inf values (of {x.numel()})")
-    shape = tuple(x.shape)
+    a = np.ascontiguousarray(a, dtype=np.float32)  # [B, ...]
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise CodecError(f"cannot encode {int((~finite).sum())} NaN/inf values (of {a.size})")
+    shape = tuple(a.shape)
     if codec == "fp32":
-        return EncodedTensor(dtype="float32", shape=shape, data=x.numpy().astype("<f4", copy=False).tobytes())
+        return EncodedTensor(dtype="float32", shape=shape, data=a.astype("<f4", copy=False).tobytes())
     if codec == "fp16":
-        big = float(x.abs().max())
+        big = float(np.abs(a).max())
         if big > _FLOAT16_MAX:
             raise CodecError(
                 f"|x| up to {big:.4g} exceeds float16's range ({_FLOAT16_MAX:g}); use fp32 or int8"
             )
-        h = x.to(torch.float16)
-        return EncodedTensor(dtype="float16", shape=shape, data=h.numpy().astype("<f2", copy=False).tobytes())
+        return EncodedTensor(dtype="float16", shape=shape, data=a.astype("<f2").tobytes())
     if codec == "int8":
-        q, scale, zero_point = _quantize_uint8(x.reshape(1, -1))  # one "channel": the whole tensor
+        q, scale, zero_point = _quantize_uint8(a.reshape(1, -1))  # one "channel": the whole tensor
         quant = Quantization(scheme="per_tensor", scale=scale, zero_point=zero_point)
-        return EncodedTensor(dtype="uint8", shape=shape, data=q.numpy().tobytes(), quant=quant)
+        return EncodedTensor(dtype="uint8", shape=shape, data=q.tobytes(), quant=quant)
     # int8-per-channel, channels on axis 1
-    if x.dim() < 2:
+    if a.ndim < 2:
         raise CodecError(f"int8-per-channel needs a channel axis (rank >= 2), got shape {_fmt(shape)}")
     channels = shape[1]
-    per_channel = x.transpose(0, 1).reshape(channels, -1)  # [C, B*H*W]
+    per_channel = np.swapaxes(a, 0, 1).reshape(channels, -1)  # [C, B*H*W]
     q, scale, zero_point = _quantize_uint8(per_channel)
-    q = q.reshape(channels, shape[0], *shape[2:]).transpose(0, 1).contiguous()  # back to [B, C, ...]
+    q = np.ascontiguousarray(np.swapaxes(q.reshape(channels, shape[0], *shape[2:]), 0, 1))  # back to [B, C, ...]
     quant = Quantization(scheme="per_channel", axis=1, scale=scale, zero_point=zero_point)
-    return EncodedTensor(dtype="uint8", shape=shape, data=q.numpy().tobytes(), quant=quant)
+    return EncodedTensor(dtype="uint8", shape=shape, data=q.tobytes(), quant=quant)
 
 
-def _quantize_uint8(rows: "torch.Tensor") -> tuple["torch.Tensor", tuple[float, ...], tuple[int, ...]]:
-    """Asymmetric uint8 quantization of each row of `rows` [R, N] with its own range."""
-    import torch
-
-    lo = rows.amin(dim=1).clamp(max=0).double()  # [R]; the range always holds 0.0 ...
-    hi = rows.amax(dim=1).clamp(min=0).double()  # ... so zero padding stays exact
+def _quantize_uint8(rows: np.ndarray) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
+    """Asymmetric uint8 quantization of each row of `rows` [R, N] (float32) with its own range."""
+    lo = np.minimum(rows.min(axis=1), 0).astype(np.float64)  # [R]; the range always holds 0.0 ...
+    hi = np.maximum(rows.max(axis=1), 0).astype(np.float64)  # ... so zero padding stays exact
     # In float64: hi - lo overflows float32 for values near its limits.
-    scale = ((hi - lo) / 255).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant rows: any scale works
-    zero_point = (-lo / scale.double()).round().clamp(0, 255)  # [R]; lo <= 0, so in 0..255
-    q = (rows / scale[:, None]).round().add_(zero_point.float()[:, None]).clamp_(0, 255).to(torch.uint8)
+    scale = ((hi - lo) / 255).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0))  # constant rows: any scale works
+    zero_point = np.clip(np.round(-lo / scale.astype(np.float64)), 0, 255)  # [R]; lo <= 0, so in 0..255
+    q = np.clip(np.round(rows / scale[:, None]) + zero_point.astype(np.float32)[:, None], 0, 255).astype(np.uint8)
     return q, tuple(scale.tolist()), tuple(int(z) for z in zero_point.tolist())
 
 
@@ -345,8 +352,8 @@ def decode(
     expect_shape: Sequence[int] | None = None,
     codecs: Collection[str] | None = None,
     max_bytes: int | None = None,
-) -> "torch.Tensor":
-    """Validate and decode a wire tensor into a float32 CPU tensor [B, ...].
+) -> np.ndarray:
+    """Validate and decode a wire tensor into a float32 array [B, ...] (writable, owned).
 
     expect_shape: the shape without the batch dimension that the caller can run (a split
         point's feature shape); anything else is refused.
@@ -355,8 +362,6 @@ def decode(
 
     Raises CodecError with a message fit to send back to the client.
     """
-    import torch
-
     data = getattr(tensor, "data", None)
     if not isinstance(data, bytes):
         raise CodecError(f"expected an EncodedTensor or a Tensor message, got {type(tensor).__name__}")
@@ -379,7 +384,7 @@ def decode(
             raise CodecError(
                 f"{int((~finite).sum())} NaN/inf values in {t.dtype} data (first at flat index {first})"
             )
-        return torch.from_numpy(out)
+        return out
     q = t.quant
     # Parameters shaped to broadcast along their axis: [1, C, 1, 1] for per-channel axis 1.
     param_shape = [1] * len(t.shape)
@@ -391,5 +396,5 @@ def decode(
         out = (raw.astype(np.float32) - zero_point) * scale  # q - zp is exact in float32
     if not np.isfinite(out).all():
         raise CodecError(f"scale up to {max(q.scale):.4g} overflows float32 when dequantized")
-    return torch.from_numpy(out)
+    return out
 

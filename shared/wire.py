@@ -1,7 +1,7 @@
 """What the edge and the cloud put on the wire, in one place so the two sides never diverge.
 
 Both the edge agent and the cloud worker import this module (it is part of the shared
-core and imports no grpc; protobuf, torch and Pillow only where used).
+core and imports neither grpc nor torch; protobuf and Pillow only where used).
 
 Policy state (`InferRequest.policy_state`, map name -> Tensor)
 -----------------------------------------------------------------
@@ -121,7 +121,7 @@ class StateField:
     """One entry of a policy's per-row state as the receiver expects it."""
 
     name: str
-    dtype: "torch.dtype"  # what the runner works with
+    dtype: np.dtype  # what the runner works with
     row_shape: tuple[int, ...]  # shape of one row (without the batch dimension)
     required: bool  # False for the BEST_* entries
 
@@ -130,19 +130,25 @@ def state_spec(runner: Any) -> dict[str, StateField]:
     """Names, dtypes and per-row shapes of an `ExitRunner`'s state (policy + runtime)."""
     reference = runner.initial_state(1).to_wire()
     return {
-        name: StateField(name=name, dtype=value.dtype, row_shape=tuple(value.shape[1:]),
+        name: StateField(name=name, dtype=np.dtype(value.dtype), row_shape=tuple(value.shape[1:]),
                          required=name not in BEST_STATE)
         for name, value in reference.items()
     }
 
 
-def _is_integer(dtype: "torch.dtype") -> bool:
-    import torch
-
-    return dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex)
+def _is_integer(dtype: np.dtype) -> bool:
+    return dtype.kind in "biu"
 
 
-def encode_policy_state(state: "RowState | Mapping[str, torch.Tensor]", *, rows: int | None = None,
+def _state_array(name: str, value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor (tests and older callers), as an array
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise StateError(f"policy state {name!r} is a {type(value).__name__}, not an array")
+    return value
+
+
+def encode_policy_state(state: "RowState | Mapping[str, np.ndarray]", *, rows: int | None = None,
                         include_best: bool = False) -> dict[str, EncodedTensor]:
     """Per-row state -> wire tensors (see the module docstring for the format): a
     RowState, or entries already named as on the wire.
@@ -153,67 +159,61 @@ def encode_policy_state(state: "RowState | Mapping[str, torch.Tensor]", *, rows:
     Raises StateError for an empty entry, a batch mismatch, NaN/inf or an integer beyond
     MAX_EXACT_INT.
     """
-    import torch
-
     entries = state if isinstance(state, Mapping) else state.to_wire()
     out: dict[str, EncodedTensor] = {}
     for name, value in entries.items():
         if name in BEST_STATE and not include_best:
             continue
-        if not isinstance(value, torch.Tensor):
-            raise StateError(f"policy state {name!r} is a {type(value).__name__}, not a tensor")
-        if value.dim() == 0 or value.numel() == 0:
+        value = _state_array(name, value)
+        if value.ndim == 0 or value.size == 0:
             raise StateError(f"policy state {name!r} has shape {list(value.shape)}: needs [B, ...] with B >= 1")
         rows = value.shape[0] if rows is None else rows
         if value.shape[0] != rows:
             raise StateError(f"policy state {name!r} has {value.shape[0]} rows, expected {rows}")
-        value = value.detach().cpu()
-        if value.dtype == torch.float64:
-            if not bool(torch.isfinite(value).all()):
+        if value.dtype == np.float64:
+            if not bool(np.isfinite(value).all()):
                 raise StateError(f"policy state {name!r} holds NaN/inf")
-            raw = value.contiguous().numpy().astype("<f8", copy=False).tobytes()
+            raw = np.ascontiguousarray(value).astype("<f8", copy=False).tobytes()
             out[name] = EncodedTensor(dtype="uint8", shape=(*value.shape, 8), data=raw, quant=_BYTES_QUANT)
             continue
         if _is_integer(value.dtype):
-            value = value.long()
-            if value.numel() and int(value.abs().max()) > MAX_EXACT_INT:
+            value = value.astype(np.int64)
+            if value.size and int(np.abs(value).max()) > MAX_EXACT_INT:
                 raise StateError(f"policy state {name!r} holds integers beyond {MAX_EXACT_INT} (not exact in float32)")
         try:
-            out[name] = encode(value.float(), "fp32")
+            out[name] = encode(value.astype(np.float32), "fp32")
         except CodecError as exc:
             raise StateError(f"policy state {name!r}: {exc}") from exc
     return out
 
 
 def decode_policy_state(received: Mapping[str, "EncodedTensor | inference_pb2.Tensor"],
-                        spec: Mapping[str, StateField], *, rows: int) -> dict[str, "torch.Tensor"]:
+                        spec: Mapping[str, StateField], *, rows: int) -> dict[str, np.ndarray]:
     """Validate and decode received policy state against `spec` (from `state_spec`).
 
-    Returns tensors of the spec's dtypes, [rows, *row_shape] each. Entries the spec marks
+    Returns arrays of the spec's dtypes, [rows, *row_shape] each. Entries the spec marks
     optional may be absent. Raises StateError (a ValueError) with a message fit for the
     client: unknown or missing names, wrong shape, dtype or size, NaN/inf, a non-integral
     or out-of-range value in an integer entry.
     """
-    import torch
-
     unknown = sorted(set(received) - set(spec))
     if unknown:
         raise StateError(f"unknown policy state {unknown[:4]}; this policy's state is {sorted(spec)}")
     missing = sorted(n for n, f in spec.items() if f.required and n not in received)
     if missing:
         raise StateError(f"policy state is missing {missing}")
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, np.ndarray] = {}
     for name, tensor in received.items():
         field_ = spec[name]
         want = (rows, *field_.row_shape)
         try:
             t = tensor if isinstance(tensor, EncodedTensor) else EncodedTensor.from_proto(tensor)
-            if field_.dtype == torch.float64 and t.dtype == "uint8":
+            if field_.dtype == np.float64 and t.dtype == "uint8":
                 if t.shape != (*want, 8) or t.quant is None or t.quant.scale != (1.0,) or t.quant.zero_point != (0,):
                     raise StateError(f"policy state {name!r}: float64 bytes must be uint8 {list(want) + [8]} "
                                      f"with scale 1 and zero point 0, got {t.dtype} {list(t.shape)}")
-                value = torch.from_numpy(np.frombuffer(t.data, dtype="<f8").reshape(want).copy())
-                if not bool(torch.isfinite(value).all()):
+                value = np.frombuffer(t.data, dtype="<f8").reshape(want).astype(np.float64)
+                if not bool(np.isfinite(value).all()):
                     raise StateError(f"policy state {name!r} holds NaN/inf")
                 out[name] = value
                 continue
@@ -225,16 +225,16 @@ def decode_policy_state(received: Mapping[str, "EncodedTensor | inference_pb2.Te
         except CodecError as exc:
             raise StateError(f"policy state {name!r}: {exc}") from exc
         if _is_integer(field_.dtype):
-            if not bool((value == value.round()).all()) or (value.numel() and float(value.abs().max()) > MAX_EXACT_INT):
+            if not bool((value == np.round(value)).all()) or (value.size and float(np.abs(value).max()) > MAX_EXACT_INT):
                 raise StateError(f"policy state {name!r} must hold integers of magnitude <= {MAX_EXACT_INT}")
-            if field_.dtype == torch.bool and not bool(((value == 0) | (value == 1)).all()):
+            if field_.dtype == np.bool_ and not bool(((value == 0) | (value == 1)).all()):
                 raise StateError(f"policy state {name!r} must hold 0 or 1")
-        out[name] = value.to(field_.dtype)
+        out[name] = value.astype(field_.dtype)
     return out
 
 
 # --- raw input ---------------------------------------------------------------------------
-def encode_raw_input(images: "torch.Tensor | np.ndarray", fmt: str = "png", *, quality: int = 90) -> tuple[bytes, ...]:
+def encode_raw_input(images: np.ndarray, fmt: str = "png", *, quality: int = 90) -> tuple[bytes, ...]:
     """uint8 images [B, H, W, C] (C = 1 or 3) -> one encoded item per row in `fmt`."""
     from PIL import Image
 
@@ -255,13 +255,12 @@ def encode_raw_input(images: "torch.Tensor | np.ndarray", fmt: str = "png", *, q
 
 
 def decode_raw_input(fmt: str, items: Sequence[bytes], input_shape: Sequence[int], *,
-                     formats: Collection[str] = RAW_FORMATS, max_item_bytes: int | None = None) -> "torch.Tensor":
+                     formats: Collection[str] = RAW_FORMATS, max_item_bytes: int | None = None) -> np.ndarray:
     """Validate and decode RawInput items into uint8 [B, H, W, C] for an input [C, H, W].
 
     Raises WireError for an unaccepted format, an item that is not an image of that
     format, or one whose size or channels differ from `input_shape`.
     """
-    import torch
     from PIL import Image
 
     c, h, w = (int(d) for d in input_shape)
@@ -288,10 +287,18 @@ def decode_raw_input(fmt: str, items: Sequence[bytes], input_shape: Sequence[int
         except Exception as exc:  # Pillow raises many types on corrupt data; all mean "unreadable"
             raise WireError(f"raw input item {i} is not a readable {fmt} image ({type(exc).__name__})") from None
         out[i] = pixels.reshape(h, w, c)
-    return torch.from_numpy(out)
+    return out
 
 
 # --- requests and responses --------------------------------------------------------------
+def top_classes(probs: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The k most probable (class, probability) of one row, most probable first; ties go
+    to the lower class (a stable order, the same on the edge and the worker)."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return tuple((int(c), float(probs[c])) for c in order)
+
+
+
 def edge_exit_infos(state: "RowState", exit_stages: Sequence[int]) -> list["inference_pb2.EdgeExitInfo"]:
     """EdgeExitInfo per row from the runtime's state after the edge ran.
 
@@ -312,7 +319,7 @@ def edge_exit_infos(state: "RowState", exit_stages: Sequence[int]) -> list["infe
     return infos
 
 
-def build_request(bundle: Any = None, feature: "torch.Tensor | None" = None, state: "RowState | None" = None,
+def build_request(bundle: Any = None, feature: Any = None, state: "RowState | None" = None,
                   sample_ids: Sequence[str] = (), *, codec: CodecName | str | None = None,
                   bundle_hash: str | None = None, model: str | None = None, split: int | None = None,
                   request_id: str | None = None, include_best: bool = False, edge_exits: bool = True,
@@ -322,7 +329,8 @@ def build_request(bundle: Any = None, feature: "torch.Tensor | None" = None, sta
 
     bundle: a loaded `splitexit.bundle.Bundle` (either part); its hash, name, split and
         codec are the defaults of bundle_hash, model, split and codec.
-    feature: [B, ...] output of stage `split` (None: a raw-input-only request).
+    feature: [B, ...] output of stage `split`, an array or a torch tensor (None: a
+        raw-input-only request).
     state: the runner's per-row state for those rows (`Pending.state`); None = fresh.
         Its BEST_* entries travel with include_best.
     sample_ids: B ids (default: "0".."B-1").

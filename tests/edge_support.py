@@ -135,12 +135,12 @@ class TailHandler:
                     for i, s in enumerate(request.sample_ids)]
             return pb.InferResponse(request_id=request.request_id, rows=rows, worker_id=self.worker_id)
         try:
-            feature = decode(request.feature, expect_shape=self.bundle.feature_shape)
+            feature = torch.from_numpy(decode(request.feature, expect_shape=self.bundle.feature_shape))
             entries = wire.decode_policy_state(request.policy_state, self.spec, rows=n)
             state = RowState.from_wire(entries, self.runner.initial_state(n))
         except (CodecError, wire.WireError) as exc:
             raise StatusError("INVALID_ARGUMENT", str(exc)) from None
-        result = self.runner.run(feature, start=self.bundle.split + 1, state=state, rows=torch.arange(n))
+        result = self.runner.run(feature, start=self.bundle.split + 1, state=state, rows=np.arange(n))
         merged = result.merged()
         by_row = {}
         for row, probs, k in zip(merged.rows.tolist(), merged.probs, merged.exit_index.tolist()):

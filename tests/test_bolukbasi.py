@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from splitexit.policies import POLICIES, Bolukbasi, Ladder, PolicyError, policy_from_dict, policy_to_dict, simulate
 from splitexit.policies.bolukbasi import (
@@ -39,11 +38,11 @@ def synthetic_cascade(n: int = 2000, seed: int = 3) -> tuple[np.ndarray, np.ndar
 
 
 def test_features_are_sorted_probabilities_entropy_and_margins() -> None:
-    f = exit_features(torch.tensor([[0.1, 0.7, 0.2]]))
+    f = exit_features(np.array([[0.1, 0.7, 0.2]], dtype=np.float32))
     h = -(0.1 * math.log(0.1) + 0.7 * math.log(0.7) + 0.2 * math.log(0.2)) / math.log(3)
     expected = [0.7, 0.2, 0.1, h, 0.5, math.log(3.5)]
     assert f.shape == (1, 6) and f[0].tolist() == pytest.approx(expected, rel=1e-5)
-    assert exit_features(torch.tensor([[0.4, 0.6]])).shape == (1, 6)  # fewer classes than top_k
+    assert exit_features(np.array([[0.4, 0.6]], dtype=np.float32)).shape == (1, 6)  # fewer classes than top_k
 
 
 def test_lambda_zero_never_loses_accuracy_to_the_final_exit() -> None:
@@ -226,7 +225,7 @@ def test_bad_parameters_are_refused() -> None:
         stack_cascade(probs[:3], probs[3, :10])
     policy = Bolukbasi.fit(probs, labels, LADDER, 0.1)
     with pytest.raises(PolicyError, match="fit for 4 exits"):
-        policy.decide(5, torch.tensor(probs[0]), {})
+        policy.decide(5, probs[0], {})
 
 
 def test_nll_loss_is_supported_and_recorded() -> None:

@@ -108,7 +108,7 @@ def _unsplit(model, policy, x, *, network=None, large=None, large_x=None) -> dic
     if result.escalate is not None:
         rows = result.escalate.rows
         with torch.no_grad():
-            probs = large(large_x[rows]).softmax(-1)
+            probs = large(large_x[torch.from_numpy(rows)]).softmax(-1).numpy()
         sub = result.escalate.state.policy
         decision, _ = step(policy, runner.num_exits - 1, probs, sub, runner.num_exits)
         for r, answer in zip(rows.tolist(), decision.answer):

@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from splitexit.policies import (
     POLICIES, Ladder, MSDNetBudget, PolicyError, policy_from_dict, policy_to_dict, sequential_thresholds, simulate,
@@ -58,7 +57,7 @@ def test_decide_refuses_outputs_it_was_not_fit_for() -> None:
     with pytest.raises(PolicyError, match="2 classes"):
         policy.init_state(4, 3)
     with pytest.raises(PolicyError, match="2 classes"):
-        policy.decide(0, torch.full((4, 3), 1 / 3), policy.init_state(4, 2))
+        policy.decide(0, np.full((4, 3), 1 / 3, dtype=np.float32), policy.init_state(4, 2))
     with pytest.raises(PolicyError, match="entries"):
         EENet(score_weights=((0.0,) * 4, (0.0,) * 4), thresholds=(0.0, -math.inf))
 
@@ -139,12 +138,12 @@ def test_refuses_impossible_budget_and_bad_outputs() -> None:
 
 def test_cost_term_units_match_the_authors_run() -> None:
     # CIFAR-10, ResNet-56, 3 exits at (2.31, 4.15, 4.93) ms, budget 2.5 ms → π ≈ (0.88, 0.09, 0.03)
-    costs = torch.tensor([2.31, 4.15, 4.93], dtype=torch.float64)
-    pi = torch.tensor([[0.88, 0.09, 0.03]], dtype=torch.float64)
+    costs = np.array([2.31, 4.15, 4.93])
+    pi = np.array([[0.88, 0.09, 0.03]])
     assert expected_cost(pi, costs.tolist()) == pytest.approx(2.5, rel=0.03)
     gap = float(cost_term(pi, costs, 2.5))
     assert gap < 0.03
     # unit-free: the same gap in costs normalized by the last exit's, as the fit trains with
     assert float(cost_term(pi, costs / 4.93, 2.5 / 4.93)) == pytest.approx(gap)
     # an assignment that sends everyone to the last exit is far over budget
-    assert float(cost_term(torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64), costs, 2.5)) > 0.9
+    assert float(cost_term(np.array([[0.0, 0.0, 1.0]]), costs, 2.5)) > 0.9

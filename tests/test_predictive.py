@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from splitexit.energy import get_board
 from splitexit.policies import POLICIES, Ladder, MaxProb, PolicyError, policy_from_dict, policy_to_dict, simulate
@@ -21,7 +20,7 @@ UNIFORM = np.full(C, 1.0 / C, dtype=np.float32)
 CONFIDENT = np.eye(C, dtype=np.float32)[3] * 0.96 + 0.004  # max-prob 0.964, class 3
 # softmax([2, 1, 0, 0, 1]): by hand, circular [1,1,1] rounds give logits [4,3,1,1,3],
 # [10,8,5,5,8], [26,23,18,18,23] -> max-prob 0.545, 0.779, 0.909 (raw: 0.498)
-MEDIUM = torch.tensor([2.0, 1.0, 0.0, 0.0, 1.0]).softmax(-1)
+MEDIUM = (np.exp([2.0, 1.0, 0.0, 0.0, 1.0]) / np.exp([2.0, 1.0, 0.0, 0.0, 1.0]).sum()).astype(np.float32)
 
 
 def outputs(*rows: list[np.ndarray]) -> np.ndarray:
@@ -54,7 +53,7 @@ class Recording:
     def init_state(self, rows: int, num_classes: int) -> State:
         return self.inner.init_state(rows, num_classes)
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
         self.seen.append(k)
         return self.inner.decide(k, probs, state)
 
@@ -63,7 +62,7 @@ class Recording:
 
 
 def test_prediction_engine_on_hand_made_probs() -> None:
-    p = torch.tensor(np.stack([UNIFORM, CONFIDENT]))
+    p = np.stack([UNIFORM, CONFIDENT])
     assert predict_rounds(p, 0.9).tolist() == [8, 0]  # uniform never passes: the longest jump
     assert predict_rounds(p, 0.9, max_rounds=3).tolist() == [3, 0]
     medium = MEDIUM[None, :]
@@ -158,7 +157,7 @@ def test_dvfs_lowers_the_clock_for_a_long_jump() -> None:
     k = 10
     # five classes, so MEDIUM is the hand-computed case: 3 rounds at threshold 0.9; confident at exit 3
     uniform, confident = np.full(5, 0.2, dtype=np.float32), np.array([0.96, 0.01, 0.01, 0.01, 0.01], np.float32)
-    probs = outputs([MEDIUM.numpy()] + [uniform] * 2 + [confident] * 7)
+    probs = outputs([MEDIUM] + [uniform] * 2 + [confident] * 7)
     policy = Predictive(step_ms=(1.0,) * k, head_ms=(1.0,) * k, threshold=0.9)
     out = simulate_predictive(policy, probs)
     assert out.exit_index.tolist() == [3] and out.head_evals.tolist() == [2]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 
 from splitexit.policies.base import Decision, PolicyError, State
 
@@ -27,13 +26,13 @@ Statistic = Literal["maxprob", "margin", "maxprob_std"]
 STATISTICS: tuple[Statistic, ...] = ("maxprob", "margin", "maxprob_std")
 
 
-def confidence(probs: torch.Tensor | np.ndarray, statistic: Statistic) -> torch.Tensor:
+def confidence(probs: np.ndarray, statistic: Statistic) -> np.ndarray:
     """conf(x) per row for a statistic (the margin for "margin", max-prob otherwise)."""
-    p = torch.as_tensor(probs)
+    p = np.asarray(probs)
     if statistic == "margin":
-        top2 = p.topk(2, dim=-1).values
-        return top2[..., 0] - top2[..., 1]
-    return p.amax(-1)  # not max(-1): its indices would cost a pass and an op
+        top2 = np.partition(p, p.shape[-1] - 2, axis=-1)[..., -2:]
+        return top2[..., 1] - top2[..., 0]
+    return p.max(-1)
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class BoFBeta:
     def init_state(self, rows: int, num_classes: int) -> State:
         return {}
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
         return Decision(confidence(probs, self.statistic) > self.threshold(k)), state
 
     def with_beta(self, beta: float) -> "BoFBeta":
@@ -81,8 +80,8 @@ class BoFBeta:
         """μ_k, σ_k from exit outputs [K, N, C] on training samples (~5,000 of them)."""
         if statistic not in STATISTICS:
             raise PolicyError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
-        conf = confidence(np.asarray(train_probs), statistic).double()  # [K, N]
-        return cls(beta=float(beta), mean=tuple(conf.mean(1).tolist()), std=tuple(conf.std(1).tolist()),
+        conf = confidence(np.asarray(train_probs), statistic).astype(np.float64)  # [K, N]
+        return cls(beta=float(beta), mean=tuple(conf.mean(1).tolist()), std=tuple(conf.std(1, ddof=1).tolist()),
                    statistic=statistic)
 
     def beta_range(self) -> tuple[float, float]:

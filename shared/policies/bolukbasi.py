@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import numpy as np
-import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
@@ -64,36 +63,38 @@ def num_features(top_k: int) -> int:
     return top_k + 3
 
 
-def exit_features(probs: torch.Tensor, top_k: int = 3) -> torch.Tensor:
+def exit_features(probs: np.ndarray, top_k: int = 3) -> np.ndarray:
     """features [B, top_k + 3] (float32) of one exit's probabilities [B, C]."""
-    p = torch.as_tensor(probs).to(torch.float32)
+    p = np.asarray(probs, dtype=np.float32)
     rows, classes = p.shape
-    ranked = p.topk(min(max(top_k, 2), classes), dim=-1).values  # [B, <=max(top_k, 2)], descending
-    if ranked.shape[1] < max(top_k, 2):  # fewer classes than features: the missing ones have no mass
-        ranked = torch.cat([ranked, ranked.new_zeros(rows, max(top_k, 2) - ranked.shape[1])], -1)
+    width = max(top_k, 2)
+    ranked = -np.sort(-p, axis=-1)[:, :width]  # [B, <=width], descending
+    if ranked.shape[1] < width:  # fewer classes than features: the missing ones have no mass
+        ranked = np.concatenate([ranked, np.zeros((rows, width - ranked.shape[1]), np.float32)], -1)
     top, second = ranked[:, :top_k], ranked[:, 1]
-    h = entropy(p) / math.log(classes) if classes > 1 else torch.zeros(rows)
-    log_ratio = top[:, 0].clamp_min(_LOG_FLOOR).log() - second.clamp_min(_LOG_FLOOR).log()
-    return torch.cat([top, h[:, None], (top[:, 0] - second)[:, None], log_ratio[:, None]], -1)
+    h = entropy(p) / np.float32(math.log(classes)) if classes > 1 else np.zeros(rows, np.float32)
+    floor = np.float32(_LOG_FLOOR)
+    log_ratio = np.log(np.maximum(top[:, 0], floor)) - np.log(np.maximum(second, floor))
+    return np.concatenate([top, h[:, None], (top[:, 0] - second)[:, None], log_ratio[:, None]], -1)
 
 
-def _score(features: torch.Tensor, coef: Sequence[float], intercept: float) -> torch.Tensor:
+def _score(features: np.ndarray, coef: Sequence[float], intercept: float) -> np.ndarray:
     """The classifier's logit per row, float64 so that thresholds (midpoints between float32
     scores) compare exactly. Row-wise sum, not a matmul: a row's score must not depend on
     which other rows share its batch, or the runtime could disagree with the fit."""
-    w = torch.tensor(coef, dtype=torch.float32)
-    return ((features * w).sum(-1) + torch.tensor(intercept, dtype=torch.float32)).double()
+    w = np.asarray(coef, dtype=np.float32)
+    return ((features * w).sum(-1) + np.float32(intercept)).astype(np.float64)
 
 
-def exit_losses(probs: np.ndarray | torch.Tensor, labels: np.ndarray, loss: Loss = "zero_one") -> np.ndarray:
-    """loss(ŷ_k, y) per exit and row, [K, N] float64; argmax in float32 torch, as `simulate`."""
-    p = torch.as_tensor(np.asarray(probs), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+def exit_losses(probs: np.ndarray, labels: np.ndarray, loss: Loss = "zero_one") -> np.ndarray:
+    """loss(ŷ_k, y) per exit and row, [K, N] float64; argmax in float32, as `simulate`."""
+    p = np.asarray(probs, dtype=np.float32)
+    y = np.asarray(labels, dtype=np.int64)
     if loss == "zero_one":
-        return (p.argmax(-1) != y).double().numpy()
+        return (p.argmax(-1) != y).astype(np.float64)
     if loss == "nll":
-        picked = p.gather(-1, y.expand(p.shape[0], -1)[..., None])[..., 0]
-        return (-picked.double().clamp_min(1e-12).log()).numpy()
+        picked = np.take_along_axis(p, np.broadcast_to(y, p.shape[:-1])[..., None], -1)[..., 0]
+        return -np.log(np.maximum(picked.astype(np.float64), 1e-12))
     raise PolicyError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
@@ -183,7 +184,7 @@ def _choose_threshold(scores: np.ndarray, c_yes: np.ndarray, c_no: np.ndarray, m
     return 0.0
 
 
-def _fit_choice(features: torch.Tensor, c_yes: np.ndarray, c_no: np.ndarray, *, C: float,
+def _fit_choice(features: np.ndarray, c_yes: np.ndarray, c_no: np.ndarray, *, C: float,
                 thresholds: ThresholdMode, max_iter: int) -> _Choice:
     """Weighted binary classifier: label 1[c_yes <= c_no], weight |c_yes - c_no|."""
     label = c_yes <= c_no
@@ -195,7 +196,7 @@ def _fit_choice(features: torch.Tensor, c_yes: np.ndarray, c_no: np.ndarray, *, 
         always = bool(label[used].all()) if used.any() else True
         threshold = -np.inf if always else np.inf
         return _Choice((0.0,) * f, 0.0, threshold, np.full(len(label), always))
-    x = features.numpy().astype(np.float64)[used]
+    x = features.astype(np.float64)[used]
     w = weight[used] / weight[used].mean()  # so that C means the same at every λ
     # standardized features, so that C's L2 penalty weighs every feature alike (top
     # probabilities near 1 barely vary; the log-ratio spans tens). One that hardly varies
@@ -211,7 +212,7 @@ def _fit_choice(features: torch.Tensor, c_yes: np.ndarray, c_no: np.ndarray, *, 
     raw = model.coef_[0] / std
     coef = tuple(float(v) for v in raw)
     intercept = float(model.intercept_[0] - raw @ mean)
-    scores = _score(features, coef, intercept).numpy()
+    scores = _score(features, coef, intercept)
     threshold = _choose_threshold(scores, c_yes, c_no, thresholds)
     return _Choice(coef, intercept, threshold, scores > threshold)
 
@@ -220,7 +221,7 @@ def _fit_choice(features: torch.Tensor, c_yes: np.ndarray, c_no: np.ndarray, *, 
 class _Prepared:
     """What every λ of a sweep shares: features and losses of the fitting set."""
 
-    features: tuple[torch.Tensor, ...]  # per exit, [N, F] float32
+    features: tuple[np.ndarray, ...]  # per exit, [N, F] float32
     losses: np.ndarray  # [K, N]
     ladder: Ladder
     jumps: tuple[int, ...]
@@ -247,7 +248,7 @@ def _prepare(probs: np.ndarray, labels: np.ndarray, ladder: Ladder, top_k: int, 
         raise PolicyError("probs contain NaN or inf")
     if top_k < 1:
         raise PolicyError(f"top_k must be >= 1, got {top_k}")
-    t = torch.as_tensor(p, dtype=torch.float32)
+    t = p.astype(np.float32)
     return _Prepared(features=tuple(exit_features(t[i], top_k) for i in range(k)),
                      losses=exit_losses(t, y, loss), ladder=ladder, jumps=jump_targets(ladder),
                      scale=_cost_scale(ladder), top_k=top_k, loss=loss)
@@ -326,10 +327,10 @@ class Bolukbasi:
     def init_state(self, rows: int, num_classes: int) -> State:
         return {}
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
         rows = probs.shape[0]
         if k == self.num_exits - 1:
-            return Decision(torch.ones(rows, dtype=torch.bool)), state
+            return Decision(np.ones(rows, dtype=bool)), state
         if not 0 <= k < self.num_exits:
             raise PolicyError(f"exit {k} out of range: this policy was fit for {self.num_exits} exits")
         features = exit_features(probs, self.top_k)
@@ -338,7 +339,7 @@ class Bolukbasi:
         if target == NO_JUMP:
             return Decision(exits), state
         jump = _score(features, self.jump_coef[k], self.jump_intercept[k]) > self.jump_threshold[k]
-        next_exit = torch.where(jump, torch.tensor(target), torch.tensor(k + 1))
+        next_exit = np.where(jump, target, k + 1)
         return Decision(exits, next_exit=next_exit), state
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
-import torch
 
 from splitexit.policies.base import Decision, ExitPolicy, Ladder, PolicyError, State, simulate
 
@@ -65,8 +64,8 @@ class MSDNetBudget:
     def init_state(self, rows: int, num_classes: int) -> State:
         return {}
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
-        return Decision(probs.max(-1).values >= self.thresholds[k]), state
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
+        return Decision(probs.max(-1) >= self.thresholds[k]), state
 
     def to_dict(self) -> dict[str, Any]:
         # ±inf are not JSON: store them as strings

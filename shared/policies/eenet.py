@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from splitexit.policies.base import Decision, Ladder, PolicyError, State, simulate
+from splitexit.policies.base import Decision, Ladder, PolicyError, State, as_probs, simulate
 from splitexit.policies.budget import check_budget, sequential_thresholds
 from splitexit.policies.rules import entropy
+
+if TYPE_CHECKING:  # torch only trains the scheduler (`fit`); the rule itself is numpy
+    import torch
 
 Vector = tuple[float, ...]
 Matrix = tuple[Vector, ...]
@@ -80,32 +81,43 @@ class EENetConfig:
             raise PolicyError(f"EENetConfig.hidden_ratio must be in (0, 4], got {self.hidden_ratio}")
 
 
-def base_features(probs: torch.Tensor) -> torch.Tensor:
+def base_features(probs: np.ndarray) -> np.ndarray:
     """[..., C] → [..., C + 2]: p_k, m_k, 1 − η_k (the part of X_k that is not earlier scores)."""
-    num_classes = probs.shape[-1]
-    conf = probs.max(-1, keepdim=True).values
-    eta = entropy(probs).unsqueeze(-1) / math.log(num_classes)
-    return torch.cat([probs, conf, 1 - eta], -1)
+    p = np.asarray(probs, dtype=np.float32)
+    conf = p.max(-1, keepdims=True)
+    eta = entropy(p)[..., None] / np.float32(math.log(p.shape[-1]))
+    return np.concatenate([p, conf, 1 - eta], -1)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _linear(x: Any, w: Any) -> Any:
     # a product-and-sum per row, not a matmul: a row's score must not depend on which
     # other rows share its batch (BLAS picks kernels by shape), or a row sitting on a
-    # threshold could exit in the fit simulation and not at runtime
+    # threshold could exit in the fit simulation and not at runtime. Arrays at runtime,
+    # tensors (with gradients) in training.
     return (x * w).sum(-1)
 
 
-def expected_cost(assignment: torch.Tensor | np.ndarray, costs: Sequence[float]) -> float:
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-x) = inf for very negative x: 1 / inf = 0, as it should
+        return (1 / (1 + np.exp(-x))).astype(x.dtype)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def expected_cost(assignment: Any, costs: Sequence[float]) -> float:
     """E_x Σ_k a_k(x)·c_k for an assignment [N, K] (or proportions π [K]), in the costs' units."""
-    a = torch.as_tensor(np.asarray(assignment, dtype=np.float64))
-    c = torch.as_tensor(np.asarray(costs, dtype=np.float64))
+    a = np.asarray(assignment, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
     return float((a.reshape(-1, len(c)) * c).sum(-1).mean())
 
 
-def cost_term(assignment: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
+def cost_term(assignment: Any, costs: Any, budget: float) -> Any:
     """|E_x Σ_k a_k c_k − B| / B: the relative budget gap (unit-free; costs and budget in
     the same units)."""
-    return ((assignment * costs).sum(-1).mean() - budget).abs() / budget
+    return abs((assignment * costs).sum(-1).mean() - budget) / budget  # tensors in training, arrays in tests
 
 
 @dataclass(frozen=True)
@@ -150,56 +162,59 @@ class EENet:
     def init_state(self, rows: int, num_classes: int) -> State:
         if num_classes != self.num_classes:
             raise PolicyError(f"eenet was fit for {self.num_classes} classes, the outputs have {num_classes}")
-        return {"scores": torch.zeros((rows, self.num_exits))}
+        return {"scores": np.zeros((rows, self.num_exits), dtype=np.float32)}
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
         if not 0 <= k < self.num_exits:
             raise PolicyError(f"eenet has {self.num_exits} exits, asked about exit {k}")
         if probs.shape[-1] != self.num_classes:
             raise PolicyError(f"eenet was fit for {self.num_classes} classes, exit {k} gives {probs.shape[-1]}")
-        scores = state["scores"]
-        x = torch.cat([base_features(probs.float()), scores[:, :k]], -1)
-        logit = _linear(x, torch.tensor(self.score_weights[k], dtype=torch.float32))
-        scores = scores.clone()
-        scores[:, k] = torch.sigmoid(logit)
+        scores = state["scores"].copy()
+        logit = self._score_logit(k, probs, scores)
+        scores[:, k] = _sigmoid(logit)
         return Decision(logit >= self.thresholds[k]), {"scores": scores}
+
+    def _score_logit(self, k: int, probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """logit(q_k) [B] from exit k's outputs and the scores of the exits before it."""
+        x = np.concatenate([base_features(probs), scores[:, :k]], -1)
+        return _linear(x, np.asarray(self.score_weights[k], dtype=np.float32))
 
     # ---- offline -----------------------------------------------------------------------
 
-    def score_logits(self, probs: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """logit(q_k) for every exit and row of cached outputs probs [K, N, C] → [K, N]."""
+    def score_logits(self, probs: Any) -> np.ndarray:
+        """logit(q_k) for every exit and row of cached outputs probs [K, N, C] → [K, N]
+        (float32, computed as `decide` computes them)."""
         p = _as_outputs(probs, self.num_exits, self.num_classes)
-        state = self.init_state(p.shape[1], p.shape[2])
+        scores = self.init_state(p.shape[1], p.shape[2])["scores"]
         logits = []
         for k in range(self.num_exits):
-            x = torch.cat([base_features(p[k]), state["scores"][:, :k]], -1)
-            logit = _linear(x, torch.tensor(self.score_weights[k], dtype=torch.float32))
-            state["scores"][:, k] = torch.sigmoid(logit)
+            logit = self._score_logit(k, p[k], scores)
+            scores[:, k] = _sigmoid(logit)
             logits.append(logit)
-        return torch.stack(logits)
+        return np.stack(logits)
 
-    def assignment_logits(self, probs: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def assignment_logits(self, probs: Any) -> np.ndarray:
         """r / T − λ·c̃ for every row and exit [N, K]; softmax over exits gives a(x)."""
         if not self.assign_w1:
             raise PolicyError("this eenet policy was stored without its assignment function")
         p = _as_outputs(probs, self.num_exits, self.num_classes)
-        scores = torch.sigmoid(self.score_logits(p)).T  # [N, K]
+        scores = _sigmoid(self.score_logits(p)).T  # [N, K]
         r = []
         for k in range(self.num_exits):
-            x = torch.cat([base_features(p[k]), scores[:, :k]], -1)
-            hidden = torch.sigmoid(_linear(x[:, None, :], torch.tensor(self.assign_w1[k])))
-            r.append(torch.sigmoid(_linear(hidden, torch.tensor(self.assign_w2[k]))))
-        shift = self.cost_shift * torch.tensor(self.norm_costs, dtype=torch.float32)
-        return torch.stack(r, -1) / self.temperature - shift
+            x = np.concatenate([base_features(p[k]), scores[:, :k]], -1)
+            hidden = _sigmoid(_linear(x[:, None, :], np.asarray(self.assign_w1[k], dtype=np.float32)))
+            r.append(_sigmoid(_linear(hidden, np.asarray(self.assign_w2[k], dtype=np.float32))))
+        shift = self.cost_shift * np.asarray(self.norm_costs, dtype=np.float32)
+        return np.stack(r, -1) / np.float32(self.temperature) - shift.astype(np.float32)
 
-    def assignment(self, probs: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def assignment(self, probs: Any) -> np.ndarray:
         """a(x) [N, K]: the calibrated assignment distribution over exits."""
-        return torch.softmax(self.assignment_logits(probs).double(), -1)
+        return _softmax(self.assignment_logits(probs).astype(np.float64))
 
-    def mean_assignment(self, probs: np.ndarray | torch.Tensor) -> np.ndarray:
+    def mean_assignment(self, probs: Any) -> np.ndarray:
         """π_k = mean over rows of a_k(x): the exit proportions the scheduler asks for, for
         reporting next to the realized exit histogram."""
-        return self.assignment(probs).mean(0).double().numpy()
+        return self.assignment(probs).mean(0)
 
     def to_dict(self) -> dict[str, Any]:
         # ±inf are not JSON: store them as strings (as MSDNetBudget does)
@@ -240,12 +255,12 @@ class EENet:
         p, y = _check_fit_inputs(probs, labels, ladder)
         k_exits, n, _ = p.shape
         costs = ladder.cumulative().astype(np.float64)
-        correct = (p.argmax(-1) == torch.as_tensor(y)[None]).numpy()  # [K, N]
+        correct = p.argmax(-1) == y[None]  # [K, N]
         best: tuple[tuple[float, float], EENet] | None = None
         for restart in range(config.restarts):
             raw = _train(p, correct, costs, float(budget), config, config.seed + restart)
             policy = _calibrate(raw, p, correct, costs, float(budget), config.cost_tol)
-            realized, acc = _realized(policy.thresholds, policy.score_logits(p).double().numpy(), correct, costs)
+            realized, acc = _realized(policy.thresholds, policy.score_logits(p).astype(np.float64), correct, costs)
             if not _meets(realized, budget, costs, 0.03):
                 continue  # a restart whose quantiles cannot land on the budget (tiny N, ties)
             key = (acc, -abs(realized - _target(budget, costs, config.cost_tol)))
@@ -269,14 +284,14 @@ def _vector(values: Any) -> Vector:
     return tuple(float(v) for v in values)
 
 
-def _as_outputs(probs: np.ndarray | torch.Tensor, k_exits: int, num_classes: int) -> torch.Tensor:
-    p = torch.as_tensor(np.asarray(probs), dtype=torch.float32)
+def _as_outputs(probs: Any, k_exits: int, num_classes: int) -> np.ndarray:
+    p = as_probs(probs)
     if p.ndim != 3 or p.shape[0] != k_exits or p.shape[2] != num_classes:
         raise PolicyError(f"eenet expects outputs [K={k_exits}, N, C={num_classes}], got {list(p.shape)}")
     return p
 
 
-def _check_fit_inputs(probs: np.ndarray, labels: np.ndarray, ladder: Ladder) -> tuple[torch.Tensor, np.ndarray]:
+def _check_fit_inputs(probs: np.ndarray, labels: np.ndarray, ladder: Ladder) -> tuple[np.ndarray, np.ndarray]:
     arr = np.asarray(probs)
     if arr.ndim != 3:
         raise PolicyError(f"eenet.fit needs probabilities [K, N, C], got shape {arr.shape}")
@@ -290,18 +305,23 @@ def _check_fit_inputs(probs: np.ndarray, labels: np.ndarray, ladder: Ladder) -> 
     y = np.asarray(labels).reshape(-1)
     if len(y) != n:
         raise PolicyError(f"{len(y)} labels for {n} rows")
-    return torch.as_tensor(arr, dtype=torch.float32), y.astype(np.int64)
+    return arr.astype(np.float32), y.astype(np.int64)
 
 
-def _uniform(gen: torch.Generator, shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
+def _uniform(gen: "torch.Generator", shape: tuple[int, ...], fan_in: int) -> "torch.Tensor":
+    import torch
+
     # nn.Linear's default init, drawn from a local generator
     bound = 1.0 / math.sqrt(fan_in)
     return ((torch.rand(shape, generator=gen) * 2 - 1) * bound).requires_grad_()
 
 
-def _train(p: torch.Tensor, correct: np.ndarray, costs: np.ndarray, budget: float,
+def _train(p: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget: float,
            config: EENetConfig, seed: int) -> EENet:
     """One restart of the alternating q / r optimisation; thresholds are set afterwards."""
+    import torch
+    import torch.nn.functional as F
+
     k_exits, n, classes = p.shape
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -310,7 +330,7 @@ def _train(p: torch.Tensor, correct: np.ndarray, costs: np.ndarray, budget: floa
     wq = [_uniform(gen, (d,), d) for d in dims]
     w1 = [_uniform(gen, (h, d), d) for h, d in zip(hidden, dims)]
     w2 = [_uniform(gen, (h,), h) for h in hidden]
-    base = base_features(p)  # [K, N, C + 2]
+    base = torch.from_numpy(base_features(p))  # [K, N, C + 2]
     target = torch.as_tensor(correct, dtype=torch.float32)  # [K, N]
     scale = float(costs[-1])
     norm_costs = torch.as_tensor(costs / scale, dtype=torch.float32)
@@ -402,19 +422,19 @@ def _realized(thresholds: Sequence[float] | np.ndarray, logits: np.ndarray, corr
     return float(costs[where].mean()), float(correct[where, cols].mean())
 
 
-def _calibrate(policy: EENet, p: torch.Tensor, correct: np.ndarray, costs: np.ndarray,
+def _calibrate(policy: EENet, p: np.ndarray, correct: np.ndarray, costs: np.ndarray,
                budget: float, tol: float) -> EENet:
     """Thresholds from π = mean assignment; if the realized cost is above the budget or
     more than `tol` below it, bisect the cost shift λ in a = softmax(r / T − λ·c̃) until it does not.
     The expected cost of every row's assignment falls monotonically in λ (its derivative
     is −Var_a(c̃)), so π slides from the last exit (λ → −∞) to the first (λ → +∞)."""
-    logits = policy.score_logits(p).double().numpy()
-    base = policy.assignment_logits(p).double()  # the learned r / T (the policy's shift is 0)
-    c_norm = torch.as_tensor(policy.norm_costs, dtype=torch.float64)
+    logits = policy.score_logits(p).astype(np.float64)
+    base = policy.assignment_logits(p).astype(np.float64)  # the learned r / T (the policy's shift is 0)
+    c_norm = np.asarray(policy.norm_costs, dtype=np.float64)
     target = _target(budget, costs, tol)
 
     def at(shift: float) -> tuple[float, np.ndarray, np.ndarray]:
-        pi = torch.softmax(base - shift * c_norm, -1).mean(0).numpy()
+        pi = _softmax(base - shift * c_norm).mean(0)
         thresholds = sequential_thresholds(logits, pi)
         return _realized(thresholds, logits, correct, costs)[0], pi, thresholds
 

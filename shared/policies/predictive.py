@@ -52,7 +52,6 @@ from functools import cached_property
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
-import torch
 
 from splitexit.energy import Board, get_board
 from splitexit.policies.base import Decision, Ladder, Outcome, PolicyError, State, simulate
@@ -66,22 +65,24 @@ __all__ = [
 _REL_TOL = 1e-9  # relative slack below which the deadline is treated as tight
 
 
-def predict_rounds(probs: torch.Tensor, threshold: float, max_rounds: int = 8) -> torch.Tensor:
-    """The prediction engine: long [B], 0 where the exit rule already fires, else the first
+def predict_rounds(probs: np.ndarray, threshold: float, max_rounds: int = 8) -> np.ndarray:
+    """The prediction engine: int64 [B], 0 where the exit rule already fires, else the first
     round r in 1..max_rounds at which the smoothed confidence reaches `threshold`, and
     `max_rounds` where it never does."""
-    p = torch.as_tensor(probs).to(torch.float64)
-    conf = p.max(-1).values
-    rounds = torch.full(conf.shape, int(max_rounds), dtype=torch.long)
+    p = np.asarray(probs, dtype=np.float64)
+    conf = p.max(-1)
+    rounds = np.full(conf.shape, int(max_rounds), dtype=np.int64)
     done = conf >= threshold
     rounds[done] = 0
-    z = p.clamp_min(1e-12).log()
+    z = np.log(np.maximum(p, 1e-12))
     for r in range(1, int(max_rounds) + 1):
         if bool(done.all()):
             break
         # circular: a constant shift of z stays a constant shift, so softmax ignores it
-        z = z + z.roll(1, -1) + z.roll(-1, -1)
-        hit = (z.softmax(-1).max(-1).values >= threshold) & ~done
+        z = z + np.roll(z, 1, -1) + np.roll(z, -1, -1)
+        # max of softmax(z) = 1 / sum(exp(z - max z))
+        top = 1.0 / np.exp(z - z.max(-1, keepdims=True)).sum(-1)
+        hit = (top >= threshold) & ~done
         rounds[hit] = r
         done |= hit
     return rounds
@@ -159,16 +160,16 @@ class Predictive:
         return get_board(self.board)
 
     @cached_property
-    def _cum(self) -> torch.Tensor:
+    def _cum(self) -> np.ndarray:
         """[K+1]: backbone ms at f_max from the input to exit k's point is _cum[k+1]."""
-        return torch.tensor((0.0, *np.cumsum(self.step_ms)), dtype=torch.float64)
+        return np.asarray((0.0, *np.cumsum(self.step_ms)), dtype=np.float64)
 
     @cached_property
-    def _rest(self) -> torch.Tensor:
+    def _rest(self) -> np.ndarray:
         """[K]: ms at f_max of evaluating every exit after k, in order."""
-        cum, heads = self._cum, torch.tensor(self.head_ms, dtype=torch.float64)
-        tail_heads = heads.flip(0).cumsum(0).flip(0)  # sum of heads k..K-1
-        return (cum[-1] - cum[1:]) + torch.cat([tail_heads[1:], torch.zeros(1, dtype=torch.float64)])
+        cum, heads = self._cum, np.asarray(self.head_ms, dtype=np.float64)
+        tail_heads = np.cumsum(heads[::-1])[::-1]  # sum of heads k..K-1
+        return (cum[-1] - cum[1:]) + np.concatenate([tail_heads[1:], np.zeros(1)])
 
     @property
     def deadline_ms(self) -> float:
@@ -208,42 +209,41 @@ class Predictive:
     def init_state(self, rows: int, num_classes: int) -> State:
         f_max = self.board_spec.f_max
         return {
-            "at": torch.full((rows,), -1, dtype=torch.long),  # last exit point reached
-            "freq_mhz": torch.full((rows,), f_max, dtype=torch.float64),  # clock of the running segment
-            "min_freq_mhz": torch.full((rows,), f_max, dtype=torch.float64),
-            "jump": torch.zeros(rows, dtype=torch.long),  # last predicted jump (exits)
-            "evals": torch.zeros(rows, dtype=torch.long),  # heads the policy evaluated
-            "time_ms": torch.zeros(rows, dtype=torch.float64),
-            "energy_mj": torch.zeros(rows, dtype=torch.float64),
+            "at": np.full(rows, -1, dtype=np.int64),  # last exit point reached
+            "freq_mhz": np.full(rows, f_max, dtype=np.float64),  # clock of the running segment
+            "min_freq_mhz": np.full(rows, f_max, dtype=np.float64),
+            "jump": np.zeros(rows, dtype=np.int64),  # last predicted jump (exits)
+            "evals": np.zeros(rows, dtype=np.int64),  # heads the policy evaluated
+            "time_ms": np.zeros(rows, dtype=np.float64),
+            "energy_mj": np.zeros(rows, dtype=np.float64),
         }
 
-    def _power(self, freq: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(freq)
-        for f in freq.unique().tolist():  # clocks are board levels: a handful of values
+    def _power(self, freq: np.ndarray) -> np.ndarray:
+        out = np.empty_like(freq)
+        for f in np.unique(freq).tolist():  # clocks are board levels: a handful of values
             out[freq == f] = self.board_spec.power(f)
         return out
 
-    def _clock(self, k: int, target: torch.Tensor, elapsed: torch.Tensor) -> torch.Tensor:
+    def _clock(self, k: int, target: np.ndarray, elapsed: np.ndarray) -> np.ndarray:
         """The level for running from exit k to `target` (rows that go on)."""
         board = self.board_spec
         f_max = board.f_max
-        levels = torch.tensor(board.frequencies, dtype=torch.float64)
+        levels = np.asarray(board.frequencies, dtype=np.float64)
         remain = self.num_exits - 1 - k
-        wanted = f_max * (target - k).to(torch.float64) / remain
-        dist = (levels[None, :] - wanted[:, None]).abs()
-        ties = dist <= dist.min(1, keepdim=True).values + 1e-9
-        index = torch.arange(len(levels)).expand_as(dist)
-        nearest = levels[torch.where(ties, index, -1).max(1).values]  # ties go up
-        heads = torch.tensor(self.head_ms, dtype=torch.float64)
+        wanted = f_max * (target - k).astype(np.float64) / remain
+        dist = np.abs(levels[None, :] - wanted[:, None])
+        ties = dist <= dist.min(1, keepdims=True) + 1e-9
+        index = np.broadcast_to(np.arange(len(levels)), dist.shape)
+        nearest = levels[np.where(ties, index, -1).max(1)]  # ties go up
+        heads = np.asarray(self.head_ms, dtype=np.float64)
         segment = self._cum[target + 1] - self._cum[k + 1] + heads[target]
         slack = self.deadline_ms - elapsed - self._rest[target] - segment
         tight = slack <= _REL_TOL * max(self.deadline_ms, 1.0)
-        safe = torch.where(tight, torch.full_like(slack, f_max),
-                           f_max * segment / (segment + slack.clamp_min(1e-300))).clamp_max(f_max)
-        at_least = levels[(levels[None, :] >= safe[:, None] - 1e-6).to(torch.int8).argmax(1)]
-        return torch.maximum(nearest, at_least)
+        safe = np.minimum(np.where(tight, f_max, f_max * segment / (segment + np.maximum(slack, 1e-300))), f_max)
+        at_least = levels[(levels[None, :] >= safe[:, None] - 1e-6).argmax(1)]
+        return np.maximum(nearest, at_least)
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
         num_exits = self.num_exits
         if not 0 <= k < num_exits:
             raise PolicyError(f"exit {k} is outside this policy's {num_exits} exits")
@@ -257,25 +257,25 @@ class Predictive:
         time = state["time_ms"] + seconds
         energy = state["energy_mj"] + self._power(freq) * seconds
         evals = state["evals"] + int(evaluated)
-        at = torch.full((rows,), k, dtype=torch.long)
+        at = np.full(rows, k, dtype=np.int64)
         if not evaluated:
             # before L0: pass through at f_max without looking at this exit
             update = dict(state, at=at, time_ms=time, energy_mj=energy, evals=evals)
-            return Decision(torch.zeros(rows, dtype=torch.bool), torch.full((rows,), self.l0)), update
-        exits = probs.max(-1).values >= self.threshold
+            return Decision(np.zeros(rows, dtype=bool), np.full(rows, self.l0, dtype=np.int64)), update
+        exits = probs.max(-1) >= self.threshold
         if k == num_exits - 1:
-            exits = torch.ones_like(exits)
+            exits = np.ones_like(exits)
         go_on = ~exits
-        jump = torch.zeros(rows, dtype=torch.long)
-        new_freq = torch.full((rows,), f_max, dtype=torch.float64)  # back to f_max after an exit
+        jump = np.zeros(rows, dtype=np.int64)
+        new_freq = np.full(rows, f_max, dtype=np.float64)  # back to f_max after an exit
         if bool(go_on.any()):
             rounds = predict_rounds(probs[go_on], self.threshold, self.max_rounds)
-            jump[go_on] = (rounds.clamp_min(1) * self.exits_per_round).clamp_max(num_exits - 1 - k)
+            jump[go_on] = np.minimum(np.maximum(rounds, 1) * self.exits_per_round, num_exits - 1 - k)
             if self.dvfs:
                 new_freq[go_on] = self._clock(k, k + jump[go_on], time[go_on])
-        target = torch.where(go_on, k + jump, torch.full_like(jump, min(k + 1, num_exits - 1)))
+        target = np.where(go_on, k + jump, min(k + 1, num_exits - 1))
         update = {
-            "at": at, "freq_mhz": new_freq, "min_freq_mhz": torch.minimum(state["min_freq_mhz"], new_freq),
+            "at": at, "freq_mhz": new_freq, "min_freq_mhz": np.minimum(state["min_freq_mhz"], new_freq),
             "jump": jump, "evals": evals, "time_ms": time, "energy_mj": energy,
         }
         return Decision(exits, target), update
@@ -298,7 +298,7 @@ class Predictive:
 # -- the benchmark ---------------------------------------------------------------------------
 
 
-def simulate_predictive(policy: Predictive, probs: np.ndarray | torch.Tensor,
+def simulate_predictive(policy: Predictive, probs: np.ndarray,
                         labels: np.ndarray | None = None) -> Outcome:
     """`simulate` over the exits from L0 on (exact head counts and costs, in ms at f_max),
     exit indices reported in the full ladder's numbering; `extra` holds the energy account."""
@@ -368,7 +368,7 @@ def _all_exits_result(policy: Predictive, threshold: float, probs: np.ndarray, l
     return _result("all_exits", out, time_ms, board.power(board.f_max) * time_ms, board, policy.deadline_ms)
 
 
-def compare_all_exits(policy: Predictive, probs: np.ndarray | torch.Tensor, labels: np.ndarray, *,
+def compare_all_exits(policy: Predictive, probs: np.ndarray, labels: np.ndarray, *,
                       fallback: bool = False) -> Comparison:
     """Run `policy` and the max-prob rule at every exit at f_max (same threshold; without
     SDN's most-confident fallback unless `fallback`) on cached outputs [K, N, C]: accuracy,
@@ -389,7 +389,7 @@ class SearchResult:
     candidates: int  # settings tried
 
 
-def match_accuracy(probs: np.ndarray | torch.Tensor, labels: np.ndarray, policy: Predictive, *,
+def match_accuracy(probs: np.ndarray, labels: np.ndarray, policy: Predictive, *,
                    reference_threshold: float | None = None, thresholds: Sequence[float] | None = None,
                    l0s: Sequence[int] | None = None, tolerance: float = 0.002,
                    below: float | None = None, fallback: bool = False) -> SearchResult:

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
-import torch
 
 from splitexit.policies.base import Decision, PolicyError, State
 
 
-def entropy(probs: torch.Tensor) -> torch.Tensor:
+def entropy(probs: np.ndarray) -> np.ndarray:
     """H = -sum p log p per row (natural log), safe at p = 0."""
-    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    return -(probs * np.log(np.maximum(probs, np.float32(1e-12)))).sum(-1)
 
 
 def per_exit(values: float | Sequence[float], k: int) -> float:
@@ -43,20 +42,21 @@ class MaxProb:
     fallback: bool = True
 
     def init_state(self, rows: int, num_classes: int) -> State:
-        return {"best_conf": torch.full((rows,), -1.0), "best_probs": torch.zeros((rows, num_classes))}
+        return {"best_conf": np.full(rows, -1.0, dtype=np.float32),
+                "best_probs": np.zeros((rows, num_classes), dtype=np.float32)}
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
-        conf = probs.max(-1).values
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
+        conf = probs.max(-1)
         exits = conf >= per_exit(self.threshold, k)
         if not self.fallback:
             return Decision(exits), state
         best_probs = state["best_probs"]
         better = conf > state["best_conf"]
-        best_conf = torch.where(better, conf, state["best_conf"])
-        best_probs = torch.where(better[:, None], probs, best_probs)
+        best_conf = np.where(better, conf, state["best_conf"])
+        best_probs = np.where(better[:, None], probs, best_probs)
         # rows exiting by their own confidence answer with exit k; at the last exit the
         # caller forces everyone out, and those answer with their most confident exit
-        answer = torch.where(exits[:, None], probs, best_probs)
+        answer = np.where(exits[:, None], probs, best_probs)
         return Decision(exits, answer=answer), {"best_conf": best_conf, "best_probs": best_probs}
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,7 +79,7 @@ class Entropy:
     def init_state(self, rows: int, num_classes: int) -> State:
         return {}
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
         h = entropy(probs)
         if self.normalized:
             h = h / math.log(probs.shape[-1])
@@ -106,11 +106,11 @@ class Patience:
             raise PolicyError(f"patience must be >= 0, got {self.patience}")
 
     def init_state(self, rows: int, num_classes: int) -> State:
-        return {"label": torch.full((rows,), -1, dtype=torch.long), "streak": torch.zeros(rows, dtype=torch.long)}
+        return {"label": np.full(rows, -1, dtype=np.int64), "streak": np.zeros(rows, dtype=np.int64)}
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
         label = probs.argmax(-1)
-        streak = torch.where(label == state["label"], state["streak"] + 1, torch.zeros_like(state["streak"]))
+        streak = np.where(label == state["label"], state["streak"] + 1, 0)
         return Decision(streak >= self.patience), {"label": label, "streak": streak}
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,9 +131,9 @@ class Oracle:
     def init_state(self, rows: int, num_classes: int) -> State:
         if self.labels is None or len(self.labels) != rows:
             raise PolicyError("the oracle needs the labels of exactly the rows it sees (offline only)")
-        return {"label": torch.as_tensor(np.asarray(self.labels), dtype=torch.long)}
+        return {"label": np.asarray(self.labels, dtype=np.int64)}
 
-    def decide(self, k: int, probs: torch.Tensor, state: State) -> tuple[Decision, State]:
+    def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
         return Decision(probs.argmax(-1) == state["label"]), state
 
     def to_dict(self) -> dict[str, Any]:

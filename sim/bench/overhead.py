@@ -75,7 +75,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
                 state = policy.init_state(batch, edge.meta.model.num_classes)
                 out = None
                 for i, k in enumerate(exits):
-                    probs = model.exit_logits(k, feats[i]).softmax(-1)
+                    probs = model.exit_logits(k, feats[i]).softmax(-1).numpy()
                     out, state = step(policy, i, probs, state, len(exits) + 1)
                 return out
 

@@ -225,12 +225,12 @@ def to_final_head(pending: Pending, bundle: SplitBundle) -> Pending:
     skips the cloud-side exit heads (as for a policy that skips heads) and runs the plain
     stages and the final head, the bare tail's work."""
     final = len(bundle.edge().manifest.exits) - 1  # ladder index of the final head
-    state = replace(pending.state, next_exit=torch.full_like(pending.state.next_exit, final))
+    state = replace(pending.state, next_exit=np.full_like(pending.state.next_exit, final))
     return Pending(pending.rows, pending.feature, state)
 
 
-def _rows(pending: Pending, index: torch.Tensor) -> tuple[torch.Tensor, RowState]:
-    return pending.feature[index], pending.state.take(index)
+def _rows(pending: Pending, index: np.ndarray) -> tuple[torch.Tensor, RowState]:
+    return pending.feature[torch.from_numpy(index)], pending.state.take(index)
 
 
 def build_requests(edge_bundle: Any, pending: Pending, *, rows: int, count: int, prefix: str,
@@ -240,7 +240,7 @@ def build_requests(edge_bundle: Any, pending: Pending, *, rows: int, count: int,
     m = len(pending.rows)
     out = []
     for j in range(count):
-        index = (torch.arange(rows) + j * rows) % m
+        index = (np.arange(rows) + j * rows) % m
         feature, state = _rows(pending, index)
         out.append(wire.build_request(edge_bundle, feature, state, [f"{prefix}{j}-{r}" for r in range(rows)],
                                       request_id=f"{prefix}{j}", codec=codec))

@@ -119,9 +119,9 @@ def reference_answers(bundle: SplitBundle, data: ArraySet, *, batch_size: int = 
         x = normalized(bundle.trained, data.subset(np.arange(start, min(start + batch_size, len(data)))))
         merged = runner.run(x).merged()
         assert merged is not None  # the final head answers every row
-        rows = merged.rows.numpy() + start
-        labels[rows] = merged.probs.argmax(-1).numpy()
-        exits[rows] = stages[merged.exit_index.numpy()]
+        rows = merged.rows + start
+        labels[rows] = merged.probs.argmax(-1)
+        exits[rows] = stages[merged.exit_index]
     return labels, exits
 
 
@@ -139,7 +139,7 @@ def pending_rows(bundle: SplitBundle, data: ArraySet, *, batch_size: int = 500) 
     if not parts:
         raise CliError("the policy answers every test row on the edge: nothing reaches the cloud "
                        "(raise --budget or choose another --split)")
-    return Pending(torch.cat([p.rows for p in parts]), torch.cat([p.feature for p in parts]),
+    return Pending(np.concatenate([p.rows for p in parts]), torch.cat([p.feature for p in parts]),
                    RowState.cat([p.state for p in parts]))
 
 

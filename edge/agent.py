@@ -33,7 +33,8 @@ from splitexit.edge.transport import OffloadError, Transport
 from splitexit.plan import LinkEstimator
 
 if TYPE_CHECKING:
-    from splitexit.bundle import Bundle
+    from splitexit.manifest import Bundle
+    from splitexit.runtime import Engine
 
 __all__ = ["AgentConfig", "EdgeAgent", "SyncEdgeAgent"]
 
@@ -46,7 +47,8 @@ _PERMANENT = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", 
 class EdgeAgent:
     """Runs the head of an edge bundle and offloads through a `Transport`.
 
-    bundle: an edge bundle (`load_bundle(path, "edge")`) or its path.
+    bundle: an edge bundle's path (run by the engine `config.engine` picks), or a loaded
+        edge `Bundle` (run by `engine`, default torch on its model).
     transport: a GrpcTransport, WorkerPool, InProcessTransport...; None = offline (every
         pending row is answered locally, degraded with reason "no_worker"). The agent
         closes it in `close`.
@@ -56,19 +58,21 @@ class EdgeAgent:
 
     def __init__(self, bundle: "Bundle | str | Path", transport: Transport | None = None, *,
                  config: AgentConfig | None = None, spool: Spool | str | Path | None = None,
-                 trace: TraceWriter | str | Path | None = None) -> None:
-        from splitexit.bundle import Bundle, load_bundle
+                 trace: TraceWriter | str | Path | None = None, engine: "Engine | None" = None) -> None:
+        from splitexit.edge.engine import open_edge
+        from splitexit.manifest import Bundle
 
+        config = config or AgentConfig()
         if not isinstance(bundle, Bundle):
-            bundle = load_bundle(bundle, "edge")
+            bundle, engine = open_edge(bundle, config.engine, threads=config.engine_threads)  # type: ignore[arg-type]
         if bundle.part != "edge":
             raise ValueError(f"the edge agent needs the edge part of a bundle, got the {bundle.part} part")
         self.bundle = bundle
-        self.config = config or AgentConfig()
+        self.config = config
         self.transport = transport
         self.spool = Spool(spool) if isinstance(spool, (str, Path)) else spool
         self.trace = TraceWriter(trace) if isinstance(trace, (str, Path)) else trace
-        self.head = EdgeHead(bundle, self.config, self._limits)  # the head's run and the requests it leaves
+        self.head = EdgeHead(bundle, self.config, self._limits, engine)  # the head's run and the requests it leaves
         self.link = LinkEstimator()  # the uplink as this agent's own offloads see it (for re-planning)
         self._answered_offloads = 0
         self.answering = AnswerMaker(bundle, self.config)  # rows' answers: edge, cloud or degraded

@@ -14,7 +14,7 @@ from splitexit.proto import inference_pb2 as pb
 from splitexit.status import status_name
 
 if TYPE_CHECKING:
-    from splitexit.bundle import Bundle
+    from splitexit.manifest import Bundle
 
 __all__ = ["AnswerMaker"]
 

@@ -90,6 +90,11 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     run.add_argument("--spool", type=Path, metavar="DIR", help="keep failed offloads here for `edge refine`")
     run.add_argument("--trace", type=Path, metavar="FILE", help="one msgpack trace record per batch")
     run.add_argument("--resize", action="store_true", help="resize images to the bundle's input size")
+    run.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto",
+                     help="what runs the head: the bundle's ONNX segments in ONNX Runtime (no torch needed) or "
+                          "eager torch on its weights (default auto: onnx when the bundle has segments)")
+    run.add_argument("--engine-threads", type=_positive_int, default=1, metavar="N",
+                     help="ONNX Runtime intra-op threads (default: %(default)s)")
     run.set_defaults(func=cmd_run)
 
     refine = cmds.add_parser("refine", help="resend spooled offloads; their answers as updates (JSON lines)")
@@ -163,17 +168,18 @@ async def _connect(args: argparse.Namespace, pool: "WorkerPool | None") -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from splitexit.bundle import load_bundle
     from splitexit.edge.agent import AgentConfig
+    from splitexit.edge.engine import open_edge
     from splitexit.edge.inputs import load_inputs
     from splitexit.edge.results import ResultWriter
     from splitexit.edge.spool import Spool
     from splitexit.edge.trace import TraceWriter
 
-    bundle = load_bundle(args.bundle, "edge")
+    bundle, engine = open_edge(args.bundle, args.engine, threads=args.engine_threads)
     codec = args.codec or bundle.codec
     config = AgentConfig(codec=codec, latency_budget_ms=args.latency_budget_ms,
-                         request_timeout_ms=args.request_timeout_ms)
+                         request_timeout_ms=args.request_timeout_ms, engine=args.engine,
+                         engine_threads=args.engine_threads)
     inputs = load_inputs(args.input, bundle.input_shape, resize=args.resize)
     writer = ResultWriter(args.out, run=bundle.hash)  # checked (and a partial run found) before any answer
     todo = inputs.without(writer.done)
@@ -188,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.spool is not None:
             args.spool = Spool(args.spool)  # created and checked before any answer
         trace = TraceWriter(args.trace, atomic=True) if args.trace is not None else None
-        counts = asyncio.run(_run(args, bundle, config, todo, transport, writer, trace))
+        counts = asyncio.run(_run(args, (bundle, engine), config, todo, transport, writer, trace))
     except BaseException:
         writer.abort()  # what was answered stays in the partial file for a rerun
         if trace is not None:
@@ -209,11 +215,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run(args: argparse.Namespace, bundle: Any, config: Any, inputs: Any, transport: Any, writer: Any,
-               trace: Any) -> dict[str, int]:
+async def _run(args: argparse.Namespace, loaded: tuple[Any, Any], config: Any, inputs: Any, transport: Any,
+               writer: Any, trace: Any) -> dict[str, int]:
     from splitexit.edge.agent import EdgeAgent
 
-    agent = EdgeAgent(bundle, transport, config=config, spool=args.spool, trace=trace)
+    bundle, engine = loaded
+    agent = EdgeAgent(bundle, transport, config=config, spool=args.spool, trace=trace, engine=engine)
     counts = {"edge": 0, "cloud": 0, "degraded": 0}
     browser = None
     try:
@@ -234,12 +241,12 @@ async def _run(args: argparse.Namespace, bundle: Any, config: Any, inputs: Any, 
 
 
 def cmd_refine(args: argparse.Namespace) -> None:
-    from splitexit.bundle import load_bundle
     from splitexit.edge.agent import AgentConfig
+    from splitexit.edge.engine import open_edge
     from splitexit.edge.results import ResultWriter
     from splitexit.edge.spool import LOG
 
-    bundle = load_bundle(args.bundle, "edge")
+    bundle, engine = open_edge(args.bundle)
     if not (args.spool / LOG).is_file():
         raise CliError(f"{args.spool}: not a spool (no {LOG})")
     if not args.worker and not args.discover:
@@ -248,7 +255,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
     config = AgentConfig(refine_timeout_ms=args.request_timeout_ms)
     writer = ResultWriter(args.out, resume=False)  # refined rows leave the spool: nothing to resume from
     try:
-        refined, left, damage = asyncio.run(_refine(args, bundle, config, transport, writer))
+        refined, left, damage = asyncio.run(_refine(args, (bundle, engine), config, transport, writer))
     except BaseException:
         writer.abort()
         raise
@@ -258,11 +265,12 @@ def cmd_refine(args: argparse.Namespace) -> None:
     print(f"{refined} refined answers -> {args.out}; {left} requests left in {args.spool}{damaged}", file=sys.stderr)
 
 
-async def _refine(args: argparse.Namespace, bundle: Any, config: Any, transport: Any,
+async def _refine(args: argparse.Namespace, loaded: tuple[Any, Any], config: Any, transport: Any,
                   writer: Any) -> tuple[int, int, Any]:
     from splitexit.edge.agent import EdgeAgent
 
-    agent = EdgeAgent(bundle, transport, config=config, spool=args.spool)
+    bundle, engine = loaded
+    agent = EdgeAgent(bundle, transport, config=config, spool=args.spool, engine=engine)
     browser = None
     refined = 0
     try:

@@ -37,9 +37,13 @@ class AgentConfig:
     want_probabilities: bool = False
     top_k: int = 0  # with want_probabilities: classes per row, 0 = all
     refine_timeout_ms: float = 10_000.0  # per spooled request resent by `refine`
-    # Run the head in a worker thread (torch releases the GIL): the event loop keeps
-    # serving answers and other requests meanwhile.
+    # Run the head in a worker thread (torch and ONNX Runtime release the GIL): the event
+    # loop keeps serving answers and other requests meanwhile.
     compute_in_thread: bool = True
+    # What runs the head (`splitexit.edge.engine`): "auto" = the bundle's ONNX segments
+    # when it has them, else torch; and ONNX Runtime's intra-op threads.
+    engine: str = "auto"
+    engine_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.codec is not None and self.codec not in CODECS:
@@ -57,3 +61,7 @@ class AgentConfig:
             raise ValueError(f"unknown raw format {self.raw_format!r}; choose png, jpeg or u8")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if self.engine not in ("auto", "onnx", "torch"):
+            raise ValueError(f"unknown engine {self.engine!r}; choose auto, onnx or torch")
+        if self.engine_threads < 1:
+            raise ValueError("engine_threads must be >= 1")

@@ -76,7 +76,7 @@ class EdgeHead:
         self._mean = np.asarray(bundle.mean, dtype=np.float32).reshape(1, c, 1, 1)
         self._std = np.asarray(bundle.std, dtype=np.float32).reshape(1, c, 1, 1)
         self.exit_stages: tuple[int, ...] = bundle.manifest.exits
-        self._fallback_exit = bundle.split if bundle.split in bundle.model.exit_points else None
+        self._fallback_exit = bundle.split if bundle.split in bundle.manifest.edge_exits else None
         cascade = any(network != 0 for network in bundle.network)
         self._raw_with_features = cascade if config.raw_with_features is None else config.raw_with_features
 

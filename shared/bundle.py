@@ -53,8 +53,10 @@ def on_edge(key: str, split: int) -> bool:
 def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *, split: int, policy: ExitPolicy,
                   input_shape: tuple[int, int, int], name: str = "", codec: str = "fp32", calibration: Mapping[str, Any] | None = None,
                   large: tuple[MultiExitNet, CheckpointMeta] | None = None, network: tuple[int, ...] | None = None,
-                  ) -> Path:
-    """Write a bundle directory atomically (a temp dir renamed into place)."""
+                  edge_engine: str | None = None) -> Path:
+    """Write a bundle directory atomically (a temp dir renamed into place). `edge_engine`
+    "onnx" also writes the edge part as ONNX segments (`splitexit.onnx_export`), which a
+    device runs with ONNX Runtime and no torch."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -64,6 +66,8 @@ def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *,
         raise BundleError(f"split must be a stage index in 0..{model.num_stages - 2}, got {split}")
     if codec not in CODECS:
         raise BundleError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    if edge_engine not in (None, "torch", "onnx"):
+        raise BundleError(f"unknown edge engine {edge_engine!r}; choose torch or onnx")
     exits = [*model.exit_points, model.num_stages - 1]
     network = network or ((0,) * len(exits) + ((1,) if large is not None else ()))
     if len(network) != len(exits) + (large is not None):
@@ -101,6 +105,14 @@ def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *,
             files["large"] = "large.safetensors"
             manifest["large"] = {"model": large_meta.model.to_dict(), "mean": list(large_meta.mean),
                                  "std": list(large_meta.std)}
+        if edge_engine == "onnx":
+            from splitexit.onnx_export import OPSET, ExportError, export_edge_segments
+
+            try:
+                segments = export_edge_segments(model, split, in_shape, tmp)
+            except ExportError as exc:
+                raise BundleError(str(exc)) from exc
+            manifest["onnx"] = {"opset": OPSET, "segments": [s.to_dict() for s in segments]}
         manifest["files"] = {part: {"path": f, "sha256": sha256_file(tmp / f)} for part, f in files.items()}
         manifest["hash"] = manifest_hash(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))

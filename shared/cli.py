@@ -239,10 +239,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     split = args.split if args.split is not None else (model.exit_points[-1] if model.exit_points else 0)
     large = load_checkpoint(args.large) if args.large is not None else None
     path = export_bundle(args.out, model, meta, split=split, policy=policy, input_shape=tuple(shape),
-                         name=args.name or "", codec=args.codec, calibration=entry.get("validation"), large=large)
+                         name=args.name or "", codec=args.codec, calibration=entry.get("validation"), large=large,
+                         edge_engine=args.edge_engine)
     manifest = read_manifest(path)
     print(f"bundle {path}: {manifest.name} split after stage {split}, edge exits {list(manifest.edge_exits)}, "
-          f"cloud exits {list(manifest.cloud_exits)}, policy {policy.name}, codec {args.codec}")
+          f"cloud exits {list(manifest.cloud_exits)}, policy {policy.name}, codec {args.codec}"
+          + (f", {sum(not s.alone for s in manifest.onnx)} ONNX edge segments" if manifest.onnx else ""))
     print(f"hash {manifest.hash}")
 
 
@@ -375,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--policy", type=Path, required=True, help="a policy file from `splitexit calibrate`")
     exp.add_argument("--split", type=int, help="stage index the edge runs through (default: the last exit's stage)")
     exp.add_argument("--codec", choices=CODECS, default="fp32")
+    exp.add_argument("--edge-engine", choices=("torch", "onnx"), default="onnx",
+                     help="onnx (default): also write the edge part as ONNX segments, run by ONNX Runtime "
+                          "without torch on the device; torch: the safetensors weights only")
     exp.add_argument("--large", type=Path, help="the cascade's larger network (a checkpoint), served by the cloud")
     exp.add_argument("--name", help="model name on the wire (default: the architecture)")
     exp.add_argument("--input-size", type=_positive_int, help="input side in pixels, if the checkpoint lacks it")
@@ -395,8 +400,28 @@ def build_parser() -> argparse.ArgumentParser:
     # The other parts (sim: `bench`, later edge, cloud) add their commands through entry
     # points, so this module never imports them (shared imports neither edge, cloud nor sim).
     for command in sorted(entry_points(group="splitexit.commands"), key=lambda ep: ep.name):
-        command.load()(sub, common)
+        try:
+            register = command.load()
+        except ImportError as exc:  # a torch-free edge install: `splitexit edge` works, the rest says why not
+            _unavailable(sub, command.name, exc)
+            continue
+        register(sub, common)
     return parser
+
+
+def _unavailable(sub: argparse._SubParsersAction, name: str, exc: ImportError) -> None:
+    """A subcommand whose part cannot be imported here (e.g. torch is not installed on an
+    edge device): it is listed, and running it says what is missing."""
+    missing = exc.name or str(exc)
+    message = (f"'splitexit {name}' needs {missing}, which this install lacks "
+               "(the edge extra has only the edge agent: pip install 'splitexit[full]')")
+
+    def refuse(args: argparse.Namespace) -> int:
+        raise CliError(message)
+
+    p = sub.add_parser(name, help=f"(unavailable here: needs {missing})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=refuse)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,6 +77,33 @@ class LargeNetwork:
         return _model_config(self.model_data, "manifest 'large'")
 
 
+@dataclass(frozen=True)
+class OnnxSegment:
+    """One ONNX graph of the edge part (`splitexit.onnx_export`): stages first..last, then
+    the exit after `last` when `head`; a head alone has first = -1."""
+
+    path: str  # relative to the bundle directory
+    first: int
+    last: int
+    head: bool  # returns probabilities (after the feature, for a segment)
+    input_shape: tuple[int, ...]  # one row's input
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "first": self.first, "last": self.last, "head": self.head,
+                "input_shape": list(self.input_shape), "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "OnnxSegment":
+        return cls(str(data["path"]), int(data["first"]), int(data["last"]), bool(data["head"]),
+                   tuple(int(d) for d in data["input_shape"]), str(data["sha256"]))
+
+    @property
+    def alone(self) -> bool:
+        """A head alone (the fallback at the split), not a run of stages."""
+        return self.first < 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """manifest.json, read and checked: what the bundle holds and where its halves meet.
@@ -101,6 +128,7 @@ class Manifest:
     files: Mapping[str, WeightFile]  # "edge", "cloud", optionally "large"
     large: LargeNetwork | None
     data: Mapping[str, Any]
+    onnx: tuple[OnnxSegment, ...] = ()  # the edge part as ONNX segments, when exported
 
     @cached_property
     def model(self) -> "ModelConfig":
@@ -141,6 +169,8 @@ class Manifest:
             values["classes"] = tuple(str(c) for c in data["classes"])
             field = "ladder"
             values["network"] = ints(data["ladder"]["network"])
+            field = "onnx"
+            values["onnx"] = tuple(OnnxSegment.from_dict(entry) for entry in data.get("onnx", {}).get("segments", ()))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{where}: bad or missing {field!r} ({type(exc).__name__}: {exc})") from exc
         return cls(model_data=model, large=large, files=files, data=data, **values)
@@ -220,7 +250,7 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest.from_dict(manifest, str(file))
 
 
-def checked_file(bundle: str | Path, entry: WeightFile) -> Path:
+def checked_file(bundle: str | Path, entry: "WeightFile | OnnxSegment") -> Path:
     """A file the manifest lists, present and with its recorded hash (BundleError if not)."""
     file = Path(bundle) / entry.path
     if not file.is_file():

@@ -22,7 +22,8 @@ PROTO_DIR = ROOT / "protos" / "splitexit" / "proto"
 
 def _requirements() -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    extras = project["optional-dependencies"]
+    reqs = [Requirement(r) for r in project["dependencies"] + extras["full"] + extras["test"]]
     return {r.name: r for r in reqs}
 
 

@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from splitexit.policies.base import Decision, Ladder, PolicyError, State, simulate
 from splitexit.policies.rules import entropy
@@ -187,6 +185,9 @@ def _choose_threshold(scores: np.ndarray, c_yes: np.ndarray, c_no: np.ndarray, m
 def _fit_choice(features: np.ndarray, c_yes: np.ndarray, c_no: np.ndarray, *, C: float,
                 thresholds: ThresholdMode, max_iter: int) -> _Choice:
     """Weighted binary classifier: label 1[c_yes <= c_no], weight |c_yes - c_no|."""
+    from sklearn.exceptions import ConvergenceWarning  # fitting only: a device runs the rule alone
+    from sklearn.linear_model import LogisticRegression
+
     label = c_yes <= c_no
     weight = np.abs(c_yes - c_no)
     used = weight > 0  # ties cost the same either way: they teach nothing

@@ -1,0 +1,174 @@
+"""The edge part of a bundle as ONNX graphs, one segment per exit (what `OnnxEngine` runs).
+
+Segment k runs the stages after exit k-1's stage up to exit k's stage, then exit k's head,
+and returns (feature, probabilities); the last segment ends at the split and returns the
+feature alone (or, when the split is an exit's stage, that exit's probabilities too). A
+row that exits never enters the next segment: compute skipping survives the export. When
+the split is an exit's stage, that exit's head is also exported alone (`head-S.onnx`):
+the edge's fallback answer for rows that skipped it (Predictive Exit).
+
+Exported with the `torch.onnx` exporter (dynamo, needs `onnx` and `onnxscript`) at opset
+18 with a dynamic batch dimension. What it took:
+- BoF heads are exported in an equivalent form built for the graph (`_BoFExport`):
+  average pooling, a 1x1 convolution with the kernel's scalars folded in, sigmoid, the L1
+  normalization over codewords, global average pooling and one linear layer. Ten graph
+  nodes where the training form's strided-slice pooling and batched matmuls gave 15-25;
+  at batch 1 each node costs ONNX Runtime about a microsecond, so this is what keeps the
+  heads cheap (~13 us per head at batch 1 inside a segment, against ~25 us).
+- Other heads are traced as they are, with a batch of 2: `_pool_sum` takes a batch-1
+  shortcut that would pin the batch dimension.
+- `BoFHistogram` caches folded weights outside training: cleared around the trace so
+  that neither a stale tensor is baked in nor a tracing tensor is left for eager use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitexit.manifest import OnnxSegment
+from splitexit.models import BoFHead, BoFHistogram, MultiExitNet
+
+__all__ = ["OPSET", "ExportError", "export_edge_segments"]
+
+OPSET = 18  # torch.onnx's native opset in torch 2.13 (others are version-converted)
+MAX_BATCH = 4096
+
+
+class ExportError(ValueError):
+    """The edge part cannot be exported as ONNX segments."""
+
+
+class _BoFExport(nn.Module):
+    """A global logistic BoF head (histogram + classifier) as ONNX Runtime runs it fast;
+    the same function as `BoFHead.forward`, within float rounding."""
+
+    def __init__(self, head: BoFHead, side: int) -> None:
+        super().__init__()
+        bof, cfg = head.bof, head.bof.config
+        self.pool = side // cfg.pool_to if cfg.pool_to is not None and side > cfg.pool_to else 1
+        if side % self.pool:
+            raise ExportError(f"a BoF head pooling a {side}-side map to {cfg.pool_to} (not a divisor)")
+        assert bof.codebook.bias is not None
+        with torch.no_grad():
+            d, k = bof.codebook.in_channels, bof.codebook.out_channels
+            self.codebook = nn.Conv2d(d, k, 1)
+            assert self.codebook.bias is not None
+            self.codebook.weight.copy_(bof.codebook.weight * (2 * bof.a))  # tanh kernel = sigmoid of 2x
+            self.codebook.bias.copy_(2 * (bof.a * bof.codebook.bias + bof.c))
+            self.classifier = nn.Linear(head.fc.in_features, head.fc.out_features)
+            self.classifier.weight.copy_(head.fc.weight * head.fc.scale)
+            self.classifier.bias.copy_(head.fc.bias)
+        self.eps = cfg.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
+        s = torch.sigmoid(self.codebook(x))
+        u = s / (s.sum(dim=1, keepdim=True) + self.eps)
+        return self.classifier(F.adaptive_avg_pool2d(u, 1).flatten(1))
+
+
+def _head_for_export(model: MultiExitNet, stage: int, side: int) -> nn.Module:
+    """Exit `stage`'s head (the final head after the last stage) in its export form."""
+    if stage == model.num_stages - 1:
+        return model.head
+    head = model.exits[str(stage)]
+    if model.exit_classifier is not None:
+        raise ExportError("hierarchical BoF exits carry histograms along depth: not exported")
+    cfg = getattr(head, "config", None)
+    if isinstance(head, BoFHead) and cfg is not None and cfg.kernel == "logistic" and cfg.spatial == "global":
+        return _BoFExport(head, side)
+    return head  # traced as it is
+
+
+class _Segment(nn.Module):
+    def __init__(self, stages: Sequence[nn.Module], head: nn.Module | None) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> Any:
+        for stage in self.stages:
+            x = stage(x)
+        if self.head is None:
+            return x
+        return x, torch.softmax(self.head(x).float(), dim=-1)
+
+
+class _HeadAlone(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(x).float(), dim=-1)
+
+
+def _clear_bof_caches(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, BoFHistogram):
+            module._cache = None
+
+
+def _export(module: nn.Module, model: MultiExitNet, input_shape: tuple[int, ...], path: Path,
+            outputs: list[str]) -> None:
+    example = torch.randn(2, *input_shape)  # batch 2: batch 1 would pin the dimension (see module doc)
+    _clear_bof_caches(model)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation notices, not ours to act on
+            torch.onnx.export(module.eval(), (example,), str(path), dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},),
+                              input_names=["x"], output_names=outputs, opset_version=OPSET,
+                              external_data=False, optimize=True, verbose=False)
+    except Exception as exc:  # the exporter raises many types; all mean "this graph did not export"
+        raise ExportError(f"ONNX export of {path.name} failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    finally:
+        _clear_bof_caches(model)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_edge_segments(model: MultiExitNet, split: int, input_shape: tuple[int, ...],
+                         out_dir: Path) -> list[OnnxSegment]:
+    """Write the edge part (stages 0..split and their exits) of `model` as ONNX segments
+    into `out_dir`; returns them in run order (a head alone last, when there is one)."""
+    try:
+        import onnx  # noqa: F401 - the exporter needs it (and onnxscript); say so plainly
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(f"exporting ONNX segments needs {exc.name}: pip install onnx onnxscript") from exc
+    model = model.eval()
+    exits = [stage for stage in model.exit_points if stage <= split]
+    ends = sorted({*exits, split})
+    shapes: dict[int, tuple[int, ...]] = {-1: tuple(input_shape)}
+    with torch.no_grad():
+        _, feats = model.forward_intermediates(torch.zeros(1, *input_shape), indices=ends, stop_early=True)
+    shapes.update({stage: tuple(f.shape[1:]) for stage, f in zip(ends, feats)})
+    files: list[OnnxSegment] = []
+    first = 0
+    for last in ends:
+        head = _head_for_export(model, last, shapes[last][-1]) if last in exits else None
+        segment = _Segment([model.stages[i] for i in range(first, last + 1)], head)
+        name = f"edge-{first}-{last}.onnx"
+        in_shape = shapes[first - 1]  # the previous segment's output (-1: the network's input)
+        _export(segment, model, in_shape, out_dir / name, ["feature", "probs"] if head else ["feature"])
+        files.append(OnnxSegment(name, first, last, head is not None, in_shape, _sha256(out_dir / name)))
+        first = last + 1
+    if split in exits:  # the fallback for rows that skipped the exit at the split
+        name = f"head-{split}.onnx"
+        _export(_HeadAlone(_head_for_export(model, split, shapes[split][-1])), model, shapes[split],
+                out_dir / name, ["probs"])
+        files.append(OnnxSegment(name, -1, split, True, shapes[split], _sha256(out_dir / name)))
+    return files

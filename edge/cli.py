@@ -95,6 +95,8 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
                           "eager torch on its weights (default auto: onnx when the bundle has segments)")
     run.add_argument("--engine-threads", type=_positive_int, default=1, metavar="N",
                      help="ONNX Runtime intra-op threads (default: %(default)s)")
+    run.add_argument("--probabilities", type=int, nargs="?", const=0, default=None, metavar="K",
+                     help="write each answer's class probabilities (the K most probable; all without K)")
     run.set_defaults(func=cmd_run)
 
     refine = cmds.add_parser("refine", help="resend spooled offloads; their answers as updates (JSON lines)")
@@ -179,7 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     codec = args.codec or bundle.codec
     config = AgentConfig(codec=codec, latency_budget_ms=args.latency_budget_ms,
                          request_timeout_ms=args.request_timeout_ms, engine=args.engine,
-                         engine_threads=args.engine_threads)
+                         engine_threads=args.engine_threads, want_probabilities=args.probabilities is not None,
+                         top_k=args.probabilities or 0)
     inputs = load_inputs(args.input, bundle.input_shape, resize=args.resize)
     writer = ResultWriter(args.out, run=bundle.hash)  # checked (and a partial run found) before any answer
     todo = inputs.without(writer.done)

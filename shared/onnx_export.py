@@ -10,11 +10,12 @@ the edge's fallback answer for rows that skipped it (Predictive Exit).
 Exported with the `torch.onnx` exporter (dynamo, needs `onnx` and `onnxscript`) at opset
 18 with a dynamic batch dimension. What it took:
 - BoF heads are exported in an equivalent form built for the graph (`_BoFExport`):
-  average pooling, a 1x1 convolution with the kernel's scalars folded in, sigmoid, the L1
-  normalization over codewords, global average pooling and one linear layer. Ten graph
-  nodes where the training form's strided-slice pooling and batched matmuls gave 15-25;
-  at batch 1 each node costs ONNX Runtime about a microsecond, so this is what keeps the
-  heads cheap (~13 us per head at batch 1 inside a segment, against ~25 us).
+  average pooling, a 1x1 convolution with the kernel's scalars folded in (ORT fuses the
+  sigmoid into it and keeps it in its NCHWc layout), the L1 normalization over codewords,
+  the spatial mean and one linear layer: nine graph nodes where the training form's
+  strided-slice pooling and batched matmuls gave 15-25. At batch 1 every node costs ONNX
+  Runtime 2-4 us whatever its size (profiled on a 2-core x86 VM), so the node count is
+  what a head costs there; at batch 64 this form is 2-4x faster than the traced one.
 - Other heads are traced as they are, with a batch of 2: `_pool_sum` takes a batch-1
   shortcut that would pin the batch dimension.
 - `BoFHistogram` caches folded weights outside training: cleared around the trace so
@@ -36,7 +37,7 @@ from torch import nn
 from splitexit.manifest import OnnxSegment
 from splitexit.models import BoFHead, BoFHistogram, MultiExitNet
 
-__all__ = ["OPSET", "ExportError", "export_edge_segments"]
+__all__ = ["OPSET", "ExportError", "export_edge_segments", "export_plain"]
 
 OPSET = 18  # torch.onnx's native opset in torch 2.13 (others are version-converted)
 MAX_BATCH = 4096
@@ -73,7 +74,7 @@ class _BoFExport(nn.Module):
             x = F.avg_pool2d(x, self.pool)
         s = torch.sigmoid(self.codebook(x))
         u = s / (s.sum(dim=1, keepdim=True) + self.eps)
-        return self.classifier(F.adaptive_avg_pool2d(u, 1).flatten(1))
+        return self.classifier(u.mean(dim=(2, 3)))  # one ReduceMean, no Flatten
 
 
 def _head_for_export(model: MultiExitNet, stage: int, side: int) -> nn.Module:
@@ -141,16 +142,24 @@ def _sha256(path: Path) -> str:
 
 
 def export_edge_segments(model: MultiExitNet, split: int, input_shape: tuple[int, ...],
-                         out_dir: Path) -> list[OnnxSegment]:
+                         out_dir: Path, *, heads: bool = True) -> list[OnnxSegment]:
     """Write the edge part (stages 0..split and their exits) of `model` as ONNX segments
-    into `out_dir`; returns them in run order (a head alone last, when there is one)."""
+    into `out_dir`; returns them in run order (a head alone last, when there is one).
+
+    A split at the last stage puts the whole network on the device: the last segment ends
+    with the final head. `heads=False` writes the same runs of stages without their exit heads (a
+    benchmark's baseline: what the heads add inside the segments)."""
     try:
         import onnx  # noqa: F401 - the exporter needs it (and onnxscript); say so plainly
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise ExportError(f"exporting ONNX segments needs {exc.name}: pip install onnx onnxscript") from exc
     model = model.eval()
+    if not 0 <= split < model.num_stages:
+        raise ExportError(f"split must be a stage index in 0..{model.num_stages - 1}, got {split}")
     exits = [stage for stage in model.exit_points if stage <= split]
+    if split == model.num_stages - 1:
+        exits.append(split)  # the final head
     ends = sorted({*exits, split})
     shapes: dict[int, tuple[int, ...]] = {-1: tuple(input_shape)}
     with torch.no_grad():
@@ -159,16 +168,23 @@ def export_edge_segments(model: MultiExitNet, split: int, input_shape: tuple[int
     files: list[OnnxSegment] = []
     first = 0
     for last in ends:
-        head = _head_for_export(model, last, shapes[last][-1]) if last in exits else None
+        final = last == model.num_stages - 1  # the final head stays in a heads=False baseline
+        head = _head_for_export(model, last, shapes[last][-1]) if (heads or final) and last in exits else None
         segment = _Segment([model.stages[i] for i in range(first, last + 1)], head)
-        name = f"edge-{first}-{last}.onnx"
+        name = f"edge-{first}-{last}{'' if heads else '-stages'}.onnx"
         in_shape = shapes[first - 1]  # the previous segment's output (-1: the network's input)
         _export(segment, model, in_shape, out_dir / name, ["feature", "probs"] if head else ["feature"])
         files.append(OnnxSegment(name, first, last, head is not None, in_shape, _sha256(out_dir / name)))
         first = last + 1
-    if split in exits:  # the fallback for rows that skipped the exit at the split
+    if heads and split in exits and split < model.num_stages - 1:  # the fallback for rows that skipped it
         name = f"head-{split}.onnx"
         _export(_HeadAlone(_head_for_export(model, split, shapes[split][-1])), model, shapes[split],
                 out_dir / name, ["probs"])
         files.append(OnnxSegment(name, -1, split, True, shapes[split], _sha256(out_dir / name)))
     return files
+
+
+def export_plain(model: MultiExitNet, input_shape: tuple[int, ...], path: Path) -> None:
+    """The whole network without exits (every stage, the final head, softmax) as one graph:
+    the baseline the exits' cost is measured against."""
+    _export(_HeadAlone(nn.Sequential(*model.stages, model.head)), model, input_shape, path, ["probs"])

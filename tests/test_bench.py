@@ -55,9 +55,13 @@ def test_overhead_quick_reports_the_ratio(bench_dirs: tuple[Path, Path], quick_b
     for key in ("edge_macs", "exit_macs", "exit_ms", "edge_ms", "ratio"):
         assert result[key] > 0, key
     assert result["ratio"] == pytest.approx(result["exit_ms"] / result["edge_ms"], rel=1e-2)
-    for row in result["by_batch"].values():  # the runner's whole overhead, beside the heads'
-        assert row["runtime_ms"] > 0
-        assert row["runtime_ratio"] == pytest.approx(row["runtime_ms"] / row["edge_ms"] - 1, abs=1e-3)
+    assert result["engine"] == "onnx" and result["ratio"] == result["ratio_onnx"] and result["ratio_torch"] > 0
+    for by_engine in result["by_batch"].values():  # both engines, the runner's whole overhead beside the heads'
+        for engine in ("torch", "onnx"):
+            row = by_engine[engine]
+            assert row["runtime_ms"] > 0 and row["exit_ms"] > 0
+            assert row["runtime_ratio"] == pytest.approx(row["runtime_ms"] / row["edge_ms"] - 1, rel=1e-2, abs=1e-3)
+        assert by_engine["onnx_vs_torch_max_prob_diff"] < 1e-4  # the same network on both engines
     assert "weights" not in result
 
 

@@ -43,7 +43,9 @@ class Step:
     next exit of every row (in k+1..K-1), and the answer of every row."""
 
     exit: np.ndarray  # bool [B]
-    next_exit: np.ndarray  # int64 [B]
+    # int64 [B], or one int for every row (the common case: k + 1, no array to build; it
+    # broadcasts wherever the runtimes use it)
+    next_exit: np.ndarray | int
     answer: np.ndarray  # float32 [B, C]
 
 
@@ -167,11 +169,10 @@ def step(policy: ExitPolicy, k: int, probs: np.ndarray, state: State, num_exits:
     exits = np.asarray(decision.exit, dtype=bool)
     if k == num_exits - 1:
         exits = np.ones_like(exits)
-    nxt = decision.next_exit
-    if nxt is None:  # the common case, in one op: this runs at every exit
-        nxt = np.full(exits.shape, min(k + 1, num_exits - 1), dtype=np.int64)
-    else:
-        nxt = np.clip(np.asarray(nxt, dtype=np.int64), k + 1, num_exits - 1)
+    # this runs at every exit of every batch: the common case builds no array
+    nxt: np.ndarray | int = min(k + 1, num_exits - 1)
+    if decision.next_exit is not None:
+        nxt = np.clip(np.asarray(decision.next_exit, dtype=np.int64), k + 1, num_exits - 1)
     answer = probs if decision.answer is None else decision.answer
     return Step(exits, nxt, answer), new_state
 

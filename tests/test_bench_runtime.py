@@ -83,9 +83,15 @@ def test_serve_refuses_bad_settings(bench_dirs: tuple[Path, Path], capsys: pytes
 
 def test_faults_quick_loses_nothing_and_recovers_within_two_seconds(quick_bench) -> None:
     result = quick_bench("faults", "--outages", "1", "--partition", "1", "--interval-ms", "100")
-    assert set(result["scenarios"]) == {"outage_1s", "partition_1s"}
+    scenarios = result["scenarios"]
+    assert set(scenarios) == {"outage_1s", "partition_1s", "edge_run_sigterm", "edge_run_kill9", "spool_bitflip"}
     assert result["lost"] == 0 and result["sent"] == result["answered"] > 0
-    for name, scenario in result["scenarios"].items():
-        assert scenario["lost"] == 0, name
-        assert scenario["recovered_s"] is not None and scenario["recovered_s"] <= 2.0, (name, scenario)
-    assert result["scenarios"]["outage_1s"]["degraded"] > 0  # the outage was felt, and answered locally
+    for name in ("outage_1s", "partition_1s", "edge_run_sigterm", "edge_run_kill9"):
+        assert scenarios[name]["lost"] == 0, name
+        assert scenarios[name]["recovered_s"] is not None and scenarios[name]["recovered_s"] <= 2.0, name
+    assert scenarios["outage_1s"]["degraded"] > 0  # the outage was felt, and answered locally
+    for name in ("edge_run_sigterm", "edge_run_kill9"):  # the rerun resumed: each input once, the rest kept
+        run = scenarios[name]
+        assert run["duplicates"] == 0 and run["kept"] > 0 and run["recomputed"] == run["sent"] - run["kept"], run
+    spool = scenarios["spool_bitflip"]  # one flipped bit costs its record only, and refine says so
+    assert spool["reported"] and spool["damaged_records"] == 1 and 0 < spool["lost"] <= 8, spool

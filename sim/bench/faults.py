@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -137,10 +139,7 @@ async def _scenario(bundle: Path, images: np.ndarray, *, kind: str, seconds: flo
         await worker.stop()
 
 
-def _cli(*argv: str, timeout: float = 600) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-    import sys
-
+def _cli(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "splitexit.cli", *argv], capture_output=True, text=True,
                           timeout=timeout)
 
@@ -154,8 +153,6 @@ def _answers(path: Path) -> list[dict[str, Any]]:
 async def _interrupted_run(bundle: Path, images: np.ndarray, workdir: Path, signal_name: str) -> dict[str, Any]:
     """`edge run` cut by a signal once a quarter of its answers are on disk, then rerun."""
     import signal
-    import subprocess
-    import sys
 
     from splitexit.sim.live import WorkerProcess
 

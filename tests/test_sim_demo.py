@@ -19,13 +19,13 @@ def test_the_demo_runs_every_strategy_on_every_input(tmp_path: Path, capsys) -> 
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     result = json.loads((out / "demo.json").read_text())
     strategies = result["strategies"]
-    assert set(strategies) == {"edge_only", "edge_exits", "cloud_only", "split", "adaptive"}
+    assert set(strategies) == {"edge_only", "edge_exits", "cloud_only", "fixed_split", "adaptive"}
     for name, row in strategies.items():
         assert row["answered"] == row["inputs"] == 12 and row["degraded"] == 0, name
         assert row["p95_ms"] >= row["mean_ms"] * 0.5 > 0
     assert strategies["edge_only"]["bytes_up"] == 0 and strategies["edge_only"]["on_device"] == 1.0
     assert strategies["cloud_only"]["bytes_up"] > 100 and strategies["cloud_only"]["on_device"] == 0.0
-    assert strategies["split"]["bytes_up"] > 0
+    assert strategies["fixed_split"]["bytes_up"] > 0
     assert result["device"]["name"] == "rpi4-class" and "ncnn" in result["device"]["source"]
     assert (out / "demo.png").stat().st_size > 10_000
     printed = capsys.readouterr().out

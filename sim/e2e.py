@@ -1,0 +1,149 @@
+"""One end-to-end comparison of the strategies for a network, a device and a link: what
+`splitexit sim demo` shows on the digits and `splitexit bench e2e` measures on CIFAR-10.
+
+1. `make_plan`: the planner (`splitexit.plan`) ranks every route from the network's
+   validation outputs, the device's and the worker's measured times and the link: the
+   best cut without exits (Neurosurgeon's: `fixed_split`) and the best cut with an exit
+   policy (`adaptive`).
+2. `run_local`: the device's own strategies (`edge_only`, `edge_exits`), no link.
+3. `run_linked`: bundles for the linked strategies, a real worker process serving them, an
+   emulated link per strategy (`splitexit.sim.link`), every input answered one at a time
+   (`cloud_only`: the input as JPEG, every stage in the worker).
+
+The device is this machine padded to a device class's times (`pad_to_profile`); the
+worker is this machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["E2EPlan", "link_estimate", "make_plan", "run_linked", "run_local", "table", "trace_link"]
+
+# names of the strategies (BENCH.md's `e2e` keys), in the order they are run
+LOCAL = ("edge_only", "edge_exits")
+LINKED = ("cloud_only", "fixed_split", "adaptive")
+
+
+@dataclass(frozen=True)
+class E2EPlan:
+    ranked: list[Any]  # splitexit.plan.Candidate, best first
+    fixed_split: Any  # the best cut without exits
+    adaptive: Any  # the best cut with an exit policy
+    adaptive_policy: Any
+    full_acc: float  # the full network's validation accuracy
+
+
+def link_estimate(profile: Any) -> Any:
+    """The planner's view of an emulated link: its rates (a trace's mean) and RTT."""
+    from splitexit.plan import LinkEstimate
+
+    def mbps(direction: Any) -> float | None:
+        return direction.trace.mean_mbps if direction.trace is not None else direction.rate_mbps
+
+    return LinkEstimate(up_mbps=mbps(profile.up), down_mbps=mbps(profile.down),
+                        rtt_ms=profile.up.delay_ms + profile.down.delay_ms)
+
+
+def trace_link(archive: Path, name: str, rtt_ms: float) -> Any:
+    """A link replaying the Mahimahi traces `name`.up and `name`.down of `archive`, with
+    `rtt_ms` of propagation delay (a capacity trace records no RTT: the caller states it)."""
+    from splitexit.sim.link import Direction, LinkProfile, load_trace
+
+    up, down = (load_trace(archive, f"{name}.{d}") for d in ("up", "down"))
+    return LinkProfile(up=Direction(trace=up, delay_ms=rtt_ms / 2), down=Direction(trace=down, delay_ms=rtt_ms / 2))
+
+
+def make_plan(model: Any, input_shape: tuple[int, int, int], val: Any, measured: Any, device: Any,
+              link_profile: Any, input_bytes: float) -> E2EPlan:
+    """The planner's choice for this device and link. `val`: the network's exit outputs on
+    validation data; `measured`: this machine's profile (the worker's times); `device`:
+    the device's profile; `input_bytes`: an input's mean size as the JPEG cloud-only sends."""
+    from splitexit.cost import cost_model
+    from splitexit.plan import plan
+    from splitexit.policies import MaxProb
+    from splitexit.sim.planning import MAXPROB_SWEEP, cut_bytes, exit_behaviour
+
+    ladder = cost_model(model, input_shape).exit_ladder()
+    settings = {f"maxprob q={q}": MaxProb(q, fallback=False) for q in MAXPROB_SWEEP}
+    behaviours = [exit_behaviour(policy, name, val, ladder) for name, policy in settings.items()]
+    full_acc = float(val.correct()[-1].mean())
+    ranked = plan(device=device.at(1), cloud=measured.at(1), link=link_estimate(link_profile), exits=model.exit_points,
+                  behaviours=behaviours, full_acc=full_acc, feature_bytes=cut_bytes(model, input_shape, "fp32"),
+                  input_bytes=input_bytes, accuracy_floor=full_acc - 0.005)
+    split = next(c for c in ranked if c.route == "split")
+    adaptive = next(c for c in ranked if c.route == "adaptive")
+    return E2EPlan(ranked, split, adaptive, settings[adaptive.setting or "maxprob q=0.9"], full_acc)
+
+
+def run_local(model: Any, x: Any, labels: np.ndarray, chosen: E2EPlan, device: Any, num_classes: int) -> list[Any]:
+    """`edge_only` and `edge_exits` on the device (padded to its profile), one input at a time."""
+    from splitexit.policies import MaxProb
+    from splitexit.runtime import ExitRunner
+    from splitexit.sim import live
+
+    padded = live.pad_to_profile(model, device)
+    never = MaxProb(2.0, fallback=False)
+    return [
+        live.summarize("edge_only", live.run_local(ExitRunner(padded, never, num_classes=num_classes), x, exits=False),
+                       labels, plan="every stage on the device, no exits"),
+        live.summarize("edge_exits", live.run_local(ExitRunner(padded, chosen.adaptive_policy,
+                                                               num_classes=num_classes), x),
+                       labels, plan=f"every stage on the device, {chosen.adaptive.setting}"),
+    ]
+
+
+async def run_linked(model: Any, meta: Any, input_shape: tuple[int, int, int], images: np.ndarray,
+                     labels: np.ndarray, chosen: E2EPlan, device: Any, link_profile: Any, workdir: Path,
+                     *, progress: Any = print) -> list[Any]:
+    """`cloud_only`, `fixed_split` and `adaptive` through a real worker process and an
+    emulated link each, one input at a time."""
+    from splitexit.bundle import export_bundle, load_bundle, load_whole
+    from splitexit.edge import AgentConfig
+    from splitexit.policies import MaxProb
+    from splitexit.sim import live
+    from splitexit.sim.link import LinkProxy
+
+    never = MaxProb(2.0, fallback=False)
+    name = meta.model.arch
+    split, adaptive = chosen.fixed_split, chosen.adaptive
+    paths = {
+        "cloud_only": export_bundle(workdir / "cloud", model, meta, split=model.num_stages - 2, policy=never,
+                                    input_shape=input_shape, name=f"{name}-cloud"),
+        "fixed_split": export_bundle(workdir / "split", model, meta, split=split.split or 0, policy=never,
+                                     input_shape=input_shape, name=f"{name}-split"),
+        "adaptive": export_bundle(workdir / "adaptive", model, meta, split=adaptive.split or 0,
+                                  policy=chosen.adaptive_policy, input_shape=input_shape, name=f"{name}-adaptive"),
+    }
+    plans = {"cloud_only": "the input as JPEG (q=90), every stage in the worker",
+             "fixed_split": f"cut after stage {split.split}, no exits",
+             "adaptive": f"cut after stage {adaptive.split}, {adaptive.setting}"}
+    results = []
+    cloud_bundle = load_whole(paths["cloud_only"])
+    async with live.WorkerProcess(list(paths.values())) as worker:
+        host, port = worker.address.rsplit(":", 1)
+        for strategy in LINKED:
+            async with LinkProxy((host, int(port)), link_profile) as proxy:
+                if strategy == "cloud_only":
+                    records = await live.run_cloud_only(cloud_bundle, proxy.address, images)
+                else:
+                    edge = load_bundle(paths[strategy], "edge")
+                    edge = replace(edge, model=live.pad_to_profile(edge.model, device))
+                    records = await live.run_edge_agent(edge, proxy.address, images,
+                                                        config=AgentConfig(request_timeout_ms=30_000))
+                bytes_up = proxy.counters.bytes_up
+            results.append(live.summarize(strategy, records, labels, bytes_up=bytes_up, plan=plans[strategy]))
+            progress(f"   {strategy}: done ({len(records)} inputs)")
+    return results
+
+
+def table(results: list[Any]) -> str:
+    lines = [f"   {'strategy':<11} {'acc':>7} {'mean ms':>8} {'p95 ms':>8} {'device':>7} {'bytes up':>9}  plan"]
+    for r in results:
+        lines.append(f"   {r.name:<11} {r.acc:>7.4f} {r.mean_ms:>8.2f} {r.p95_ms:>8.2f} {r.on_device:>7.2f} "
+                     f"{r.bytes_up:>9.0f}  {r.plan}")
+    return "\n".join(lines)

@@ -259,9 +259,14 @@ class ExitRunner:
         self._net_ids = np.asarray(self.network, dtype=np.int64)
         self._exit_at = {stage: k for k, stage in enumerate(self.exit_stages)}
 
+    @property
+    def initial_next(self) -> int:
+        """The exit a fresh row evaluates first."""
+        return first_exit(self.policy, self.num_exits)
+
     def initial_state(self, rows: int) -> RowState:
         return RowState(
-            next_exit=np.full(rows, first_exit(self.policy, self.num_exits), dtype=np.int64),
+            next_exit=np.full(rows, self.initial_next, dtype=np.int64),
             evaluated=np.zeros(rows, dtype=np.int64),
             best_conf=np.full(rows, -1.0, dtype=np.float32),
             best_exit=np.full(rows, -1, dtype=np.int64),
@@ -290,6 +295,7 @@ class ExitRunner:
         stop = self.num_stages - 1 if stop is None else stop
         n = x.shape[0]
         rows = np.arange(n) if rows is None else np.asarray(rows)
+        fresh = state is None
         state = self.initial_state(n) if state is None else state.clone()
         answered: list[Answered] = []
         escalated: list[Pending] = []
@@ -303,16 +309,22 @@ class ExitRunner:
                 escalated.append(Pending(rows[arrived_away], None, state.take(arrived_away)))
                 keep = ~arrived_away
                 rows, feature, state = rows[keep], engine.take(feature, keep), state.take(keep)
+        # the next exit of every row when they all share one (a fresh run, and after any step
+        # whose policy named no next exit per row): no array to compare at the next exit
+        uniform: int | None = self.initial_next if fresh else None
         for first, last in self.segments(start, stop):
             if len(rows) == 0:
                 break
             k = self._exit_at.get(last)
             sel: np.ndarray | None = None
             if k is not None and not (k == own and self.num_exits == own + 1):  # else: the ladder's end takes all
-                want = state.next_exit == k
-                if not bool(want.all()):
-                    sel = np.flatnonzero(want) if bool(want.any()) else None
-                    k = k if sel is not None else None  # no row evaluates this exit
+                if uniform is not None:
+                    k = k if uniform == k else None
+                else:
+                    want = state.next_exit == k
+                    if not bool(want.all()):
+                        sel = np.flatnonzero(want) if bool(want.any()) else None
+                        k = k if sel is not None else None  # no row evaluates this exit
             feature, probs = engine.advance(feature, first, last, head=k is not None, rows=sel)
             if k is None or probs is None:
                 continue
@@ -331,6 +343,8 @@ class ExitRunner:
             state.best_probs = _put(state.best_probs, sel,
                                     np.where(better[:, None], probs, _take(state.best_probs, sel)))
             state.next_exit = _put(state.next_exit, sel, np.where(decision.exit, -1, decision.next_exit))
+            # rows that stay all go to one exit only if all were here and the policy named one
+            uniform = decision.next_exit if sel is None and isinstance(decision.next_exit, int) else None
             left = bool(decision.exit.any())
             if left:
                 leave = decision.exit

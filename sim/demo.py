@@ -76,16 +76,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     link = e2e.link_estimate(link_profile)
     print(f"2. device: {profile.name} ({profile.source}); worker: this machine")
     print(f"   plan for link {args.link} (up {link.up_mbps} Mbit/s, RTT {link.rtt_ms:.0f} ms): best overall "
-          f"{chosen.ranked[0].describe()} ({chosen.ranked[0].expected_ms:.2f} ms expected); best cut without exits: "
-          f"stage {chosen.fixed_split.split}; {chosen.adaptive.describe()} ({chosen.adaptive.expected_ms:.2f} ms)")
+          f"{chosen.adaptive.describe()} ({chosen.adaptive.expected_ms:.2f} ms expected: the adaptive strategy); "
+          f"best cut without exits: stage {chosen.fixed_split.split}")
 
     # -- 3. the strategies: on the device, then through a worker and an emulated link ----------
     args.out.mkdir(parents=True, exist_ok=True)
     test = dataset.test if not args.inputs else dataset.test.subset(np.arange(min(args.inputs, len(dataset.test))))
     print("3. the device's own strategies, then a worker process and an emulated link per strategy")
     results = e2e.run_local(model, normalize(torch.from_numpy(test.images)), test.labels, chosen, profile, 10)
-    results += asyncio.run(e2e.run_linked(model, meta, shape, test.images, test.labels, chosen, profile,
-                                          link_profile, args.out / "bundles"))
+    results = e2e.ordered(results + asyncio.run(e2e.run_linked(model, meta, shape, test.images, test.labels, chosen,
+                                                               profile, link_profile, args.out / "bundles")))
 
     # -- 4. the table ------------------------------------------------------------------------
     print(f"4. {len(test)} test inputs, one at a time, through the emulated {args.link} link:")

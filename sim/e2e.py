@@ -2,13 +2,17 @@
 `splitexit sim demo` shows on the digits and `splitexit bench e2e` measures on CIFAR-10.
 
 1. `make_plan`: the planner (`splitexit.plan`) ranks every route from the network's
-   validation outputs, the device's and the worker's measured times and the link: the
-   best cut without exits (Neurosurgeon's: `fixed_split`) and the best cut with an exit
-   policy (`adaptive`).
-2. `run_local`: the device's own strategies (`edge_only`, `edge_exits`), no link.
+   validation outputs, the device's and the worker's measured times and the link. Its
+   first choice is `adaptive` (whatever route wins: on the device with exits, the input
+   to the cloud, or a cut with or without exits); the best cut without exits is
+   `fixed_split` (Neurosurgeon's). The plan is made once, offline: the agent does not
+   re-plan during a run yet.
+2. `run_local`: the device's own strategies (`edge_only`, and `edge_exits` with the exit
+   setting of the best plan that has exits), no link.
 3. `run_linked`: bundles for the linked strategies, a real worker process serving them, an
    emulated link per strategy (`splitexit.sim.link`), every input answered one at a time
-   (`cloud_only`: the input as JPEG, every stage in the worker).
+   (`cloud_only`: the input as JPEG, every stage in the worker); `adaptive` too when its
+   route uses the link (a route on the device is `run_local`'s run).
 
 The device is this machine padded to a device class's times (`pad_to_profile`); the
 worker is this machine.
@@ -22,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["E2EPlan", "link_estimate", "make_plan", "run_linked", "run_local", "table", "trace_link"]
+__all__ = ["E2EPlan", "link_estimate", "make_plan", "ordered", "run_linked", "run_local", "table", "trace_link"]
 
 # names of the strategies (BENCH.md's `e2e` keys), in the order they are run
 LOCAL = ("edge_only", "edge_exits")
@@ -33,9 +37,14 @@ LINKED = ("cloud_only", "fixed_split", "adaptive")
 class E2EPlan:
     ranked: list[Any]  # splitexit.plan.Candidate, best first
     fixed_split: Any  # the best cut without exits
-    adaptive: Any  # the best cut with an exit policy
-    adaptive_policy: Any
+    adaptive: Any  # the planner's first choice (any route)
+    adaptive_policy: Any  # its exit policy (no early exit for a route without exits)
+    exits_policy: Any  # the exit setting of the best plan with exits (edge_exits runs it)
     full_acc: float  # the full network's validation accuracy
+
+    @property
+    def adaptive_is_local(self) -> bool:
+        return self.adaptive.route in ("edge_only", "edge_exits")
 
 
 def link_estimate(profile: Any) -> Any:
@@ -76,8 +85,10 @@ def make_plan(model: Any, input_shape: tuple[int, int, int], val: Any, measured:
                   behaviours=behaviours, full_acc=full_acc, feature_bytes=cut_bytes(model, input_shape, "fp32"),
                   input_bytes=input_bytes, accuracy_floor=full_acc - 0.005)
     split = next(c for c in ranked if c.route == "split")
-    adaptive = next(c for c in ranked if c.route == "adaptive")
-    return E2EPlan(ranked, split, adaptive, settings[adaptive.setting or "maxprob q=0.9"], full_acc)
+    exits_setting = next(c.setting for c in ranked if c.setting is not None)
+    chosen = ranked[0]
+    policy = settings[chosen.setting] if chosen.setting is not None else MaxProb(2.0, fallback=False)
+    return E2EPlan(ranked, split, chosen, policy, settings[exits_setting], full_acc)
 
 
 def run_local(model: Any, x: Any, labels: np.ndarray, chosen: E2EPlan, device: Any, num_classes: int) -> list[Any]:
@@ -88,13 +99,20 @@ def run_local(model: Any, x: Any, labels: np.ndarray, chosen: E2EPlan, device: A
 
     padded = live.pad_to_profile(model, device)
     never = MaxProb(2.0, fallback=False)
-    return [
+    out = [
         live.summarize("edge_only", live.run_local(ExitRunner(padded, never, num_classes=num_classes), x, exits=False),
                        labels, plan="every stage on the device, no exits"),
-        live.summarize("edge_exits", live.run_local(ExitRunner(padded, chosen.adaptive_policy,
+        live.summarize("edge_exits", live.run_local(ExitRunner(padded, chosen.exits_policy,
                                                                num_classes=num_classes), x),
-                       labels, plan=f"every stage on the device, {chosen.adaptive.setting}"),
+                       labels, plan=f"every stage on the device, maxprob q={chosen.exits_policy.threshold}"),
     ]
+    if chosen.adaptive_is_local:  # the planner keeps everything on the device: that run is adaptive's
+        same = out[0] if chosen.adaptive.route == "edge_only" else out[1]
+        if chosen.adaptive.route == "edge_exits" and chosen.adaptive_policy != chosen.exits_policy:
+            same = live.summarize("adaptive", live.run_local(ExitRunner(padded, chosen.adaptive_policy,
+                                                                        num_classes=num_classes), x), labels)
+        out.append(replace(same, name="adaptive", plan=f"the plan: {chosen.adaptive.describe()}"))
+    return out
 
 
 async def run_linked(model: Any, meta: Any, input_shape: tuple[int, int, int], images: np.ndarray,
@@ -116,19 +134,22 @@ async def run_linked(model: Any, meta: Any, input_shape: tuple[int, int, int], i
                                     input_shape=input_shape, name=f"{name}-cloud"),
         "fixed_split": export_bundle(workdir / "split", model, meta, split=split.split or 0, policy=never,
                                      input_shape=input_shape, name=f"{name}-split"),
-        "adaptive": export_bundle(workdir / "adaptive", model, meta, split=adaptive.split or 0,
-                                  policy=chosen.adaptive_policy, input_shape=input_shape, name=f"{name}-adaptive"),
     }
+    if adaptive.route in ("split", "adaptive"):
+        paths["adaptive"] = export_bundle(workdir / "adaptive", model, meta, split=adaptive.split or 0,
+                                          policy=chosen.adaptive_policy, input_shape=input_shape,
+                                          name=f"{name}-adaptive")
     plans = {"cloud_only": "the input as JPEG (q=90), every stage in the worker",
              "fixed_split": f"cut after stage {split.split}, no exits",
-             "adaptive": f"cut after stage {adaptive.split}, {adaptive.setting}"}
+             "adaptive": f"the plan: {adaptive.describe()}"}
     results = []
     cloud_bundle = load_whole(paths["cloud_only"])
+    strategies = [s for s in LINKED if s != "adaptive" or not chosen.adaptive_is_local]
     async with live.WorkerProcess(list(paths.values())) as worker:
         host, port = worker.address.rsplit(":", 1)
-        for strategy in LINKED:
+        for strategy in strategies:
             async with LinkProxy((host, int(port)), link_profile) as proxy:
-                if strategy == "cloud_only":
+                if strategy == "cloud_only" or (strategy == "adaptive" and adaptive.route == "cloud_only"):
                     records = await live.run_cloud_only(cloud_bundle, proxy.address, images)
                 else:
                     edge = load_bundle(paths[strategy], "edge")
@@ -139,6 +160,12 @@ async def run_linked(model: Any, meta: Any, input_shape: tuple[int, int, int], i
             results.append(live.summarize(strategy, records, labels, bytes_up=bytes_up, plan=plans[strategy]))
             progress(f"   {strategy}: done ({len(records)} inputs)")
     return results
+
+
+def ordered(results: list[Any]) -> list[Any]:
+    """The strategies in the report's order (BENCH.md's)."""
+    order = [*LOCAL, *LINKED]
+    return sorted(results, key=lambda r: order.index(r.name))
 
 
 def table(results: list[Any]) -> str:

@@ -95,3 +95,15 @@ def test_faults_quick_loses_nothing_and_recovers_within_two_seconds(quick_bench)
         assert run["duplicates"] == 0 and run["kept"] > 0 and run["recomputed"] == run["sent"] - run["kept"], run
     spool = scenarios["spool_bitflip"]  # one flipped bit costs its record only, and refine says so
     assert spool["reported"] and spool["damaged_records"] == 1 and 0 < spool["lost"] <= 8, spool
+
+
+def test_e2e_quick_runs_every_strategy_per_link_and_device(quick_bench) -> None:
+    result = quick_bench("e2e", "--links", "fios,3g", "--devices", "rpi4", "--inputs", "8")
+    assert set(result["profiles"]) == {"fios/rpi4", "3g/rpi4"} and "ncnn" in result["devices"]["rpi4"]
+    for key, rows in result["profiles"].items():
+        assert {"edge_only", "edge_exits", "cloud_only", "fixed_split", "adaptive"} <= set(rows), key
+        for name in ("edge_only", "edge_exits", "cloud_only", "fixed_split", "adaptive"):
+            assert rows[name]["answered"] == rows[name]["inputs"] == 8 and rows[name]["mean_ms"] > 0, (key, name)
+        assert rows["cloud_only"]["bytes_up"] > 100 and rows["edge_only"]["bytes_up"] == 0
+    # the planner's choice (adaptive) keeps a 3G link's 300 ms round trip out of the answer
+    assert result["profiles"]["3g/rpi4"]["adaptive"]["mean_ms"] < result["profiles"]["3g/rpi4"]["cloud_only"]["mean_ms"]

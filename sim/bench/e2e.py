@@ -90,15 +90,15 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
         for link_name, link in links.items():
             key = f"{link_name}/{device_name}"
             chosen = e2e.make_plan(model, shape, val, measured, device, link, input_bytes)
-            log(f"{key}: {chosen.adaptive.describe()}; fixed split after stage {chosen.fixed_split.split}; "
+            log(f"{key}: the plan {chosen.adaptive.describe()}; fixed split after stage {chosen.fixed_split.split}; "
                 f"{len(test)} inputs per strategy")
-            setting = str(chosen.adaptive.setting)
+            setting = f"{chosen.adaptive.describe()} | {chosen.exits_policy.threshold}"  # what the device runs
             if setting not in local:
                 local[setting] = e2e.run_local(model, x, test.labels, chosen, device, len(meta.classes))
             linked = asyncio.run(e2e.run_linked(model, meta, shape, test.images, test.labels, chosen, device, link,
                                                 ctx.out / "e2e" / key.replace("/", "_").replace(":", "_"),
                                                 progress=log))
-            results = [*local[setting], *linked]
+            results = e2e.ordered([*local[setting], *linked])
             log(f"{key}:\n{e2e.table(results)}")
             profiles[key] = {r.name: r.row() for r in results}
             profiles[key]["plan"] = [{"plan": c.describe(), "expected_ms": round(c.expected_ms, 3)}

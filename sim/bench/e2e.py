@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", default="rpi4,jetson-nano", help="device classes (splitexit.profile)")
     parser.add_argument("--inputs", type=int, default=0, help="test inputs per strategy (default 200; 24 with --quick)")
     parser.add_argument("--traces", type=Path, default=TRACES, help="the Mahimahi traces archive")
+    parser.add_argument("--base-profile", type=Path, metavar="FILE",
+                        help="this machine's profile of the network (`splitexit profile`) to derive the devices from, "
+                             "fixed across runs (default: measured at the start; device times are it times ~14-16, "
+                             "so its noise shows)")
 
 
 def _link(name: str, traces: Path) -> Any:
@@ -60,7 +64,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
     import torch
 
     from splitexit.data import Normalize
-    from splitexit.profile import DEVICE_CLASSES, device_class, measure_profile
+    from splitexit.profile import DEVICE_CLASSES, device_class, load_profile, measure_profile
     from splitexit.sim import e2e
     from splitexit.sim.planning import jpeg_bytes
 
@@ -77,7 +81,11 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
     test = ctx.dataset.test.subset(np.arange(min(count, len(ctx.dataset.test))))
     x = Normalize(meta.mean, meta.std)(torch.from_numpy(test.images))
     val = ctx.outputs(trained, "val")
-    measured = measure_profile(model, shape, name="this machine", arch=meta.model.arch, threads=1)
+    if args.base_profile is not None:
+        measured = load_profile(args.base_profile)
+    else:
+        measured = measure_profile(model, shape, name="this machine", arch=meta.model.arch, threads=1, repeats=50)
+        measured.save(ctx.out / "e2e_base_profile.json")  # reusable with --base-profile
     input_bytes = jpeg_bytes(ctx.dataset.val.images[:200])
     with torch.inference_mode():
         full_acc = float((model(x).argmax(-1).numpy() == test.labels).mean())
@@ -104,6 +112,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
             profiles[key]["plan"] = [{"plan": c.describe(), "expected_ms": round(c.expected_ms, 3)}
                                      for c in chosen.ranked[:5]]
     result = {"profiles": profiles, "full_acc": full_acc, "inputs": len(test),
+              "base_profile_ms": round(measured.at(1).backbone_ms(), 3),
               "devices": sources, "links": list(links), "trace_rtt_ms": TRACE_RTT_MS}
     _plot(profiles, ctx.out / "e2e.png", meta.model.arch)
     (ctx.out / "e2e_table.txt").write_text(_markdown(profiles))

@@ -12,9 +12,12 @@ import shutil
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from splitexit.codec import CODECS
+
+if TYPE_CHECKING:
+    from splitexit.manifest import Manifest
 
 EXIT_USAGE = 2
 EXIT_PARTIAL = 1  # the run finished, but some inputs have no answer (each named on stderr)
@@ -246,6 +249,23 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"cloud exits {list(manifest.cloud_exits)}, policy {policy.name}, codec {args.codec}"
           + (f", {sum(not s.alone for s in manifest.onnx)} ONNX edge segments" if manifest.onnx else ""))
     print(f"hash {manifest.hash}")
+    _note_feature_bytes(manifest)
+
+
+def _note_feature_bytes(manifest: "Manifest") -> None:
+    """Say when an offload sends more than the input itself would: a split that costs the
+    link more than cloud-only does (the raw input as uint8; compressed it is smaller still)."""
+    from splitexit.codec import encoded_bytes
+
+    feature = encoded_bytes(manifest.codec, (1, *manifest.feature_shape))  # type: ignore[arg-type]
+    raw = 1
+    for d in manifest.input_shape:
+        raw *= d
+    if feature > raw:
+        print(f"note: an offloaded row carries {feature:,} bytes ({manifest.codec} feature "
+              f"{'x'.join(map(str, manifest.feature_shape))} after stage {manifest.split}), {feature / raw:.1f}x the "
+              f"{raw:,}-byte raw input (less still as JPEG): a later split, a smaller codec (fp16, int8) or "
+              f"cloud-only may send less (`splitexit plan` weighs it)")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:

@@ -83,7 +83,13 @@ def test_export_writes_a_bundle_both_sides_load(checkpoint, tmp_path: Path, caps
     assert edge.hash == cloud.hash and edge.split == 2 and edge.codec == "fp16"
     assert edge.input_shape == (1, 8, 8)
     assert edge.manifest.calibration["cost_frac"] <= 0.8 + 1e-9
-    assert edge.hash in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert edge.hash in printed
+    # the feature after stage 2 is larger than the 64-byte 8x8 input: the operator is told
+    import re
+
+    assert re.search(r"note: an offloaded row carries [\d,]+ bytes \(fp16 feature \d+x\d+x\d+ after stage 2\), "
+                     r"[\d.]+x the 64-byte raw input", printed), printed
     (tmp_path / "bad.json").write_text("{not json")
     assert main(["export", str(checkpoint[0]), "--policy", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b2")]) == 2
     assert not (tmp_path / "b2").exists()

@@ -26,10 +26,10 @@ from typing import Iterator
 
 import numpy as np
 
+from splitexit.archive import IMAGE_SUFFIXES
+
 __all__ = ["IMAGE_SUFFIXES", "InputError", "InputSet", "load_inputs"]
 
-# splitexit.data's list (not imported from there: it loads torch, and this module must not)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _MODES = {1: "L", 3: "RGB"}
 
@@ -87,7 +87,7 @@ def _is_image(name: str) -> bool:
 
 def _iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
     """The images of an archive (splitexit.data's reader), with the edge's own error type."""
-    from splitexit.data import DataError, iter_archive  # torch-importing module: only when needed
+    from splitexit.archive import DataError, iter_archive
 
     try:
         yield from iter_archive(path, _is_image)

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-
-
-class DataError(ValueError):
-    """A data set that cannot be read: the message says which file and why."""
+from splitexit.archive import IMAGE_SUFFIXES, DataError, iter_archive
 
 
 @dataclass(frozen=True)
@@ -138,22 +133,6 @@ def _split_class(member: str) -> tuple[str, str] | None:
     if len(parts) < 3 or not member.lower().endswith(IMAGE_SUFFIXES):
         return None
     return parts[-3], parts[-2]
-
-
-def iter_archive(path: Path, keep: Callable[[str], object]) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of the regular files of a tar(.gz) archive that `keep` accepts;
-    a corrupt or unreadable archive is a DataError that says so."""
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                if member.isfile() and keep(member.name):
-                    handle = tar.extractfile(member)
-                    if handle is None:
-                        raise DataError(f"{path}: cannot read member {member.name}")
-                    yield member.name, handle.read()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        # zlib/gzip errors surface as OSError/EOFError from the stream
-        raise DataError(f"{path}: corrupt or unreadable archive ({exc})") from exc
 
 
 def _iter_folder(path: Path) -> Iterator[tuple[str, bytes]]:

@@ -144,6 +144,16 @@ def test_the_edge_path_imports_no_torch(maxprob_bundle: Path, data, tmp_path: Pa
     exporter cannot be imported (what the `edge` extra installs)."""
     images, _ = data
     np.save(tmp_path / "images.npy", images)
+    import tarfile
+
+    from PIL import Image
+
+    folder = tmp_path / "pngs"  # an archive of images: the loader must not need torch either
+    folder.mkdir()
+    for i, image in enumerate(images[:6]):
+        Image.fromarray(image[..., 0], "L").save(folder / f"{i}.png")
+    with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="pngs")
     script = f"""
 import sys
 for name in ("torch", "sklearn", "safetensors", "onnx", "onnxscript", "scipy", "matplotlib"):
@@ -151,6 +161,8 @@ for name in ("torch", "sklearn", "safetensors", "onnx", "onnxscript", "scipy", "
 from splitexit.cli import main
 code = main(["edge", "run", {str(maxprob_bundle)!r}, "--input", {str(tmp_path / 'images.npy')!r},
              "--out", {str(tmp_path / 'out.jsonl')!r}, "--engine", "onnx"])
+code |= main(["edge", "run", {str(maxprob_bundle)!r}, "--input", {str(tmp_path / 'images.tar.gz')!r},
+              "--out", {str(tmp_path / 'archive.jsonl')!r}, "--engine", "onnx"])
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m] is not None)
 sys.exit(code)
 """
@@ -159,6 +171,7 @@ sys.exit(code)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(rows) == len(images) and all(r["route"] in ("edge", "degraded") for r in rows)
+    assert len((tmp_path / "archive.jsonl").read_text().splitlines()) == 6
 
 
 def _start_worker(bundle: Path) -> tuple[subprocess.Popen, str]:

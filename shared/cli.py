@@ -444,21 +444,32 @@ def _unavailable(sub: argparse._SubParsersAction, name: str, exc: ImportError) -
     p.set_defaults(func=refuse)
 
 
+def _set_torch_threads(threads: int) -> None:
+    """`--threads` for the commands that run torch; an edge install without torch has none to set."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int | None] = args.func  # an exit status, None for 0
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        if getattr(args, "threads", None):
+            _set_torch_threads(args.threads)
         code = func(args)
     except CliError as exc:
         print(f"splitexit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (ValueError, OSError) as exc:  # DataError and CheckpointError are ValueErrors
         print(f"splitexit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:  # a part of the full install missing (an edge install has no torch)
+        print(f"splitexit: error: this command needs {exc.name or exc}, which this install lacks "
+              "(the edge extra runs `splitexit edge` only: pip install 'splitexit[full]')", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("splitexit: interrupted", file=sys.stderr)

@@ -330,6 +330,12 @@ class ExitRunner:
                 continue
             sub = {name: _take(value, sel) for name, value in state.policy.items()}
             decision, update = step(self.policy, k, probs, sub, self.num_exits)
+            if k == self.num_exits - 1 and sel is None:
+                # the ladder's last exit answers every row left: no state to keep for any of them
+                answered.append(Answered(rows, decision.answer, np.full(len(rows), k, dtype=np.int64),
+                                         state.evaluated + 1))
+                rows = rows[:0]
+                break
             for name, value in update.items():
                 if name not in state.policy:
                     raise PolicyError(f"policy state {name!r} was not created by init_state")

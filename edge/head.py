@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from splitexit.arrays import to_numpy
 from splitexit.codec import encoded_bytes
 from splitexit.edge.config import REQUEST_OVERHEAD, AgentConfig
 from splitexit.edge.transport import OffloadError
@@ -87,8 +88,7 @@ class EdgeHead:
             if not inputs:
                 raise ValueError("no inputs")
             inputs = np.stack([np.asarray(i) for i in inputs])
-        if hasattr(inputs, "detach"):  # a torch tensor: its values
-            inputs = inputs.detach().cpu().numpy()
+        inputs = to_numpy(inputs)  # a torch tensor: its values
         if not isinstance(inputs, np.ndarray):
             raise ValueError(f"inputs must be a tensor, an array or a list of images, got {type(inputs).__name__}")
         if inputs.dtype == np.uint8:

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Collection, Literal, Sequence, get_args
 
 import numpy as np
 
+from splitexit.arrays import to_numpy
+
 if TYPE_CHECKING:  # protobuf only where a tensor is converted
     from splitexit.proto import inference_pb2
 
@@ -279,11 +281,7 @@ def encoded_bytes(codec: CodecName, shape: Sequence[int]) -> int:
 def as_array(x: Any) -> np.ndarray:
     """A CPU array of `x`: a numpy array as it is, a torch tensor's values (a view where it
     can be), without importing torch here (the torch-free edge encodes numpy arrays)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        if not x.is_floating_point():
-            raise CodecError(f"expected a floating-point tensor, got {x.dtype}")
-        return x.float().numpy()
+    x = to_numpy(x)
     if not isinstance(x, np.ndarray):
         raise CodecError(f"expected an array or a torch.Tensor, got {type(x).__name__}")
     return x

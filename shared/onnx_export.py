@@ -24,7 +24,6 @@ Exported with the `torch.onnx` exporter (dynamo, needs `onnx` and `onnxscript`) 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitexit.manifest import OnnxSegment
+from splitexit.manifest import OnnxSegment, sha256_file
 from splitexit.models import BoFHead, BoFHistogram, MultiExitNet
 
 __all__ = ["OPSET", "ExportError", "export_edge_segments", "export_plain"]
@@ -137,10 +136,6 @@ def _export(module: nn.Module, model: MultiExitNet, input_shape: tuple[int, ...]
         _clear_bof_caches(model)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_edge_segments(model: MultiExitNet, split: int, input_shape: tuple[int, ...],
                          out_dir: Path, *, heads: bool = True) -> list[OnnxSegment]:
     """Write the edge part (stages 0..split and their exits) of `model` as ONNX segments
@@ -174,13 +169,13 @@ def export_edge_segments(model: MultiExitNet, split: int, input_shape: tuple[int
         name = f"edge-{first}-{last}{'' if heads else '-stages'}.onnx"
         in_shape = shapes[first - 1]  # the previous segment's output (-1: the network's input)
         _export(segment, model, in_shape, out_dir / name, ["feature", "probs"] if head else ["feature"])
-        files.append(OnnxSegment(name, first, last, head is not None, in_shape, _sha256(out_dir / name)))
+        files.append(OnnxSegment(name, first, last, head is not None, in_shape, sha256_file(out_dir / name)))
         first = last + 1
     if heads and split in exits and split < model.num_stages - 1:  # the fallback for rows that skipped it
         name = f"head-{split}.onnx"
         _export(_HeadAlone(_head_for_export(model, split, shapes[split][-1])), model, shapes[split],
                 out_dir / name, ["probs"])
-        files.append(OnnxSegment(name, -1, split, True, shapes[split], _sha256(out_dir / name)))
+        files.append(OnnxSegment(name, -1, split, True, shapes[split], sha256_file(out_dir / name)))
     return files
 
 

@@ -8,7 +8,7 @@ agent runs stages 0..split and ships what is left (feature + `RowState`); the cl
 worker resumes from split+1 with that state. Same code, same decisions, on both sides.
 
 The network's compute is an `Engine`: `TorchEngine` runs a MultiExitNet eagerly (the
-cloud, training, tests), `splitexit.edge.onnx_engine.OnnxEngine` runs a bundle's exported
+cloud, training, tests), `splitexit.edge.engine.OnnxEngine` runs a bundle's exported
 ONNX segments on a device without torch. The bookkeeping here (row selection, policy
 state, answers) is numpy whatever the engine: torch is imported only by `TorchEngine`.
 """
@@ -258,6 +258,7 @@ class ExitRunner:
         self._one_network = len(set(self.network)) == 1  # no row can be bound for another network
         self._net_ids = np.asarray(self.network, dtype=np.int64)
         self._exit_at = {stage: k for k, stage in enumerate(self.exit_stages)}
+        self._segments: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (start, stop) -> segments()
 
     @property
     def initial_next(self) -> int:
@@ -277,8 +278,11 @@ class ExitRunner:
     def segments(self, start: int, stop: int) -> list[tuple[int, int]]:
         """The (first, last) stage runs of `run(start, stop)`: each ends at an exit, the
         last at `stop` (what an engine of exported segments must hold)."""
-        ends = sorted({stage for stage in self.exit_stages if start <= stage <= stop} | {stop})
-        return [(first, last) for first, last in zip([start, *(e + 1 for e in ends[:-1])], ends)]
+        found = self._segments.get((start, stop))
+        if found is None:  # once per (start, stop): `run` asks at every batch
+            ends = sorted({stage for stage in self.exit_stages if start <= stage <= stop} | {stop})
+            found = self._segments[(start, stop)] = list(zip([start, *(e + 1 for e in ends[:-1])], ends))
+        return found
 
     def run(self, x: Any, *, start: int = 0, stop: int | None = None, state: RowState | None = None,
             rows: np.ndarray | None = None, larger_input: LargerInput | None = None) -> RunResult:

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import numpy as np
 
+from splitexit.arrays import to_numpy
 from splitexit.codec import CodecError, CodecName, EncodedTensor, Quantization, decode, encode
 
 if TYPE_CHECKING:
@@ -141,8 +142,7 @@ def _is_integer(dtype: np.dtype) -> bool:
 
 
 def _state_array(name: str, value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor (tests and older callers), as an array
-        value = value.detach().cpu().numpy()
+    value = to_numpy(value)
     if not isinstance(value, np.ndarray):
         raise StateError(f"policy state {name!r} is a {type(value).__name__}, not an array")
     return value

@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from splitexit.profile import DEVICE_CLASSES, device_class, measure_profile
     from splitexit.sim import e2e
     from splitexit.sim.link import PROFILES
-    from splitexit.sim.planning import jpeg_bytes
+    from splitexit.sim.planning import jpeg_bytes, link_estimate
     from splitexit.train import TrainConfig, train_cached
 
     if args.link not in PROFILES:
@@ -73,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     measured = measure_profile(model, shape, name="this machine", arch=model_cfg.arch, threads=1)
     profile = measured if args.device == "here" else device_class(measured, args.device)
     chosen = e2e.make_plan(model, shape, val, measured, profile, link_profile, jpeg_bytes(dataset.val.images[:100]))
-    link = e2e.link_estimate(link_profile)
+    link = link_estimate(link_profile)
     print(f"2. device: {profile.name} ({profile.source}); worker: this machine")
     print(f"   plan for link {args.link} (up {link.up_mbps} Mbit/s, RTT {link.rtt_ms:.0f} ms): best overall "
           f"{chosen.adaptive.describe()} ({chosen.adaptive.expected_ms:.2f} ms expected: the adaptive strategy); "

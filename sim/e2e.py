@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["E2EPlan", "link_estimate", "make_plan", "ordered", "run_linked", "run_local", "table", "trace_link"]
+__all__ = ["E2EPlan", "make_plan", "ordered", "run_linked", "run_local", "table", "trace_link"]
 
 # names of the strategies (BENCH.md's `e2e` keys), in the order they are run
 LOCAL = ("edge_only", "edge_exits")
@@ -47,17 +47,6 @@ class E2EPlan:
         return self.adaptive.route in ("edge_only", "edge_exits")
 
 
-def link_estimate(profile: Any) -> Any:
-    """The planner's view of an emulated link: its rates (a trace's mean) and RTT."""
-    from splitexit.plan import LinkEstimate
-
-    def mbps(direction: Any) -> float | None:
-        return direction.trace.mean_mbps if direction.trace is not None else direction.rate_mbps
-
-    return LinkEstimate(up_mbps=mbps(profile.up), down_mbps=mbps(profile.down),
-                        rtt_ms=profile.up.delay_ms + profile.down.delay_ms)
-
-
 def trace_link(archive: Path, name: str, rtt_ms: float) -> Any:
     """A link replaying the Mahimahi traces `name`.up and `name`.down of `archive`, with
     `rtt_ms` of propagation delay (a capacity trace records no RTT: the caller states it)."""
@@ -75,7 +64,7 @@ def make_plan(model: Any, input_shape: tuple[int, int, int], val: Any, measured:
     from splitexit.cost import cost_model
     from splitexit.plan import plan
     from splitexit.policies import MaxProb
-    from splitexit.sim.planning import MAXPROB_SWEEP, cut_bytes, exit_behaviour
+    from splitexit.sim.planning import MAXPROB_SWEEP, cut_bytes, exit_behaviour, link_estimate
 
     ladder = cost_model(model, input_shape).exit_ladder()
     settings = {f"maxprob q={q}": MaxProb(q, fallback=False) for q in MAXPROB_SWEEP}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,15 +78,25 @@ def jpeg_bytes(images: np.ndarray, quality: int = 90) -> float:
     return float(np.mean([len(b) for b in wire.encode_raw_input(images, "jpeg", quality=quality)]))
 
 
+def link_estimate(profile: Any) -> Any:
+    """The planner's view of an emulated link: its rates (a trace's mean) and RTT."""
+    from splitexit.plan import LinkEstimate
+
+    def mbps(direction: Any) -> float | None:
+        return direction.trace.mean_mbps if direction.trace is not None else direction.rate_mbps
+
+    return LinkEstimate(up_mbps=mbps(profile.up), down_mbps=mbps(profile.down),
+                        rtt_ms=profile.up.delay_ms + profile.down.delay_ms)
+
+
 def _link(args: argparse.Namespace) -> tuple[Any, str]:
     from splitexit.plan import LinkEstimate
     from splitexit.sim.link import PROFILES, load_trace
 
     spec: str = args.link
     if spec in PROFILES:
-        profile = PROFILES[spec]
-        rtt = profile.up.delay_ms + profile.down.delay_ms if args.rtt_ms is None else args.rtt_ms
-        return LinkEstimate(up_mbps=profile.up.rate_mbps, down_mbps=profile.down.rate_mbps, rtt_ms=rtt), spec
+        estimate = link_estimate(PROFILES[spec])
+        return (estimate if args.rtt_ms is None else replace(estimate, rtt_ms=args.rtt_ms)), spec
     archive, _, member = spec.partition(".tar.gz:")
     try:
         trace = load_trace(archive + ".tar.gz", member) if member else load_trace(spec)

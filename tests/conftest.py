@@ -24,6 +24,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def tiny_net():
+    """The edge tests' tiny model with sharpened random heads, and its checkpoint meta."""
+    return sys.modules[_EDGE_SUPPORT].tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(tiny_net):
+    """48 uint8 images for the tiny model, and the same normalized."""
+    return sys.modules[_EDGE_SUPPORT].batch(tiny_net[1], 48)
+
+
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"

@@ -88,6 +88,7 @@ def test_faults_quick_loses_nothing_and_recovers_within_two_seconds(quick_bench)
     assert result["lost"] == 0 and result["sent"] == result["answered"] > 0
     for name in ("outage_1s", "partition_1s", "edge_run_sigterm", "edge_run_kill9"):
         assert scenarios[name]["lost"] == 0, name
+    for name in ("outage_1s", "partition_1s"):
         assert scenarios[name]["recovered_s"] is not None and scenarios[name]["recovered_s"] <= 2.0, name
     assert scenarios["outage_1s"]["degraded"] > 0  # the outage was felt, and answered locally
     for name in ("edge_run_sigterm", "edge_run_kill9"):  # the rerun resumed: each input once, the rest kept

@@ -35,13 +35,14 @@ N = 48
 
 
 @pytest.fixture(scope="module")
-def net():
-    return S.tiny_model()
+def net(tiny_net):
+    return tiny_net
 
 
 @pytest.fixture(scope="module")
-def data(net):
-    return S.batch(net[1], N)
+def data(tiny_batch):
+    assert len(tiny_batch[0]) == N
+    return tiny_batch
 
 
 @pytest.fixture(scope="module")

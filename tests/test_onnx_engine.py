@@ -24,18 +24,17 @@ from splitexit.policies.predictive import Predictive
 
 import splitexit_tests_edge_support as S  # noqa: E402  (registered by conftest.py)
 
-N = 48
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def net():
-    return S.tiny_model()
+def net(tiny_net):
+    return tiny_net
 
 
 @pytest.fixture(scope="module")
-def data(net):
-    return S.batch(net[1], N)
+def data(tiny_batch):
+    return tiny_batch
 
 
 def _export(tmp: Path, net, policy, split: int) -> Path:

@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Protocol, Sequence
 
 import numpy as np
 
+from splitexit.arrays import to_numpy
+
 State = dict[str, np.ndarray]  # per-row arrays, first dimension = rows
 
 
@@ -191,9 +193,7 @@ def _assign(state: State, rows: np.ndarray, update: State) -> None:
 def as_probs(probs: Any) -> np.ndarray:
     """Exit outputs as the rules take them: a float32 array (a torch tensor's CPU values
     or a list), without a copy where they already are one."""
-    if hasattr(probs, "detach"):  # a torch tensor, without importing torch here
-        probs = probs.detach().cpu().numpy()
-    return np.asarray(probs, dtype=np.float32)
+    return np.asarray(to_numpy(probs), dtype=np.float32)
 
 
 def simulate(policy: ExitPolicy, probs: Any, ladder: Ladder, labels: np.ndarray | None = None) -> Outcome:

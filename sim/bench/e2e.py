@@ -149,7 +149,8 @@ def _plot(profiles: dict[str, Any], path: Path, arch: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("ms per input (bar: mean, dash: p95; log)")
     ax.set_title(f"{arch}: each strategy end to end per link/device (worker: this machine)", fontsize=9)
-    ax.legend(fontsize=7, ncol=len(strategies))
-    fig.tight_layout()
+    # below the axes: inside, it covers the bars of some link or other
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=7, ncol=len(strategies))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,11 +17,19 @@ the last batch's requests and would otherwise leave the compute idle until it co
 A partial batch is not sent ahead: with the compute busy there is no point in cutting the
 wait for company short.
 
-Admission is decided at once: past `queue_limit_rows` or `queue_limit_requests` waiting
-(all keys together; a batch handed ahead still counts until it starts), `submit` raises
-RequestError(RESOURCE_EXHAUSTED) without queueing. A request whose deadline passes while
-it waits is dropped before compute (DEADLINE_EXCEEDED), and one whose caller went away
-(cancelled) is skipped.
+Admission is decided at once, by time as well as by count: `submit` raises
+RequestError(RESOURCE_EXHAUSTED) without queueing when
+- the work ahead of the request (rows waiting, all keys together, and rows computing),
+  at the measured compute time per row, would keep it waiting longer than
+  `max_queue_wait_ms`, or would finish it after its own deadline: under overload a queue
+  that holds more than callers will wait for fills with requests that expire in it, and
+  the worker then spends its compute on answers nobody reads (goodput collapses); a
+  caller refused at once can try another worker or answer on the edge while it still has
+  time;
+- `queue_limit_rows` or `queue_limit_requests` would be passed (a hard cap, whatever the
+  timing).
+A request whose deadline would pass before its batch ends is dropped before compute
+(DEADLINE_EXCEEDED), and one whose caller went away (cancelled) is skipped.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ class BatcherConfig:
     max_queue_delay_ms: float = 2.0  # the most a lone request waits for company
     queue_limit_rows: int = 2048  # waiting rows, all keys together; beyond: RESOURCE_EXHAUSTED
     queue_limit_requests: int = 512  # waiting requests, all keys together
+    # the longest a request may expect to wait behind the work ahead of it; beyond: RESOURCE_EXHAUSTED
+    max_queue_wait_ms: float = 250.0
     queued_batches: int = 1  # full batches handed to the executor ahead of the running ones; 0 = none
     concurrent_batches: int = 1  # batches computing at once: the executor's compute threads
 
@@ -63,6 +73,8 @@ class BatcherConfig:
             raise ValueError(f"max_queue_delay_ms must be in 0..10000, got {self.max_queue_delay_ms}")
         if self.queue_limit_rows < 1 or self.queue_limit_requests < 1:
             raise ValueError("queue limits must be >= 1")
+        if not 0 < self.max_queue_wait_ms <= 600_000:
+            raise ValueError(f"max_queue_wait_ms must be in (0, 600000], got {self.max_queue_wait_ms}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,10 @@ class Batcher:
         self._workers: dict[Hashable, asyncio.Task[None]] = {}
         self._queued_rows = 0
         self._queued_requests = 0
+        self._computing_rows = 0
+        # compute seconds of one full batch, a moving average (None: no batch timed yet)
+        self._batch_s: float | None = None
+        self._batch_s_from_full = False  # the estimate comes from batches at least half full
         self._closed = False
 
     @property
@@ -128,8 +144,18 @@ class Batcher:
             raise RequestError("RESOURCE_EXHAUSTED",
                                f"queue full ({self._queued_requests} requests, {self._queued_rows} rows waiting; "
                                f"limits {c.queue_limit_requests} requests, {c.queue_limit_rows} rows): retry later")
+        now = time.monotonic()
+        wait_s = self.expected_wait_s(rows)
+        if wait_s * 1e3 > c.max_queue_wait_ms:
+            raise RequestError("RESOURCE_EXHAUSTED",
+                               f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request "
+                               f"(limit {c.max_queue_wait_ms:g} ms): retry later or elsewhere")
+        if deadline is not None and now + wait_s > deadline:
+            raise RequestError("RESOURCE_EXHAUSTED",
+                               f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request, past its "
+                               f"deadline ({1e3 * (deadline - now):.0f} ms left): retry elsewhere")
         loop = asyncio.get_running_loop()
-        item = _Item(rows, payload, time.monotonic() if arrival is None else arrival, deadline, loop.create_future())
+        item = _Item(rows, payload, now if arrival is None else arrival, deadline, loop.create_future())
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = collections.deque()
@@ -143,6 +169,30 @@ class Batcher:
         finally:
             if not item.future.done():  # the caller was cancelled: the worker skips it
                 item.future.cancel()
+
+    def expected_wait_s(self, rows: int) -> float:
+        """Seconds until a request of `rows` rows queued now would be answered: the rows
+        ahead of it (waiting and computing) and its own, in full batches at the measured
+        time of one, shared among the compute threads. 0 before the first batch is timed.
+        Whole batches, not rows: a batch of 1 row costs nearly what a full one does, so a
+        per-row time measured at light load would refuse a burst the batcher serves at once."""
+        if self._batch_s is None:
+            return 0.0
+        batches = -(-(self._queued_rows + self._computing_rows + rows) // self.config.max_batch)
+        return batches * self._batch_s / self.config.concurrent_batches
+
+    def _timed_batch(self, rows: int, compute_s: float) -> None:
+        """A batch's compute time joins the estimate of a full batch's (recent ones weigh
+        more): a batch at least half full scaled to a full one; smaller ones only until
+        such a batch has been seen."""
+        full = 2 * rows >= self.config.max_batch
+        if not full and self._batch_s_from_full:
+            return
+        sample = compute_s * self.config.max_batch / rows if full else compute_s
+        if self._batch_s is None or full != self._batch_s_from_full:
+            self._batch_s, self._batch_s_from_full = sample, full
+        else:
+            self._batch_s = 0.8 * self._batch_s + 0.2 * sample
 
     def _depth(self, rows: int, requests: int) -> None:
         self._queued_rows += rows
@@ -191,15 +241,18 @@ class Batcher:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 batch = await self._gather(key, busy=lambda: len(running) >= computing)
                 now = time.monotonic()
+                # the batch's own compute: a request due before it ends would be answered too late
+                ends = now + (self._batch_s or 0.0) * min(1.0, sum(item.rows for item in batch) / self.config.max_batch)
                 live = []
                 for item in batch:
                     if item.future.done():  # cancelled by its caller while waiting
                         self._depth(-item.rows, -1)
                         continue
-                    if item.deadline is not None and item.deadline <= now:
+                    if item.deadline is not None and item.deadline <= ends:
                         self._depth(-item.rows, -1)
                         item.future.set_exception(RequestError(
-                            "DEADLINE_EXCEEDED", f"deadline passed after {1000 * (now - item.arrival):.1f} ms in the queue"))
+                            "DEADLINE_EXCEEDED", f"its deadline passes before its batch would end "
+                                                 f"({1000 * (now - item.arrival):.1f} ms in the queue)"))
                         continue
                     live.append(item)  # still counted as waiting until its batch starts
                 if not live:
@@ -217,16 +270,24 @@ class Batcher:
         """In the compute thread: the batch's results (an error for a request whose
         deadline passed while the batch waited behind another), and when it ran."""
         started = time.monotonic()
-        loop.call_soon_threadsafe(self._depth, -sum(i.rows for i in items), -len(items))  # no longer waiting
-        due = [i for i, item in enumerate(items) if item.deadline is None or item.deadline > started]
-        results: list[Any] = [RequestError("DEADLINE_EXCEEDED", "deadline passed in the queue")] * len(items)
-        if due:
-            computed = self._run_batch(key, [items[i].payload for i in due])
-            if len(computed) != len(due):
-                raise RuntimeError(f"run_batch returned {len(computed)} results for {len(due)} requests")
-            for i, result in zip(due, computed):
-                results[i] = result
-        return results, started, time.monotonic()
+        rows = sum(i.rows for i in items)
+        loop.call_soon_threadsafe(self._depth, -rows, -len(items))  # no longer waiting
+        loop.call_soon_threadsafe(self._computing, rows)
+        try:
+            due = [i for i, item in enumerate(items) if item.deadline is None or item.deadline > started]
+            results: list[Any] = [RequestError("DEADLINE_EXCEEDED", "deadline passed in the queue")] * len(items)
+            if due:
+                computed = self._run_batch(key, [items[i].payload for i in due])
+                if len(computed) != len(due):
+                    raise RuntimeError(f"run_batch returned {len(computed)} results for {len(due)} requests")
+                for i, result in zip(due, computed):
+                    results[i] = result
+            return results, started, time.monotonic()
+        finally:
+            loop.call_soon_threadsafe(self._computing, -rows)
+
+    def _computing(self, rows: int) -> None:
+        self._computing_rows += rows
 
     async def _compute(self, key: Hashable, live: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
@@ -246,6 +307,8 @@ class Batcher:
             results = [RequestError("INTERNAL", f"batch failed: {type(exc).__name__}: {exc}")] * len(live)
             ended = time.monotonic()
         compute = ended - started
+        if job.exception() is None:  # it ran to the end: a compute time to learn from
+            self._timed_batch(rows, compute)
         if self._on_batch is not None:
             self._on_batch(key, rows, compute)
         for item, result in zip(live, results):

@@ -67,6 +67,10 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
                               "of N threads (default: %(default)s)")
     serve_p.add_argument("--queue-limit", type=_positive(int), default=2048,
                          help="rows waiting before RESOURCE_EXHAUSTED (default: %(default)s)")
+    serve_p.add_argument("--max-queue-wait-ms", type=_positive(float), default=250.0,
+                         help="refuse (RESOURCE_EXHAUSTED) a request expected to wait longer than this behind the "
+                              "work already queued, or past its own deadline: under overload the worker answers "
+                              "in time what it accepts instead of queueing what will expire (default: %(default)s)")
     serve_p.add_argument("--max-rows", type=_positive(int), default=256, help="rows in one request (default: %(default)s)")
     serve_p.add_argument("--switch-interval-ms", type=_positive(float), default=None,
                          help="the process's GIL switch interval: shorter lets the compute thread back in sooner "
@@ -106,7 +110,8 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
         token=token, max_request_rows=min(args.max_rows, args.queue_limit), compute_threads=args.threads,
         batching=BatcherConfig(max_batch=args.max_batch, max_queue_delay_ms=args.max_delay_ms,
-                               queue_limit_rows=args.queue_limit, concurrent_batches=args.concurrent_batches),
+                               queue_limit_rows=args.queue_limit, concurrent_batches=args.concurrent_batches,
+                               max_queue_wait_ms=args.max_queue_wait_ms),
         drain_grace_s=args.grace, metrics_port=args.metrics_port, worker_id=args.worker_id,
     )
 

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ClientPlan", "ClientReport", "INFER_METHOD", "STREAM_METHOD", "run_client"]
+__all__ = ["ClientPlan", "ClientReport", "INFER_METHOD", "OpenLoopPlan", "OpenLoopReport", "STREAM_METHOD",
+           "run_client", "run_open_client"]
 
 INFER_METHOD = "/splitexit.v1.SplitInference/Infer"
 STREAM_METHOD = "/splitexit.v1.SplitInference/InferStream"
@@ -206,5 +207,95 @@ def run_client(plan: ClientPlan, barrier: Any, go: Any, window: Any, results: An
             os.nice(plan.nice)
         results.put(asyncio.run(_client(plan, barrier, go, window)))
     except BaseException as exc:  # the parent must hear of it rather than wait
+        results.put(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+# --- open loop: requests at a rate, whatever the answers ---------------------------------
+@dataclass(frozen=True)
+class OpenLoopPlan:
+    """Poisson arrivals at `rate` requests/s, as many independent devices would send: a
+    request goes out at its time whether or not earlier ones were answered (overload is
+    offered, not negotiated). Each call has `timeout_s` as its gRPC deadline."""
+
+    address: str
+    payloads: tuple[bytes, ...]
+    rate: float
+    rows: int  # rows per request (every payload carries this many)
+    timeout_s: float = 1.0
+    nice: int = 0
+    seed: int = 0
+    max_message_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not self.payloads:
+            raise ValueError("a client needs at least one request to send")
+        if self.rate <= 0:
+            raise ValueError(f"rate must be > 0, got {self.rate}")
+
+
+@dataclass(frozen=True)
+class OpenLoopReport:
+    """Every request sent inside the window, by how it ended (waited for after the window)."""
+
+    latencies_ms: dict[str, tuple[float, ...]]  # status name ("OK", "RESOURCE_EXHAUSTED", ...) -> latencies
+    rows_ok: int  # rows answered OK
+    sent: int
+    behind_s: float  # the most a send went out after its scheduled time (the client's own lag)
+    cpu_s: float  # this client process's CPU time inside the window
+
+
+async def _open_client(plan: OpenLoopPlan, barrier: Any, go: Any, window: Any) -> OpenLoopReport:
+    import random
+
+    import grpc
+
+    options = [("grpc.max_send_message_length", plan.max_message_bytes),
+               ("grpc.max_receive_message_length", plan.max_message_bytes)]
+    loop = asyncio.get_running_loop()
+    rng = random.Random(plan.seed)
+    async with grpc.aio.insecure_channel(plan.address, options=options) as channel:
+        infer: Any = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
+        await infer(plan.payloads[0], timeout=30.0, wait_for_ready=True)  # connected and warm
+        await loop.run_in_executor(None, barrier.wait, _SYNC_TIMEOUT_S)
+        if not await loop.run_in_executor(None, go.wait, _SYNC_TIMEOUT_S):
+            raise TimeoutError(f"no start signal within {_SYNC_TIMEOUT_S} s")
+        start, end = float(window[0]), float(window[1])
+        outcomes: dict[str, list[float]] = {}
+        tag = f"o{os.getpid()}-"
+
+        async def one(i: int) -> None:
+            sent = time.time()
+            try:
+                await infer(with_request_id(plan.payloads[i % len(plan.payloads)], f"{tag}{i}"),
+                            timeout=plan.timeout_s)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            outcomes.setdefault(code, []).append((time.time() - sent) * 1e3)
+
+        await asyncio.sleep(max(0.0, start - time.time()))
+        cpu0 = time.process_time()
+        calls: list[asyncio.Task[None]] = []
+        due, behind = start, 0.0
+        while (due := due + rng.expovariate(plan.rate)) < end:
+            if (wait := due - time.time()) > 0:
+                await asyncio.sleep(wait)
+            behind = max(behind, time.time() - due)
+            calls.append(asyncio.ensure_future(one(len(calls))))
+        await asyncio.sleep(max(0.0, end - time.time()))
+        cpu_s = time.process_time() - cpu0
+        await asyncio.gather(*calls)
+    latencies = {code: tuple(v) for code, v in outcomes.items()}
+    return OpenLoopReport(latencies, plan.rows * len(latencies.get("OK", ())), len(calls), behind, cpu_s)
+
+
+def run_open_client(plan: OpenLoopPlan, barrier: Any, go: Any, window: Any, results: Any) -> None:
+    """Process entry point of an open-loop client (see `run_client` for the protocol)."""
+    try:
+        if plan.nice:
+            os.nice(plan.nice)
+        results.put(asyncio.run(_open_client(plan, barrier, go, window)))
+    except BaseException as exc:
         results.put(f"{type(exc).__name__}: {exc}")
         raise

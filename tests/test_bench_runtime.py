@@ -82,7 +82,8 @@ def test_serve_refuses_bad_settings(bench_dirs: tuple[Path, Path], capsys: pytes
 
 
 def test_faults_quick_loses_nothing_and_recovers_within_two_seconds(quick_bench) -> None:
-    result = quick_bench("faults", "--outages", "1", "--partition", "1", "--interval-ms", "100")
+    result = quick_bench("faults", "--outages", "1", "--partition", "1", "--interval-ms", "100",
+                         "--overload", "2", "--overload-seconds", "1")
     scenarios = result["scenarios"]
     assert set(scenarios) == {"outage_1s", "partition_1s", "edge_run_sigterm", "edge_run_kill9", "spool_bitflip"}
     assert result["lost"] == 0 and result["sent"] == result["answered"] > 0
@@ -96,6 +97,13 @@ def test_faults_quick_loses_nothing_and_recovers_within_two_seconds(quick_bench)
         assert run["duplicates"] == 0 and run["kept"] > 0 and run["recomputed"] == run["sent"] - run["kept"], run
     spool = scenarios["spool_bitflip"]  # one flipped bit costs its record only, and refine says so
     assert spool["reported"] and spool["damaged_records"] == 1 and 0 < spool["lost"] <= 8, spool
+    # overload: every request sent ends under some status, the worker answers some and counts what it saw
+    overload = result["overload"]
+    assert overload["capacity_rows_s"] > 0 and overload["memory_before"]["rss_mb"] > 0
+    twice = overload["2x"]
+    assert sum(twice["codes"].values()) == twice["sent"] > 0 and twice["codes"].get("OK", 0) > 0, twice
+    assert twice["worker_codes"].get("OK", 0) >= twice["codes"]["OK"] and twice["goodput"] > 0, twice
+    assert twice["memory_after"]["peak_rss_mb"] >= twice["memory_after"]["rss_mb"] > 0
 
 
 def test_e2e_quick_runs_every_strategy_per_link_and_device(quick_bench) -> None:

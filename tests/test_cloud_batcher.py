@@ -140,3 +140,106 @@ def test_with_a_compute_thread_free_a_partial_batch_runs_beside_a_busy_one() -> 
 def test_concurrent_batches_must_be_positive() -> None:
     with pytest.raises(ValueError, match="concurrent_batches"):
         BatcherConfig(concurrent_batches=0)
+
+
+class _Timed:
+    """A run_batch taking `seconds` per call, whatever its size (as a batch on a CPU does
+    until it is full)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls: list[list[str]] = []
+
+    def __call__(self, key, payloads):
+        time.sleep(self.seconds)
+        self.calls.append(list(payloads))
+        return [f"done:{p}" for p in payloads]
+
+
+async def _learned(batcher: Batcher, rows: int) -> None:
+    """One batch of `rows` rows computed, so the batcher knows how long a batch takes."""
+    await batcher.submit("k", "warm", rows=rows)
+
+
+def test_a_request_expected_to_wait_past_its_deadline_is_refused_at_once() -> None:
+    """Overload: 8 batches of 50 ms are ahead of a request with 200 ms left. Queued, it
+    would expire in the queue (and, computed late, be answered to nobody); it is refused
+    at once instead, and one with time enough is accepted and answered."""
+    from splitexit.cloud.errors import RequestError
+
+    async def body() -> None:
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = Batcher(BatcherConfig(max_batch=4, max_queue_delay_ms=0, max_queue_wait_ms=10_000),
+                              _Timed(0.05), executor=executor)
+            await _learned(batcher, 4)
+            ahead = [asyncio.ensure_future(batcher.submit("k", f"a{i}", rows=4)) for i in range(8)]
+            await asyncio.sleep(0)
+            t0 = time.monotonic()
+            with pytest.raises(RequestError) as refused:
+                await batcher.submit("k", "late", rows=4, deadline=time.monotonic() + 0.2)
+            assert refused.value.code == "RESOURCE_EXHAUSTED" and "deadline" in refused.value.message
+            assert time.monotonic() - t0 < 0.02  # at once, not after waiting
+            result, _ = await batcher.submit("k", "patient", rows=4, deadline=time.monotonic() + 5.0)
+            assert result == "done:patient"
+            await asyncio.gather(*ahead)
+            await batcher.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_a_request_expected_to_wait_past_the_queue_wait_limit_is_refused_and_a_burst_is_not() -> None:
+    """The expected wait counts whole batches: after small batches (1 row in 50 ms) a
+    burst of one full batch is accepted (it costs one batch, not 4 x the 1-row time), and
+    past `max_queue_wait_ms` (here 3 batches' worth) requests are refused, without a
+    deadline too."""
+    from splitexit.cloud.errors import RequestError
+
+    async def body() -> None:
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = Batcher(BatcherConfig(max_batch=4, max_queue_delay_ms=0, max_queue_wait_ms=160),
+                              _Timed(0.05), executor=executor)
+            await _learned(batcher, 1)
+            assert batcher.expected_wait_s(4) == pytest.approx(0.05, rel=0.5)
+            burst = [asyncio.ensure_future(batcher.submit("k", f"b{i}", rows=1)) for i in range(4)]
+            more = [asyncio.ensure_future(batcher.submit("k", f"c{i}", rows=4)) for i in range(2)]
+            await asyncio.sleep(0)
+            with pytest.raises(RequestError) as refused:
+                await batcher.submit("k", "one too many", rows=4)
+            assert refused.value.code == "RESOURCE_EXHAUSTED" and "limit 160 ms" in refused.value.message
+            assert all(not t.done() or t.exception() is None for t in burst + more)
+            results = await asyncio.gather(*burst, *more)
+            assert [r for r, _ in results] == [f"done:b{i}" for i in range(4)] + ["done:c0", "done:c1"]
+            await batcher.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_a_request_whose_deadline_falls_inside_its_batch_is_not_computed() -> None:
+    """Accepted with time enough, a request whose deadline then falls before its batch
+    could end is dropped before compute (DEADLINE_EXCEEDED): computed, it would answer
+    nobody. Batches took 50 ms; the one ahead takes 150 ms, leaving the next request
+    40 ms, less than a batch."""
+    from splitexit.cloud.errors import RequestError
+
+    async def body() -> None:
+        compute = _Timed(0.05)
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = Batcher(BatcherConfig(max_batch=2, max_queue_delay_ms=0, queued_batches=0), compute,
+                              executor=executor)
+            await _learned(batcher, 2)
+            compute.seconds = 0.15
+            first = asyncio.ensure_future(batcher.submit("k", "first", rows=2))
+            await _until(lambda: batcher.queued_rows == 0)
+            t0 = time.monotonic()
+            tight = asyncio.ensure_future(batcher.submit("k", "tight", rows=2, deadline=t0 + 0.19))
+            await asyncio.sleep(0)
+            assert not tight.done()  # accepted: ~2 batches of 50 ms ahead
+            await first
+            with pytest.raises(RequestError) as dropped:
+                await tight
+            assert dropped.value.code == "DEADLINE_EXCEEDED" and "before its batch would end" in dropped.value.message
+            assert time.monotonic() < t0 + 0.19  # told before its deadline, not at it
+            assert ["tight"] not in compute.calls
+            await batcher.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))

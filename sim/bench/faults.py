@@ -20,7 +20,9 @@ emulator (`splitexit.sim.link`), and counts every input sent and answered:
   every request but the damaged one and say how many records it could not read
   (`lost` here counts rows whose spool record was damaged: they are reported, not silent).
 The network is the recipe's edge network (the embedded digits with --quick); faults do
-not depend on its weights. Overload is not measured here yet.
+not depend on its weights.
+- `overload`: open-loop load at 3x and 8x the worker's capacity (`sim/bench/overload.py`).
+`--scenarios` picks groups of these.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from splitexit.cli import CliError
 from splitexit.sim.bench.common import BenchContext, log
 
-HELP = "nothing lost and fast recovery through worker outages and partitions"
+HELP = "nothing lost and fast recovery through worker outages, partitions, interrupted runs and overload"
+SCENARIO_GROUPS = ("outages", "partition", "interrupted", "spool", "overload")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partition", type=float, default=0.0, help="partition length in s (default 15; 3 with --quick)")
     parser.add_argument("--interval-ms", type=float, default=200.0, help="time between the agent's batches")
     parser.add_argument("--rows", type=int, default=4, help="inputs per batch")
+    parser.add_argument("--scenarios", default=",".join(SCENARIO_GROUPS),
+                        help="comma-separated groups to run (default: all: %(default)s)")
+    parser.add_argument("--overload", default="3,8", help="comma-separated load factors, times the worker's capacity")
+    parser.add_argument("--overload-rows", type=int, default=16,
+                        help="rows per request under overload (default: %(default)s: an edge batch's offloads; "
+                             "Python load generators on the worker's own two cores cannot offer 8x in smaller ones)")
+    parser.add_argument("--overload-worker-threads", type=int, default=1,
+                        help="the overloaded worker's --threads (default: %(default)s: on two cores shared with the "
+                             "clients, a second torch thread takes the core the event loop needs to refuse fast)")
+    parser.add_argument("--overload-client-nice", type=int, default=19,
+                        help="niceness added to the overload's client processes (default: %(default)s)")
+    parser.add_argument("--overload-seconds", type=float, default=0.0,
+                        help="measured seconds per load level (default 10; 2 with --quick)")
 
 
 def _free_port() -> int:
@@ -224,11 +241,40 @@ async def _spool_bitflip(bundle: Path, images: np.ndarray, workdir: Path) -> dic
             "damaged_records": int(damaged.group(1)) if damaged else 0, "reported": damaged is not None}
 
 
+def _overload(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
+    """The reference tail (the serve bench's: the last two ResNet stages and the final head)
+    served alone under open-loop load at each factor of its capacity."""
+    from splitexit.bundle import export_bundle, load_bundle
+    from splitexit.policies import MaxProb
+    from splitexit.sim.bench.overload import OverloadSettings, measure_overload
+    from splitexit.sim.bench.serve import build_requests, to_final_head
+    from splitexit.sim.bench.serving import SplitBundle, last_stages_split, pending_rows
+
+    trained = ctx.edge()
+    split = last_stages_split(trained)
+    policy = MaxProb(2.0, fallback=False)  # every row crosses
+    path = export_bundle(ctx.out / "faults" / "overload-bundle", trained.model.eval(), trained.meta, split=split,
+                         policy=policy, input_shape=ctx.input_shape, name=trained.meta.model.arch)
+    bundle = SplitBundle(path, trained, policy, split, {})
+    pending = to_final_head(pending_rows(bundle, ctx.dataset.test.subset(np.arange(min(512, len(ctx.dataset.test))))), bundle)
+    s = OverloadSettings(factors=tuple(float(f) for f in args.overload.split(",") if f.strip()),
+                         duration_s=args.overload_seconds or (2.0 if ctx.quick else 10.0),
+                         warmup_s=0.5 if ctx.quick else 1.0, rows=args.overload_rows,
+                         worker_threads=args.overload_worker_threads, client_nice=args.overload_client_nice)
+    requests = build_requests(load_bundle(path, "edge"), pending, rows=s.rows, count=128, prefix="o")
+    result = measure_overload(path, [r.SerializeToString() for r in requests], s)
+    return {"split": split, **result}
+
+
 def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
     from splitexit.bundle import export_bundle
     from splitexit.policies import MaxProb
     from splitexit.sim.bench.serving import default_split
 
+    groups = [g.strip() for g in args.scenarios.split(",") if g.strip()]
+    unknown = sorted(set(groups) - set(SCENARIO_GROUPS))
+    if unknown:
+        raise CliError(f"--scenarios: unknown {', '.join(unknown)} (choose from {', '.join(SCENARIO_GROUPS)})")
     outages = [float(s) for s in (args.outages or ("2,5" if ctx.quick else "15,150,300")).split(",") if s.strip()]
     partition = args.partition or (3.0 if ctx.quick else 15.0)
     # no early exit: every row crosses the split, so the cloud's absence and return show at once
@@ -238,7 +284,8 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
                            input_shape=ctx.input_shape, name=trained.meta.model.arch)
     images = ctx.dataset.test.images[:256]
     scenarios: dict[str, Any] = {}
-    plan = [("outage", s) for s in outages] + [("partition", partition)]
+    plan = ([("outage", s) for s in outages] if "outages" in groups else []) + \
+        ([("partition", partition)] if "partition" in groups else [])
     for kind, seconds in plan:
         name = f"{kind}_{seconds:g}s"
         log(f"{name}: the agent sends {args.rows} inputs every {args.interval_ms:g} ms; "
@@ -248,23 +295,27 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
         log(f"{name}: sent {result['sent']}, answered {result['answered']}, lost {result['lost']}, "
             f"degraded {result['degraded']}, cloud answers again {result['recovered_s']} s after the worker was back")
         scenarios[name] = result
-    # recovery is about outages and partitions (the only scenarios measuring it so far)
+    # recovery is about outages and partitions (the only scenarios measuring it)
     recovered = [s["recovered_s"] for s in scenarios.values()]
-    worst = None if any(r is None for r in recovered) else max(recovered)
+    worst = None if not recovered or any(r is None for r in recovered) else max(recovered)
     interrupted = images[:64] if ctx.quick else ctx.dataset.test.images[:2000]
-    for sig in ("sigterm", "kill9"):
+    for sig in ("sigterm", "kill9") if "interrupted" in groups else ():
         name = f"edge_run_{sig}"
         log(f"{name}: `edge run` on {len(interrupted)} inputs, cut by {sig} a quarter of the way, then rerun")
         result = asyncio.run(_interrupted_run(bundle, interrupted, ctx.out / "faults" / name, sig))
         log(f"{name}: {result['kept']} answers kept, {result['recomputed']} computed by the rerun, "
             f"{result['answered']} of {result['sent']} answered, {result['duplicates']} twice")
         scenarios[name] = result
-    log("spool_bitflip: every offload spooled (no worker), one bit flipped mid-log, then `edge refine`")
-    result = asyncio.run(_spool_bitflip(bundle, images[:64] if ctx.quick else images, ctx.out / "faults" / "spool"))
-    log(f"spool_bitflip: {result['sent']} rows spooled, {result['answered']} refined, {result['lost']} in "
-        f"{result['damaged_records']} damaged record(s), reported: {result['reported']}")
     # rows in a damaged spool record are known and reported (its own scenario), not lost unseen
     totals = {k: sum(s[k] for s in scenarios.values()) for k in ("sent", "answered", "lost", "degraded")}
-    scenarios["spool_bitflip"] = result
-    return {**totals, "recovered_s": worst, "scenarios": scenarios, "spool_damage_lost_rows": result["lost"],
-            "not_measured": ["overload"]}
+    out: dict[str, Any] = {**totals, "recovered_s": worst, "scenarios": scenarios}
+    if "spool" in groups:
+        log("spool_bitflip: every offload spooled (no worker), one bit flipped mid-log, then `edge refine`")
+        result = asyncio.run(_spool_bitflip(bundle, images[:64] if ctx.quick else images, ctx.out / "faults" / "spool"))
+        log(f"spool_bitflip: {result['sent']} rows spooled, {result['answered']} refined, {result['lost']} in "
+            f"{result['damaged_records']} damaged record(s), reported: {result['reported']}")
+        scenarios["spool_bitflip"] = result
+        out["spool_damage_lost_rows"] = result["lost"]
+    if "overload" in groups:
+        out["overload"] = _overload(ctx, args)
+    return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import socket
 import subprocess
 import sys
@@ -60,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overload-worker-threads", type=int, default=1,
                         help="the overloaded worker's --threads (default: %(default)s: on two cores shared with the "
                              "clients, a second torch thread takes the core the event loop needs to refuse fast)")
+    parser.add_argument("--overload-worker-args", default="",
+                        help="more `cloud serve` options for the overloaded worker, e.g. \"--max-queue-wait-ms 100\"")
     parser.add_argument("--overload-client-nice", type=int, default=19,
                         help="niceness added to the overload's client processes (default: %(default)s)")
     parser.add_argument("--overload-seconds", type=float, default=0.0,
@@ -260,7 +263,8 @@ def _overload(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
     s = OverloadSettings(factors=tuple(float(f) for f in args.overload.split(",") if f.strip()),
                          duration_s=args.overload_seconds or (2.0 if ctx.quick else 10.0),
                          warmup_s=0.5 if ctx.quick else 1.0, rows=args.overload_rows,
-                         worker_threads=args.overload_worker_threads, client_nice=args.overload_client_nice)
+                         worker_threads=args.overload_worker_threads, client_nice=args.overload_client_nice,
+                         worker_args=tuple(shlex.split(args.overload_worker_args)))
     requests = build_requests(load_bundle(path, "edge"), pending, rows=s.rows, count=128, prefix="o")
     result = measure_overload(path, [r.SerializeToString() for r in requests], s)
     return {"split": split, **result}

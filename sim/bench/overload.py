@@ -51,14 +51,15 @@ class OverloadSettings:
     # enough to keep the compute busy without ever being refused
     capacity_rows: int = 128
     worker_threads: int | None = None  # the worker's --threads (None: torch's default)
+    worker_args: tuple[str, ...] = ()  # more `cloud serve` options
 
 
 class _Worker:
     """`splitexit cloud serve` in a process of its own, with its metrics on HTTP."""
 
-    def __init__(self, bundle: Path, metrics_port: int, threads: int | None) -> None:
+    def __init__(self, bundle: Path, metrics_port: int, threads: int | None, extra: Sequence[str] = ()) -> None:
         self.metrics_port = metrics_port
-        extra = [] if threads is None else ["--threads", str(threads)]
+        extra = [*([] if threads is None else ["--threads", str(threads)]), *extra]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "splitexit.cli", "cloud", "serve", str(bundle), "--host", "127.0.0.1",
              "--port", "0", "--no-advertise", "--grace", "1", "--metrics-port", str(metrics_port), *extra],
@@ -176,7 +177,7 @@ def measure_overload(bundle: Path, payloads: Sequence[bytes], s: OverloadSetting
     """Capacity, then each factor of it; `payloads`: serialized InferRequests of `s.rows` rows."""
     cores = os.cpu_count() or 1
     per_client = [tuple(payloads[c::s.clients]) for c in range(s.clients)]
-    worker = _Worker(bundle, _free_port(), s.worker_threads)
+    worker = _Worker(bundle, _free_port(), s.worker_threads, s.worker_args)
     try:
         point = lambda: (time.monotonic(), worker.cpu_s(), worker.counts())  # noqa: E731
         inflight = max(1, s.capacity_rows // (s.rows * s.clients))

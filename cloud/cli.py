@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
                          help="refuse (RESOURCE_EXHAUSTED) a request expected to wait longer than this behind the "
                               "work already queued, or past its own deadline: under overload the worker answers "
                               "in time what it accepts instead of queueing what will expire (default: %(default)s)")
+    serve_p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=1024,
+                         help="RPCs the worker holds at once; beyond, gRPC refuses (RESOURCE_EXHAUSTED) before "
+                              "the worker reads them, which bounds its memory under a flood (default: %(default)s)")
     serve_p.add_argument("--max-rows", type=_positive(int), default=256, help="rows in one request (default: %(default)s)")
     serve_p.add_argument("--switch-interval-ms", type=_positive(float), default=None,
                          help="the process's GIL switch interval: shorter lets the compute thread back in sooner "
@@ -113,6 +116,7 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
                                queue_limit_rows=args.queue_limit, concurrent_batches=args.concurrent_batches,
                                max_queue_wait_ms=args.max_queue_wait_ms),
         drain_grace_s=args.grace, metrics_port=args.metrics_port, worker_id=args.worker_id,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
 
 
@@ -179,11 +183,37 @@ async def _report_stats(server: "CloudServer", interval: float) -> None:
                  s.requests, s.errors, s.rows, s.batches, s.mean_batch, s.queue_rows)
 
 
+# glibc's mallopt parameter for the number of malloc arenas (malloc.h: M_ARENA_MAX)
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """At most `arenas` glibc malloc arenas for the threads this process starts from now on
+    (gRPC's, the compute threads'), unless MALLOC_ARENA_MAX is set. glibc gives threads up
+    to 8 arenas per core, and a flood of large requests scattered over them is never given
+    back. Measured under 8x overload (bench faults, reference tail, 16-row requests of
+    512 KB), the worker's peak RSS (from about 325 MB idle) reached 552, 772 and 1,130 MB
+    in three runs with glibc's default, and 540, 565 and 573 MB in three with 2 arenas.
+    True when the limit was set (a glibc Linux), False otherwise."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """BundleError and ServerError are ValueErrors: `splitexit.cli.main` prints them as
     one line and exits 2."""
     from splitexit.cloud.served import load_models
 
+    limit_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     interfaces = [a.strip() for a in args.interfaces.split(",") if a.strip()] if args.interfaces else None
     from splitexit.cloud.server import SWITCH_INTERVAL_MS

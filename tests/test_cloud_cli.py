@@ -49,9 +49,12 @@ def _fails_with(capsys, argv: list[str], fragment: str) -> None:
 def test_parser_options(bundle: Path) -> None:
     args = build_parser().parse_args(_serve(bundle, "--port", "0", "--max-batch", "8", "--max-delay-ms", "1.5",
                                             "--queue-limit", "64", "--threads", "1", "--metrics-port", "9100",
-                                            "--interfaces", "127.0.0.1", "--concurrent-batches", "2"))
+                                            "--interfaces", "127.0.0.1", "--concurrent-batches", "2",
+                                            "--max-queue-wait-ms", "80", "--max-concurrent-rpcs", "64"))
     assert (args.port, args.max_batch, args.max_delay_ms, args.queue_limit, args.threads) == (0, 8, 1.5, 64, 1)
-    assert build_config(args).batching.concurrent_batches == 2
+    config = build_config(args)
+    assert config.batching.concurrent_batches == 2 and config.batching.max_queue_wait_ms == 80
+    assert config.max_concurrent_rpcs == 64
     assert args.advertise is False and args.metrics_port == 9100 and args.interfaces == "127.0.0.1"
     with pytest.raises(SystemExit):
         build_parser().parse_args(_serve(bundle, "--port", "70000"))
@@ -113,3 +116,19 @@ def test_an_open_worker_is_announced_loudly_at_start(bundle: Path) -> None:
     assert "mDNS on every interface" in open_worker[1]
     assert warnings("--host", "127.0.0.1", advertise=False) == []
     assert warnings("--host", "127.0.0.1", interfaces=["127.0.0.1"]) == []
+
+
+def test_the_worker_limits_its_malloc_arenas_unless_told_otherwise() -> None:
+    """glibc's per-thread arenas let a flood of large requests grow the worker without
+    bound; `cloud serve` caps them at 2, unless MALLOC_ARENA_MAX already says otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from splitexit.cloud.cli import limit_malloc_arenas; print(limit_malloc_arenas())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    told = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "MALLOC_ARENA_MAX": "4"}, check=True)
+    assert plain.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
+    assert told.stdout.strip() == "False"

@@ -286,3 +286,4 @@ def test_run_discovers_a_worker_on_loopback(bundle: Path, folder: Path, worker, 
         zc.close()
     assert code == 0, err
     assert "cloud" in {r["route"] for r in read_results(out)} and handler.calls > 0
+    assert "no cloud worker confirmed" not in err  # found, probed and confirmed before the first batch

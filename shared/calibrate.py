@@ -154,16 +154,25 @@ def fit_policy(name: str, inputs: FitInputs, options: FitOptions) -> ExitPolicy:
     return FITTERS[name](inputs, options)
 
 
+def policy_figures(policy: ExitPolicy, outputs: ExitOutputs, ladder: Ladder, full_cost: float) -> dict[str, Any]:
+    """How `policy` does on `outputs` (cached exit outputs of a set), run as the deployed
+    runtime runs it: accuracy, mean cost (the ladder's unit) and its fraction of
+    `full_cost`, where samples leave (`exit_hist`, what they cost) and which exit answers
+    them (`answer_hist`: differs for SDN's most-confident fallback, `fallback_answers`)."""
+    out = simulate(policy, outputs.probs, ladder, outputs.labels)
+    hist = out.exit_hist(ladder.num_exits)
+    answered = out.exit_index if out.answer_exit is None else out.answer_exit
+    answer_hist = np.bincount(answered, minlength=ladder.num_exits) / len(answered)
+    return {
+        "acc": round(out.acc, 5), "cost": round(out.mean_cost, 4), "cost_frac": round(out.mean_cost / full_cost, 4),
+        "exit_hist": [round(float(h), 4) for h in hist], "balance": round(balance(hist), 4),
+        "answer_hist": [round(float(h), 4) for h in answer_hist],
+        "fallback_answers": int((answered != out.exit_index).sum()),
+        "exits": list(ladder.names), "samples": len(outputs.labels),
+    }
+
+
 def describe_fit(policy: ExitPolicy, inputs: FitInputs, full_cost: float) -> dict[str, Any]:
     """The policy entry a bundle stores: its parameters and how it did on validation."""
-    out = simulate(policy, inputs.val.probs, inputs.ladder, inputs.val.labels)
-    hist = out.exit_hist(inputs.ladder.num_exits)
-    return {
-        **policy_to_dict(policy),
-        "validation": {
-            "acc": round(out.acc, 5), "cost": round(out.mean_cost, 4), "cost_frac": round(out.mean_cost / full_cost, 4),
-            "exit_hist": [round(float(h), 4) for h in hist], "balance": round(balance(hist), 4),
-            "exits": list(inputs.ladder.names), "samples": len(inputs.val.labels),
-        },
-    }
+    return {**policy_to_dict(policy), "validation": policy_figures(policy, inputs.val, inputs.ladder, full_cost)}
 

@@ -12,7 +12,7 @@ import shutil
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from splitexit.codec import CODECS
 
@@ -70,8 +70,24 @@ def _model_config(args: argparse.Namespace, *, num_classes: int, in_chans: int):
     )
 
 
+def _read_policy(path: Path) -> tuple[Any, dict[str, Any]]:
+    """A policy file of `splitexit calibrate`: (the policy, its JSON entry)."""
+    import json
+
+    from splitexit.policies import PolicyError, policy_from_dict
+
+    try:
+        entry = json.loads(path.read_text())
+        return policy_from_dict(entry), entry
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, PolicyError, KeyError, TypeError) as exc:
+        raise CliError(f"{path}: not a readable policy file ({exc})") from exc
+
+
 def _evaluate_and_report(model, meta, dataset, *, split: str, out_dir: Path | None, threshold: float,
-                         cache_dir: Path | None, title: str) -> None:
+                         cache_dir: Path | None, title: str, policy: Any = None) -> None:
+    from dataclasses import replace
+
+    from splitexit.calibrate import policy_figures
     from splitexit.cost import cost_model
     from splitexit.data import Normalize
     from splitexit.evaluate import cached_exit_outputs, format_report, summarize, write_report
@@ -83,6 +99,10 @@ def _evaluate_and_report(model, meta, dataset, *, split: str, out_dir: Path | No
     names = [f"exit@{k}" for k in model.exit_points] + ["final"]
     report = summarize(outputs, names, threshold=threshold, cumulative_macs=costs.cumulative_exit_macs(model.exit_points),
                        full_macs=costs.total_macs)
+    if policy is not None:  # as the deployed runtime would run it on these outputs, in MACs
+        ladder = costs.exit_ladder()
+        report = replace(report, policy={"policy": policy.name, **policy_figures(policy, outputs, ladder,
+                                                                                 float(ladder.net_cost[-1]))})
     print(f"{title} — {split} set, {len(data)} samples")
     print(format_report(report))
     if out_dir is not None:
@@ -147,8 +167,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"{args.data} has {dataset.num_classes} classes and {dataset.in_chans} channels; the checkpoint "
             f"expects {meta.model.num_classes} and {meta.model.in_chans}"
         )
+    policy = _read_policy(args.policy)[0] if args.policy is not None else None
     _evaluate_and_report(model, meta, dataset, split=args.split, out_dir=args.out, threshold=args.threshold,
-                         cache_dir=args.cache_dir, title=f"{meta.model.arch} ({meta.model.exit_head} exits)")
+                         cache_dir=args.cache_dir, title=f"{meta.model.arch} ({meta.model.exit_head} exits)",
+                         policy=policy)
 
 
 def _budget(text: str) -> tuple[float, str]:
@@ -222,18 +244,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Checkpoint + fitted policy -> a bundle directory (edge and cloud parts)."""
-    import json
-
     from splitexit.bundle import export_bundle, read_manifest
     from splitexit.checkpoint import load_checkpoint
-    from splitexit.policies import policy_from_dict
 
     model, meta = load_checkpoint(args.checkpoint)
-    try:
-        entry = json.loads(args.policy.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CliError(f"{args.policy}: not a readable policy file ({exc})") from exc
-    policy = policy_from_dict(entry)
+    policy, entry = _read_policy(args.policy)
     shape = meta.extra.get("input_shape")
     if args.input_size is not None:
         shape = [meta.model.in_chans, args.input_size, args.input_size]
@@ -366,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="the data set the checkpoint was trained on")
     ev.add_argument("--split", choices=("test", "val"), default="test")
     ev.add_argument("--val-size", type=_positive_int, default=5000)
-    ev.add_argument("--threshold", type=_probability, default=0.9)
+    ev.add_argument("--threshold", type=_probability, default=0.9,
+                    help="the max-prob rule shown beside the exits, as the deployed maxprob policy runs it "
+                         "(default: %(default)s)")
+    ev.add_argument("--policy", type=Path, help="a policy file from `splitexit calibrate`: its accuracy and cost "
+                                                "on this split, as the deployed system answers")
     ev.add_argument("--out", type=Path, default=Path("runs/eval"), help="where eval.json and eval.png go")
     ev.set_defaults(func=cmd_eval)
 

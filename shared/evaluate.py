@@ -90,11 +90,20 @@ def balance(hist: Sequence[float] | np.ndarray) -> float:
     return float(-(nz * np.log(nz)).sum() / np.log(len(p))) if len(p) > 1 else 1.0
 
 
-def threshold_exits(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Exit index per sample under "first exit whose max-prob >= threshold" (else the last)."""
-    confident = probs.max(-1) >= threshold  # [K, N]
+def threshold_exits(probs: np.ndarray, threshold: float, *, fallback: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample under "first exit whose max-prob >= threshold", as the deployed `maxprob`
+    policy runs it: (the exit it leaves at, the exit whose output answers). A sample no
+    exit is confident about leaves at the last exit and, with `fallback` (the policy's
+    default), is answered by its most confident exit; without, by the last."""
+    conf = probs.max(-1)  # [K, N]
+    confident = conf >= threshold
     confident[-1] = True
-    return confident.argmax(0)
+    left = confident.argmax(0)
+    answered = left
+    if fallback:
+        none = ~(conf[:-1] >= threshold).any(0)
+        answered = np.where(none, conf.argmax(0), left)
+    return left, answered
 
 
 @dataclass(frozen=True)
@@ -103,12 +112,15 @@ class EvalReport:
     exit_acc: list[float]
     oracle_acc: float
     threshold: float
-    threshold_acc: float
+    threshold_acc: float  # answers as the deployed maxprob policy gives them (fallback included)
     exit_hist: list[float]  # share of samples leaving at each exit under the threshold rule
     balance: float
     cumulative_macs: list[float] | None  # c_k per exit, if a cost model was given
     threshold_macs: float | None  # expected MACs per sample under the threshold rule
     full_macs: float | None
+    fallback_share: float = 0.0  # samples no exit was confident about, answered by their most confident one
+    # a fitted policy's figures on the same outputs (`eval --policy`): see calibrate.policy_figures
+    policy: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,9 +135,9 @@ def summarize(
     full_macs: float | None = None,
 ) -> EvalReport:
     correct = outputs.correct()
-    chosen = threshold_exits(outputs.probs, threshold)
+    left, chosen = threshold_exits(outputs.probs, threshold)
     n = len(outputs.labels)
-    hist = np.bincount(chosen, minlength=outputs.num_exits) / n
+    hist = np.bincount(left, minlength=outputs.num_exits) / n
     expected = float(np.dot(hist, cumulative_macs)) if cumulative_macs is not None else None
     return EvalReport(
         exit_names=list(exit_names),
@@ -138,6 +150,7 @@ def summarize(
         cumulative_macs=[float(c) for c in cumulative_macs] if cumulative_macs is not None else None,
         threshold_macs=expected,
         full_macs=full_macs,
+        fallback_share=float((chosen != left).mean()),
     )
 
 
@@ -151,8 +164,15 @@ def format_report(report: EvalReport) -> str:
     if report.threshold_macs is not None and report.full_macs:
         cost = f", {report.threshold_macs / 1e6:.2f} MMACs = {report.threshold_macs / report.full_macs:.2f} x full"
     lines.append(
-        f"max-prob >= {report.threshold}: accuracy {report.threshold_acc:.4f}{cost}, balance {report.balance:.3f}"
+        f"max-prob >= {report.threshold}: accuracy {report.threshold_acc:.4f}{cost}, balance {report.balance:.3f} "
+        f"(exit use evenness, 1 = every exit equally); {report.fallback_share:.3f} answered by their most "
+        f"confident exit, none being sure (as the deployed maxprob policy does)"
     )
+    if report.policy is not None:
+        p = report.policy
+        lines.append(f"policy {p['policy']}: accuracy {p['acc']:.4f} at {p['cost_frac']:.3f} x full "
+                     f"({p['cost'] / 1e6:.2f} MMACs), {p['fallback_answers']} fallback answers; "
+                     f"exit histogram {p['exit_hist']}")
     return "\n".join(lines)
 
 

@@ -336,7 +336,7 @@ class ExitRunner:
             decision, update = step(self.policy, k, probs, sub, self.num_exits)
             if k == self.num_exits - 1 and sel is None:
                 # the ladder's last exit answers every row left: no state to keep for any of them
-                answered.append(Answered(rows, decision.answer, np.full(len(rows), k, dtype=np.int64),
+                answered.append(Answered(rows, decision.answer, _exits(decision.answer_exit, len(rows)),
                                          state.evaluated + 1))
                 rows = rows[:0]
                 break
@@ -359,8 +359,8 @@ class ExitRunner:
             if left:
                 leave = decision.exit
                 who = _take(rows, sel)[leave]
-                answered.append(Answered(who, decision.answer[leave], np.full(len(who), k, dtype=np.int64),
-                                         evaluated[leave]))
+                answered.append(Answered(who, decision.answer[leave],
+                                         _exits(decision.answer_exit, len(leave))[leave], evaluated[leave]))
             if one_network and not left:
                 continue  # nobody left and nobody can be bound elsewhere: the batch stays whole
             # rows that left, or that the policy sends to another network, leave the batch
@@ -398,12 +398,17 @@ class ExitRunner:
             k = self.num_exits - 1
             decision, _ = step(self.policy, k, probs, {n: v[sel] for n, v in bound.state.policy.items()},
                                self.num_exits)
-            answered.append(Answered(have, decision.answer, np.full(len(have), k, dtype=np.int64),
+            answered.append(Answered(have, decision.answer, _exits(decision.answer_exit, len(have)),
                                      bound.state.evaluated[sel] + 1))
         left = ~np.isin(bound.rows, have)
         if not bool(left.any()):
             return None
         return Pending(bound.rows[left], None, bound.state.take(left))
+
+
+def _exits(answer_exit: np.ndarray | int, rows: int) -> np.ndarray:
+    """The answering exit of each of `rows` rows (one for all, or one per row)."""
+    return np.full(rows, answer_exit, dtype=np.int64) if isinstance(answer_exit, int) else answer_exit
 
 
 def _take(value: np.ndarray, sel: np.ndarray | None) -> np.ndarray:

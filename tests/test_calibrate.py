@@ -93,3 +93,58 @@ def test_export_writes_a_bundle_both_sides_load(checkpoint, tmp_path: Path, caps
     (tmp_path / "bad.json").write_text("{not json")
     assert main(["export", str(checkpoint[0]), "--policy", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b2")]) == 2
     assert not (tmp_path / "b2").exists()
+
+
+@pytest.mark.slow
+def test_eval_policy_gives_what_the_deployed_system_answers(checkpoint, tmp_path: Path, capsys) -> None:
+    """`eval --policy` on the test split against the deployed system (export, a real `cloud
+    serve` process, `edge run` over gRPC) on the same test images: the same accuracy and
+    the same answering exits, SDN's fallback answers included (issue 20)."""
+    import subprocess
+    import sys
+    from collections import Counter
+
+    import numpy as np
+
+    from splitexit.bundle import read_manifest
+    from splitexit.data import load_dataset
+
+    ckpt, cache = checkpoint
+    policy = tmp_path / "policy.json"
+    # a high threshold: many test images reach the last exit unsure and take the fallback
+    assert _calibrate(checkpoint, policy, "--policy", "maxprob", "--threshold", "0.995") == 0
+    assert main(["eval", str(ckpt), "--data", "digits", "--policy", str(policy), "--out", str(tmp_path / "ev"),
+                 "--cache-dir", str(cache)]) == 0
+    assert "policy maxprob: accuracy" in capsys.readouterr().out
+    figures = json.loads((tmp_path / "ev" / "eval.json").read_text())["policy"]
+    assert figures["fallback_answers"] > 0, ("the test needs fallback answers", figures)
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(ckpt), "--policy", str(policy), "--split", "2", "--edge-engine", "torch",
+                 "--out", str(bundle)]) == 0
+    test = load_dataset("digits").test
+    np.save(tmp_path / "test.npy", test.images)
+    worker = subprocess.Popen([sys.executable, "-m", "splitexit.cli", "cloud", "serve", str(bundle), "--host",
+                               "127.0.0.1", "--port", "0", "--no-advertise", "--grace", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        assert " on " in line, line
+        address = line.split(" on ", 1)[1].split()[0]
+        out = tmp_path / "answers.jsonl"
+        assert main(["edge", "run", str(bundle), "--input", str(tmp_path / "test.npy"), "--worker", address,
+                     "--out", str(out)]) == 0
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        if worker.stdout is not None:
+            worker.stdout.close()
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(answers) == len(test.labels) and not any(a["route"] == "degraded" for a in answers)
+    labels = {a["sample_id"]: a["label"] for a in answers}
+    acc = float(np.mean([labels[f"test.npy:{i}"] == y for i, y in enumerate(test.labels.tolist())]))
+    assert acc == pytest.approx(figures["acc"], abs=1.5 / len(answers))
+    stages = list(read_manifest(bundle).exits)  # the stage of each ladder exit
+    deployed = Counter(a["exit"] for a in answers)
+    for k, share in enumerate(figures["answer_hist"]):
+        assert abs(deployed.get(stages[k], 0) - share * len(answers)) <= 1.5, (k, deployed, figures["answer_hist"])

@@ -28,14 +28,18 @@ def test_summary_on_hand_made_outputs() -> None:
     assert report.oracle_acc == pytest.approx(1.0)  # sample 4 is right at exit 1 only
     # sample 1 exits at e1, sample 2 at e2, samples 3 and 4 reach the final exit
     assert report.exit_hist == pytest.approx([0.25, 0.25, 0.5])
-    assert report.threshold_acc == pytest.approx(0.75)
+    # as the deployed maxprob answers: sample 3, sure nowhere, answers with its most confident
+    # exit (e2: 0.80 for class 1, wrong; the final exit alone would have been right)
+    assert report.threshold_acc == pytest.approx(0.5) and report.fallback_share == pytest.approx(0.25)
     assert report.threshold_macs == pytest.approx(0.25 * 1 + 0.25 * 2 + 0.5 * 4)
     assert "oracle" in format_report(report)
 
 
 def test_threshold_rule_and_balance() -> None:
-    assert threshold_exits(_outputs().probs, 0.99).tolist() == [2, 2, 2, 2]
-    assert threshold_exits(_outputs().probs, 0.0).tolist() == [0, 0, 0, 0]
+    left, answered = threshold_exits(_outputs().probs, 0.99)
+    assert left.tolist() == [2, 2, 2, 2] and answered.tolist() == [2, 2, 1, 2]  # each row's most confident exit
+    assert threshold_exits(_outputs().probs, 0.99, fallback=False)[1].tolist() == [2, 2, 2, 2]
+    assert [a.tolist() for a in threshold_exits(_outputs().probs, 0.0)] == [[0, 0, 0, 0]] * 2
     assert balance([1, 0, 0]) == 0.0
     assert balance([1, 1, 1, 1]) == pytest.approx(1.0)
     assert 0 < balance([0.7, 0.2, 0.1]) < 1

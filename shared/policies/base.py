@@ -37,6 +37,9 @@ class Decision:
     # float32 [B, C]: what exiting rows answer with, where not exit k's own output (SDN's
     # most-confident fallback answers with an earlier exit); None = `probs`
     answer: np.ndarray | None = None
+    # int64 [B]: the ladder index of the exit whose output `answer` is (where not k), so an
+    # answer names the exit it really came from; None = k
+    answer_exit: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Step:
     # broadcasts wherever the runtimes use it)
     next_exit: np.ndarray | int
     answer: np.ndarray  # float32 [B, C]
+    answer_exit: np.ndarray | int  # int64 [B], or k for every row: the exit each answer comes from
 
 
 class ExitPolicy(Protocol):
@@ -136,12 +140,14 @@ class Ladder:
 class Outcome:
     """A policy run over a whole set (offline): where each sample left and what it cost."""
 
-    exit_index: np.ndarray  # [N] exit that answered
+    exit_index: np.ndarray  # [N] exit the sample left at (what it cost)
     label: np.ndarray  # [N] the answer
     cost: np.ndarray  # [N] cost spent per sample
     head_evals: np.ndarray  # [N] exit heads evaluated per sample
     correct: np.ndarray | None = None  # [N] bool, when labels were given
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # the policy's final state
+    # [N] exit whose output answered (an earlier one for a most-confident fallback); None = exit_index
+    answer_exit: np.ndarray | None = None
 
     @property
     def acc(self) -> float:
@@ -176,7 +182,8 @@ def step(policy: ExitPolicy, k: int, probs: np.ndarray, state: State, num_exits:
     if decision.next_exit is not None:
         nxt = np.clip(np.asarray(decision.next_exit, dtype=np.int64), k + 1, num_exits - 1)
     answer = probs if decision.answer is None else decision.answer
-    return Step(exits, nxt, answer), new_state
+    answer_exit: np.ndarray | int = k if decision.answer_exit is None else np.asarray(decision.answer_exit, np.int64)
+    return Step(exits, nxt, answer, answer_exit), new_state
 
 
 def _select(state: State, rows: np.ndarray) -> State:
@@ -208,6 +215,7 @@ def simulate(policy: ExitPolicy, probs: Any, ladder: Ladder, labels: np.ndarray 
     cost = np.zeros(n, dtype=np.float64)
     head_evals = np.zeros(n, dtype=np.int64)
     label = np.zeros(n, dtype=np.int64)
+    answer_exit = np.full(n, -1, dtype=np.int64)
     at = np.full(n, -1, dtype=np.int64)  # the last exit point each row reached
     target = np.full(n, first_exit(policy, num_exits), dtype=np.int64)  # next exit each row evaluates
     for k in range(num_exits):
@@ -225,9 +233,10 @@ def simulate(policy: ExitPolicy, probs: Any, ladder: Ladder, labels: np.ndarray 
         _assign(state, rows, update)
         exit_index[rows[decision.exit]] = k
         label[rows[decision.exit]] = decision.answer[decision.exit].argmax(-1)
+        answer_exit[rows[decision.exit]] = np.broadcast_to(decision.answer_exit, decision.exit.shape)[decision.exit]
         target[rows] = decision.next_exit
     assert bool((exit_index >= 0).all()), "every row leaves by the last exit"
     correct = None if labels is None else label == np.asarray(labels)
     # the policy's final per-row state rides along (e.g. Predictive Exit's energy account)
     extra = {name: np.asarray(value) for name, value in state.items()}
-    return Outcome(exit_index, label, cost, head_evals, correct, extra)
+    return Outcome(exit_index, label, cost, head_evals, correct, extra, answer_exit)

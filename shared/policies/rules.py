@@ -43,6 +43,7 @@ class MaxProb:
 
     def init_state(self, rows: int, num_classes: int) -> State:
         return {"best_conf": np.full(rows, -1.0, dtype=np.float32),
+                "best_exit": np.full(rows, -1, dtype=np.int64),
                 "best_probs": np.zeros((rows, num_classes), dtype=np.float32)}
 
     def decide(self, k: int, probs: np.ndarray, state: State) -> tuple[Decision, State]:
@@ -50,14 +51,17 @@ class MaxProb:
         exits = conf >= per_exit(self.threshold, k)
         if not self.fallback:
             return Decision(exits), state
-        best_probs = state["best_probs"]
         better = conf > state["best_conf"]
         best_conf = np.where(better, conf, state["best_conf"])
-        best_probs = np.where(better[:, None], probs, best_probs)
+        best_exit = np.where(better, k, state["best_exit"])
+        best_probs = np.where(better[:, None], probs, state["best_probs"])
         # rows exiting by their own confidence answer with exit k; at the last exit the
-        # caller forces everyone out, and those answer with their most confident exit
+        # caller forces everyone out, and those answer with their most confident exit,
+        # named as the exit that answered
         answer = np.where(exits[:, None], probs, best_probs)
-        return Decision(exits, answer=answer), {"best_conf": best_conf, "best_probs": best_probs}
+        answer_exit = np.where(exits, k, best_exit)
+        return (Decision(exits, answer=answer, answer_exit=answer_exit),
+                {"best_conf": best_conf, "best_exit": best_exit, "best_probs": best_probs})
 
     def to_dict(self) -> dict[str, Any]:
         t = list(self.threshold) if isinstance(self.threshold, tuple) else self.threshold

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
@@ -132,6 +133,35 @@ def _grpc_config(args: argparse.Namespace) -> "GrpcConfig":
     return GrpcConfig(token=token, tls=tls, lb_policy=lb)
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.removeprefix("dns:///").rsplit(":", 1)[0].strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def share_cores(args: argparse.Namespace, engine: Any) -> str | None:
+    """When a --worker runs on this machine, edge and worker share its cores: a torch edge
+    left at torch's default (every core) and a worker at its own default oversubscribe
+    them, and each slows the other several times over (OpenMP threads spin while they
+    wait). The torch edge then takes half the cores (unless --threads says otherwise);
+    either way the note returned says what the worker should take."""
+    from splitexit.runtime import TorchEngine
+
+    if not any(_is_loopback(w) for w in args.worker):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(engine, TorchEngine):
+        import torch
+
+        if args.threads is None:
+            torch.set_num_threads(max(1, cores // 2))
+        edge_threads = torch.get_num_threads()
+    else:
+        edge_threads = args.engine_threads
+    return (f"note: the worker at {next(w for w in args.worker if _is_loopback(w))} shares this machine's {cores} "
+            f"cores: the edge computes on {edge_threads} thread(s); start the worker with "
+            f"`--threads {max(1, cores - edge_threads)}` so that the two do not fight over the cores")
+
+
 def build_transport(args: argparse.Namespace, bundle: Any, codec: str) -> "WorkerPool | None":
     """A WorkerPool over --worker addresses (and --discover's finds), or None (offline)."""
     from splitexit.edge.transport import GrpcTransport, PoolConfig, WorkerPool
@@ -178,6 +208,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from splitexit.edge.trace import TraceWriter
 
     bundle, engine = open_edge(args.bundle, args.engine, threads=args.engine_threads)
+    note = share_cores(args, engine)
+    if note is not None:
+        print(note, file=sys.stderr)
     codec = args.codec or bundle.codec
     config = AgentConfig(codec=codec, latency_budget_ms=args.latency_budget_ms,
                          request_timeout_ms=args.request_timeout_ms, engine=args.engine,

@@ -119,6 +119,7 @@ def test_run_with_a_worker_then_spool_and_refine(bundle: Path, folder: Path, wor
                         "--worker", address, "--codec", "fp16", "--latency-budget-ms", "5000",
                         "--trace", str(tmp_path / "t.msgpack"))
     assert code == 0, err
+    assert "shares this machine's" in err and "start the worker with `--threads" in err  # one machine: say so
     rows = list(read_results(out))
     assert {r["route"] for r in rows} == {"edge", "cloud"}
     assert all(r["worker"] == "tail" for r in rows if r["route"] == "cloud")
@@ -287,3 +288,28 @@ def test_run_discovers_a_worker_on_loopback(bundle: Path, folder: Path, worker, 
     assert code == 0, err
     assert "cloud" in {r["route"] for r in read_results(out)} and handler.calls > 0
     assert "no cloud worker confirmed" not in err  # found, probed and confirmed before the first batch
+
+
+def test_a_torch_edge_beside_its_worker_takes_half_the_cores(monkeypatch) -> None:
+    """Edge and worker on one machine: the torch edge at torch's default would take every
+    core, as would the worker, and each would slow the other several times over."""
+    import argparse
+    import os
+
+    import torch
+
+    from splitexit.edge.cli import share_cores
+    from splitexit.runtime import TorchEngine
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    try:
+        engine = TorchEngine(S.tiny_model()[0])
+        args = argparse.Namespace(worker=["127.0.0.1:5"], threads=None, engine_threads=1)
+        note = share_cores(args, engine)
+        assert torch.get_num_threads() == 2 and note is not None and "`--threads 2`" in note
+        assert share_cores(argparse.Namespace(worker=["10.0.0.7:5"], threads=None, engine_threads=1), engine) is None
+        assert "`--threads 3`" in (share_cores(argparse.Namespace(worker=["localhost:5"], threads=None,
+                                                                  engine_threads=1), object()) or "")
+    finally:
+        torch.set_num_threads(before)

@@ -122,6 +122,9 @@ def _decode(data: bytes, where: str) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            # grey stays one channel (a 1-channel model trains on it); anything else is RGB
+            if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                return np.asarray(img.convert("L"), dtype=np.uint8)[..., None]
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{where}: not a readable image ({exc})") from exc
@@ -158,6 +161,8 @@ def _to_arrays(split: dict[str, list[tuple[str, np.ndarray]]], classes: tuple[st
         for _, img in sorted(split.get(cls, []), key=lambda item: item[0]):
             images.append(img)
             labels.append(label)
+    if len({img.shape[-1] for img in images}) > 1:  # grey among colour: the grey ones as RGB
+        images = [np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img for img in images]
     shapes = {img.shape for img in images}
     if len(shapes) != 1:
         raise DataError(f"{where}: images of different sizes {sorted(shapes)[:3]}; resize them to one size first")
@@ -204,7 +209,8 @@ def load_image_tree(path: str | Path, *, val_size: int = 5000, seed: int = 0, ca
 
 
 def load_numpy(path: str | Path, *, val_size: int = 5000, seed: int = 0) -> Dataset:
-    """An .npz with uint8 `train_x` [N,H,W,C], `train_y`, `test_x`, `test_y` (and optional `classes`)."""
+    """An .npz with uint8 `train_x` [N,H,W,C] (or [N,H,W], grey), `train_y`, `test_x`, `test_y`
+    (and optional `classes`)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -214,6 +220,9 @@ def load_numpy(path: str | Path, *, val_size: int = 5000, seed: int = 0) -> Data
         raise DataError(f"{path}: missing array {exc}; need train_x, train_y, test_x, test_y") from exc
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable .npz ({exc})") from exc
+    for key in ("train_x", "test_x"):  # grey images [N, H, W]: one channel
+        if arrays[key].ndim == 3:
+            arrays[key] = arrays[key][..., None]
     train = ArraySet(arrays["train_x"], arrays["train_y"].astype(np.int64))
     test = ArraySet(arrays["test_x"], arrays["test_y"].astype(np.int64))
     n_classes = int(max(train.labels.max(), test.labels.max())) + 1

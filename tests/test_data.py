@@ -114,6 +114,34 @@ def test_numpy_arrays(tmp_path: Path) -> None:
         load_numpy(tmp_path / "float.npz")
 
 
+def test_grey_images_stay_one_channel_and_grey_arrays_are_taken(tmp_path: Path) -> None:
+    """A grey data set (JPEGs in mode L, or [N, H, W] arrays) trains a 1-channel model: it
+    was silently made RGB (and such a model then failed on the loader), and grey arrays
+    were refused. Grey among colour images is made RGB, so one data set has one shape."""
+    rng = np.random.default_rng(0)
+
+    def grey_jpeg() -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), "L").save(buf, format="JPEG")
+        return buf.getvalue()
+
+    for split, n in (("train", 5), ("test", 2)):
+        for c in CLASSES:
+            (tmp_path / "grey" / split / c).mkdir(parents=True)
+            for i in range(n):
+                (tmp_path / "grey" / split / c / f"{i}.jpg").write_bytes(grey_jpeg())
+    grey = load_dataset(str(tmp_path / "grey"), val_size=3)
+    assert grey.in_chans == 1 and grey.train.images.shape[1:] == (8, 8, 1)
+    (tmp_path / "grey" / "train" / "cat" / "colour.jpg").write_bytes(_jpeg(1))  # one colour image among them
+    mixed = load_dataset(str(tmp_path / "grey"), val_size=3)
+    assert mixed.in_chans == 3
+    np.savez(tmp_path / "grey.npz", train_x=rng.integers(0, 255, (20, 28, 28), dtype=np.uint8),
+             train_y=np.arange(20) % 2, test_x=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+             test_y=np.arange(4) % 2)
+    arrays = load_numpy(tmp_path / "grey.npz", val_size=4)
+    assert arrays.in_chans == 1 and arrays.image_size == 28
+
+
 def test_digits_splits_are_disjoint_and_deterministic() -> None:
     a, b = load_digits(), load_digits()
     assert (len(a.train), len(a.val), len(a.test)) == (1137, 300, 360)

@@ -177,24 +177,53 @@ def format_report(report: EvalReport) -> str:
 
 
 def plot_report(report: EvalReport, path: Path, *, title: str = "") -> Path:
+    """Left: accuracy against cost, each exit a point (MMACs to reach and evaluate it, the
+    earlier exits' heads included), the max-prob rule and a fitted policy as points of
+    their own, the oracle as a line. Right: where the threshold rule sends the samples.
+    Values are written on the points and bars; the accuracy axis spans the data."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on devices and CI
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    x = np.arange(len(report.exit_names))
-    ax1.bar(x, report.exit_acc, color="tab:blue")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    names = report.exit_names
+    have_cost = report.cumulative_macs is not None
+    xs = [c / 1e6 for c in report.cumulative_macs] if report.cumulative_macs is not None else list(range(len(names)))
+    ax1.plot(xs, report.exit_acc, "o-", color="tab:blue", label="each exit, all samples")
+    for x, y, name in zip(xs, report.exit_acc, names):
+        ax1.annotate(f"{name}\n{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    ys = list(report.exit_acc) + [report.oracle_acc, report.threshold_acc]
+    if have_cost and report.threshold_macs is not None:
+        ax1.plot([report.threshold_macs / 1e6], [report.threshold_acc], "s", color="tab:green", markersize=8,
+                 label=f"max-prob >= {report.threshold}: {report.threshold_acc:.3f}")
+    if report.policy is not None and have_cost:
+        p = report.policy
+        ax1.plot([p["cost"] / 1e6], [p["acc"]], "D", color="tab:purple", markersize=8,
+                 label=f"policy {p['policy']}: {p['acc']:.3f} at {p['cost_frac']:.2f} x full")
+        ys.append(p["acc"])
     ax1.axhline(report.oracle_acc, color="tab:red", linestyle="--", label=f"oracle {report.oracle_acc:.3f}")
-    ax1.set_xticks(x, report.exit_names, rotation=30)
-    ax1.set_ylim(0, 1)
+    if have_cost and report.full_macs:
+        ax1.axvline(report.full_macs / 1e6, color="grey", linestyle=":",
+                    label=f"full network without exit heads: {report.full_macs / 1e6:.2f} MMACs")
+    low, high = min(ys), max(ys)
+    pad = max(0.02, 0.15 * (high - low))
+    ax1.set_ylim(max(0.0, low - pad), min(1.0, high + 2 * pad))
+    ax1.set_xlabel("MMACs per sample (exit heads on the way included)" if have_cost else "exit")
+    if not have_cost:
+        ax1.set_xticks(xs, names)
     ax1.set_ylabel("accuracy")
-    ax1.set_title("accuracy per exit")
-    ax1.legend(loc="lower right")
-    ax2.bar(x, report.exit_hist, color="tab:green")
-    ax2.set_xticks(x, report.exit_names, rotation=30)
+    ax1.set_title("accuracy against cost")
+    ax1.grid(alpha=0.3)
+    ax1.legend(loc="lower right", fontsize=8)
+    x = np.arange(len(names))
+    bars = ax2.bar(x, report.exit_hist, color="tab:green")
+    ax2.bar_label(bars, labels=[f"{h:.2f}" for h in report.exit_hist], fontsize=8)
+    ax2.set_xticks(x, names, rotation=30)
     ax2.set_ylabel("share of samples")
-    ax2.set_title(f"exit histogram, max-prob >= {report.threshold} (balance {report.balance:.2f})")
+    ax2.set_ylim(0, min(1.0, max(report.exit_hist) * 1.2 + 0.02))
+    ax2.set_title(f"where max-prob >= {report.threshold} sends samples\n(balance {report.balance:.2f}: "
+                  f"1 = every exit equally)", fontsize=10)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

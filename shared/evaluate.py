@@ -216,10 +216,10 @@ def plot_report(report: EvalReport, path: Path, *, title: str = "") -> Path:
     ax1.set_title("accuracy against cost")
     ax1.grid(alpha=0.3)
     ax1.legend(loc="lower right", fontsize=8)
-    x = np.arange(len(names))
-    bars = ax2.bar(x, report.exit_hist, color="tab:green")
+    positions = np.arange(len(names))
+    bars = ax2.bar(positions, report.exit_hist, color="tab:green")
     ax2.bar_label(bars, labels=[f"{h:.2f}" for h in report.exit_hist], fontsize=8)
-    ax2.set_xticks(x, names, rotation=30)
+    ax2.set_xticks(positions, names, rotation=30)
     ax2.set_ylabel("share of samples")
     ax2.set_ylim(0, min(1.0, max(report.exit_hist) * 1.2 + 0.02))
     ax2.set_title(f"where max-prob >= {report.threshold} sends samples\n(balance {report.balance:.2f}: "

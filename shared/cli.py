@@ -58,6 +58,17 @@ def _probability(text: str) -> float:
     return value
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """--help shows each option's default, unless its help already says it, or there is
+    none to show (None, a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
 # --- commands ------------------------------------------------------------------------
 def _model_config(args: argparse.Namespace, *, num_classes: int, in_chans: int):
     from splitexit.models import BoFConfig, ModelConfig
@@ -131,20 +142,32 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from splitexit.data import load_dataset
+    from splitexit.models import check_exit_after, default_exit_after
     from splitexit.train import TrainConfig, train_cached
 
+    # every argument checked before the data set is decoded (minutes for a large archive)
+    if args.freeze_backbone and args.init is None:
+        raise CliError("--freeze-backbone trains exits on a trained backbone: give it with --init CHECKPOINT")
+    try:
+        if args.exit_after is None:
+            args.exit_after = default_exit_after(args.arch)
+        check_exit_after(args.arch, args.exit_after)
+        _model_config(args, num_classes=10, in_chans=3)  # the rest of the model's settings
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     dataset = load_dataset(args.data, val_size=args.val_size, cache_dir=args.cache_dir)
     model_cfg = _model_config(args, num_classes=dataset.num_classes, in_chans=dataset.in_chans)
+    # a mirrored digit or letter is another symbol: flips only for colour (natural) images
+    flip = args.flip if args.flip is not None else dataset.in_chans == 3
     train_cfg = TrainConfig(
         mode="exits" if args.freeze_backbone else "joint", epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, exit_weight=args.exit_weight, distill=args.distill,
-        augment_pad=args.augment_pad, augment_flip=not args.no_flip, threads=args.threads,
+        augment_pad=args.augment_pad, augment_flip=flip, threads=args.threads,
         label_smoothing=args.label_smoothing, precision=args.precision, ema=args.ema,
         exit_grad=args.exit_grad,
     )
-    if args.freeze_backbone and args.init is None:
-        raise CliError("--freeze-backbone trains exits on a trained backbone: give it with --init CHECKPOINT")
-    print(f"data: {dataset.name}, {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test")
+    print(f"data: {dataset.name}, {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test, "
+          f"{dataset.in_chans} channel(s){'' if flip else ', no flips'}; exits after stages {list(model_cfg.exit_after)}")
     model, meta, path = train_cached(model_cfg, train_cfg, dataset, cache_dir=args.cache_dir, init=args.init,
                                      progress=True)
     print(f"checkpoint: {path} (trained in {meta.extra.get('train_seconds', 0.0):.0f} s)")
@@ -239,6 +262,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     v = entry["validation"]
     print(f"{args.policy}: validation accuracy {v['acc']:.4f} at {v['cost_frac']:.3f} x full "
           f"({'ms' if unit == 'ms' else 'MACs'}), exit histogram {v['exit_hist']}")
+    idle = [name for name, share in zip(v["exits"][:-1], v["exit_hist"][:-1]) if share < 0.005]
+    if idle:
+        print(f"note: {', '.join(idle)} answer(s) under 0.5% of the validation samples under this policy: their "
+              f"heads cost time for nearly nothing (another policy, budget, or a model without them may do better)")
     print(f"wrote {args.out}")
 
 
@@ -341,41 +368,53 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where eval.json and eval.png go")
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="train a backbone with exits (or exits on a frozen backbone)")
+    train = sub.add_parser("train", help="train a backbone with exits (or exits on a frozen backbone)",
+                           formatter_class=DefaultsShown)
     common(train)
     train.add_argument("--data", required=True, help="'digits', an image folder / .tar.gz (split/class/file.jpg), or .npz")
     train.add_argument("--arch", default="resnet20", help="built-in backbone (resnet14_tiny, resnet20, resnet20x2, ...)")
-    train.add_argument("--exit-after", type=_int_tuple, default=(2, 4, 6, 8), help="stage indices with an exit")
-    train.add_argument("--exit-head", choices=("bof", "pool"), default="bof")
-    train.add_argument("--codewords", type=_positive_int, default=64)
-    train.add_argument("--bof-kernel", choices=("logistic", "rbf"), default="logistic")
-    train.add_argument("--bof-spatial", choices=("global", "2x2"), default="global")
+    train.add_argument("--exit-after", type=_int_tuple, default=None,
+                       help="comma-separated stage indices with an exit (default: every other stage from 2 to the "
+                            "one before the last: 2,4,6,8 for resnet20)")
+    train.add_argument("--exit-head", choices=("bof", "pool"), default="bof",
+                       help="bof: Bag-of-Features exits (Passalis et al.); pool: average pooling and a linear layer")
+    train.add_argument("--codewords", type=_positive_int, default=64, help="BoF codewords per exit")
+    train.add_argument("--bof-kernel", choices=("logistic", "rbf"), default="logistic",
+                       help="BoF similarity of a feature to a codeword")
+    train.add_argument("--bof-spatial", choices=("global", "2x2"), default="global",
+                       help="one histogram per map, or one per quadrant")
     train.add_argument("--bof-pool-to", type=int, default=8, help="pool maps to this side before the codebook; 0 = off")
     train.add_argument("--hierarchical", action="store_true", help="BoF histograms added along depth, shared classifier")
-    train.add_argument("--epochs", type=_positive_int, default=30)
-    train.add_argument("--batch-size", type=_positive_int, default=128)
-    train.add_argument("--lr", type=float, default=0.1)
-    train.add_argument("--weight-decay", type=float, default=5e-4)
-    train.add_argument("--exit-weight", type=float, default=0.5)
+    train.add_argument("--epochs", type=_positive_int, default=30, help="passes over the training split")
+    train.add_argument("--batch-size", type=_positive_int, default=128, help="images per SGD step")
+    train.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov momentum)")
+    train.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    train.add_argument("--exit-weight", type=float, default=0.5, help="weight of the exits' losses beside the final head's")
     train.add_argument("--distill", type=_probability, default=0.5, help="share of each exit's loss distilled from the final head")
     train.add_argument("--exit-grad", type=_probability, default=1.0,
                        help="share of the exits' gradient that reaches the layers below them (default 1: all)")
-    train.add_argument("--augment-pad", type=int, default=4)
-    train.add_argument("--no-flip", action="store_true", help="no random horizontal flips (e.g. digits)")
-    train.add_argument("--label-smoothing", type=_probability, default=0.0)
+    train.add_argument("--augment-pad", type=int, default=4, help="random crops from images padded by this many pixels")
+    flips = train.add_mutually_exclusive_group()
+    flips.add_argument("--flip", dest="flip", action="store_const", const=True, default=None,
+                       help="random horizontal flips (default: only for 3-channel images; a mirrored digit is "
+                            "another symbol)")
+    flips.add_argument("--no-flip", dest="flip", action="store_const", const=False, help="no random flips")
+    train.add_argument("--label-smoothing", type=_probability, default=0.0, help="label smoothing of the losses")
     train.add_argument("--ema", type=float, default=0.0,
                        help="decay of a moving average of the weights (e.g. 0.999); the average is the trained "
                             "model. 0 (default) = off")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="bf16: bfloat16 autocast, fp32 weights; auto (default): bf16 where the CPU computes it "
                             "natively (AVX-512 BF16, AMX), else fp32. Tiny networks (8x8 digits) train faster in fp32")
-    train.add_argument("--val-size", type=_positive_int, default=5000)
+    train.add_argument("--val-size", type=_positive_int, default=5000,
+                       help="training images held out for validation (calibration uses them)")
     train.add_argument("--init", type=Path, help="start from this checkpoint's backbone")
     train.add_argument("--freeze-backbone", action="store_true", help="train the exits only (needs --init)")
     train.add_argument("--out", type=Path, help="also copy the checkpoint here")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="per-exit accuracy, oracle and exit histogram of a checkpoint")
+    ev = sub.add_parser("eval", help="per-exit accuracy, oracle and exit histogram of a checkpoint",
+                     formatter_class=DefaultsShown)
     common(ev)
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--data", required=True, help="the data set the checkpoint was trained on")
@@ -389,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("runs/eval"), help="where eval.json and eval.png go")
     ev.set_defaults(func=cmd_eval)
 
-    cal = sub.add_parser("calibrate", help="fit an exit policy on validation outputs (to a budget or a setting)")
+    cal = sub.add_parser("calibrate", help="fit an exit policy on validation outputs (to a budget or a setting)",
+                      formatter_class=DefaultsShown)
     common(cal)
     cal.add_argument("checkpoint", type=Path, help="a trained multi-exit checkpoint (.safetensors)")
     cal.add_argument("--data", required=True, help="the data set it was trained on (its validation split is used)")
@@ -410,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", type=Path, default=Path("runs/policy.json"), help="where the fitted policy goes")
     cal.set_defaults(func=cmd_calibrate)
 
-    exp = sub.add_parser("export", help="write a bundle: edge and cloud weights, policy, manifest with hash")
+    exp = sub.add_parser("export", help="write a bundle: edge and cloud weights, policy, manifest with hash",
+                      formatter_class=DefaultsShown)
     common(exp)
     exp.add_argument("checkpoint", type=Path)
     exp.add_argument("--policy", type=Path, required=True, help="a policy file from `splitexit calibrate`")

@@ -148,3 +148,11 @@ def test_eval_policy_gives_what_the_deployed_system_answers(checkpoint, tmp_path
     deployed = Counter(a["exit"] for a in answers)
     for k, share in enumerate(figures["answer_hist"]):
         assert abs(deployed.get(stages[k], 0) - share * len(answers)) <= 1.5, (k, deployed, figures["answer_hist"])
+
+
+def test_calibrate_says_which_exits_a_policy_leaves_idle(checkpoint, tmp_path: Path, capsys) -> None:
+    """Threshold 0: every sample leaves at the first exit; the others answer none, and
+    calibrate says so instead of leaving the user to find the unused heads (issue 20)."""
+    assert _calibrate(checkpoint, tmp_path / "p.json", "--policy", "maxprob", "--threshold", "0") == 0
+    out = capsys.readouterr().out
+    assert "note: exit@2, exit@3, exit@4 answer(s) under 0.5% of the validation samples" in out, out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -79,3 +80,23 @@ def test_unreadable_inputs_exit_2_with_one_clear_line(tmp_path: Path, capsys) ->
     assert code == 2 and "exit points" in err
     code, _, err = _run(capsys, "train", "--data", "digits", "--freeze-backbone", "--cache-dir", str(tmp_path))
     assert code == 2 and "--init" in err
+
+
+def test_train_checks_its_arguments_before_reading_any_data(tmp_path: Path, capsys) -> None:
+    """A bad exit point or architecture is reported at once, not after the data set is
+    decoded: here the data set does not even exist, and the message is about the arguments."""
+    missing = str(tmp_path / "huge.tar.gz")
+    code, _, err = _run(capsys, "train", "--data", missing, "--arch", "resnet14_tiny", "--exit-after", "2,9")
+    assert code == 2 and "resnet14_tiny has exit points 0..5 (default [2, 4]); got [9]" in err
+    code, _, err = _run(capsys, "train", "--data", missing, "--arch", "resnet9000")
+    assert code == 2 and "unknown arch" in err and "huge.tar.gz" not in err
+
+
+def test_train_help_shows_defaults_and_grey_data_trains_without_flips(tmp_path: Path, capsys) -> None:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    help_text = " ".join(sub.choices["train"].format_help().split())  # one line: no wrapping inside a default
+    assert "(default: 30)" in help_text and "(default: 0.1)" in help_text and "(default: None)" not in help_text
+    code, out, err = _run(capsys, "train", "--data", "digits", "--arch", "resnet14_tiny", "--epochs", "1",
+                          "--batch-size", "64", "--cache-dir", str(tmp_path))
+    assert code == 0, err
+    assert "1 channel(s), no flips; exits after stages [2, 4]" in out  # the architecture's own default exits

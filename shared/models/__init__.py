@@ -26,6 +26,8 @@ __all__ = [
     "PoolLinearHead",
     "StageInfo",
     "build_model",
+    "check_exit_after",
+    "default_exit_after",
 ]
 
 
@@ -90,13 +92,35 @@ class ModelConfig:
         return cls(**data)
 
 
+def _num_stages(arch: str) -> int:
+    spec = ARCHS[arch]
+    return len(resnet_stages(depth=spec.depth, widths=spec.widths, in_chans=1)[0])
+
+
+def default_exit_after(arch: str) -> tuple[int, ...]:
+    """Exits after every other stage from stage 2 up to the one before the last: resnet20's
+    (2, 4, 6, 8), fitted to any built-in depth."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; built-in: {', '.join(ARCHS)}")
+    return tuple(range(2, _num_stages(arch) - 1, 2))
+
+
+def check_exit_after(arch: str, exit_after: tuple[int, ...]) -> None:
+    """ValueError unless every exit point is a stage of `arch` before its last (cheap:
+    callers check before they decode any data)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; built-in: {', '.join(ARCHS)}")
+    last = _num_stages(arch) - 2
+    bad = [k for k in exit_after if not 0 <= k <= last]
+    if bad:
+        raise ValueError(f"{arch} has exit points 0..{last} (default {list(default_exit_after(arch))}); got {bad}")
+
+
 def build_model(config: ModelConfig) -> MultiExitNet:
     """A built-in backbone with exit heads sized from its feature_info."""
     spec = ARCHS[config.arch]
     stages, info = resnet_stages(depth=spec.depth, widths=spec.widths, in_chans=config.in_chans)
-    bad = [k for k in config.exit_after if not 0 <= k < len(stages) - 1]
-    if bad:
-        raise ValueError(f"{config.arch} has exit points 0..{len(stages) - 2}; got {bad}")
+    check_exit_after(config.arch, config.exit_after)
     exits: dict[int, nn.Module] = {}
     for k in config.exit_after:
         chs = info[k].num_chs

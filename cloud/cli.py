@@ -74,6 +74,10 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     serve_p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=1024,
                          help="RPCs the worker holds at once; beyond, gRPC refuses (RESOURCE_EXHAUSTED) before "
                               "the worker reads them, which bounds its memory under a flood (default: %(default)s)")
+    serve_p.add_argument("--max-connection-age", type=_positive(float), default=None, metavar="SECONDS",
+                         help="close each client connection after this many seconds (calls in flight may finish), "
+                              "so clients re-resolve and spread to workers added since, e.g. behind a headless "
+                              "Kubernetes Service (default: never)")
     serve_p.add_argument("--max-rows", type=_positive(int), default=256, help="rows in one request (default: %(default)s)")
     serve_p.add_argument("--switch-interval-ms", type=_positive(float), default=None,
                          help="the process's GIL switch interval: shorter lets the compute thread back in sooner "
@@ -116,7 +120,7 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
                                queue_limit_rows=args.queue_limit, concurrent_batches=args.concurrent_batches,
                                max_queue_wait_ms=args.max_queue_wait_ms),
         drain_grace_s=args.grace, metrics_port=args.metrics_port, worker_id=args.worker_id,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_concurrent_rpcs=args.max_concurrent_rpcs, max_connection_age_s=args.max_connection_age,
     )
 
 

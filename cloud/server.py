@@ -61,6 +61,8 @@ from splitexit.cloud.batcher import Batcher, BatcherConfig
 from splitexit.cloud.metrics import Metrics
 from splitexit.cloud.requests import ServiceLimits
 from splitexit.cloud.served import ServedModel
+from splitexit import __version__
+from splitexit.cloud import kserve
 from splitexit.cloud.servicer import SERVICE_NAME, SplitInferenceServicer, add_to_server
 from splitexit.tls import TlsError, check_key_pair
 
@@ -116,6 +118,12 @@ class ServerConfig:
     metrics_port: int = 0  # 0 = no HTTP endpoint (metrics stay readable in-process)
     metrics_host: str | None = None  # default: host
     worker_id: str = ""  # default: hostname-pid
+    # Close each client connection after this long (gRPC GOAWAY; calls in flight get
+    # max_connection_age_grace_s to finish): a client then connects anew and re-resolves
+    # its DNS name, so workers added behind a headless Service get traffic. Without it a
+    # client keeps its first connections forever and a new pod gets none. None = never.
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -138,6 +146,9 @@ class ServerConfig:
         if self.drain_grace_s < 0 or min(self.keepalive_time_s, self.keepalive_timeout_s,
                                          self.min_client_ping_interval_s) <= 0:
             raise ServerError("drain grace must be >= 0 and keepalive times > 0")
+        if self.max_connection_age_s is not None and (self.max_connection_age_s <= 0
+                                                      or self.max_connection_age_grace_s < 0):
+            raise ServerError("max_connection_age must be > 0 and its grace >= 0")
         ServiceLimits(max_message_bytes=self.max_message_bytes, max_request_rows=self.max_request_rows,
                       max_raw_item_bytes=self.max_raw_item_bytes, stream_inflight=self.stream_inflight)
 
@@ -146,7 +157,10 @@ class ServerConfig:
         return self.tls_cert is not None
 
     def grpc_options(self) -> list[tuple[str, Any]]:
-        return [
+        age = [] if self.max_connection_age_s is None else [
+            ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(self.max_connection_age_grace_s * 1000))]
+        return age + [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
@@ -445,10 +459,12 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
         server = grpc.aio.server(interceptors=interceptors, options=config.grpc_options(),
                                  maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         add_to_server(servicer, server)
+        kserve.add_to_server(kserve.KServeV2Servicer(servicer, __version__), server)  # the v2 protocol beside ours
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, kserve.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
         address = _bind_address(config.host, config.port)
         _check_bindable(config.host, config.port)
         try:

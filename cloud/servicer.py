@@ -146,7 +146,8 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         except asyncio.TimeoutError:
             return False
 
-    def _done(self, method: str, code: str, started: float) -> None:
+    def done(self, method: str, code: str, started: float) -> None:
+        """Count a finished call of `method` with its status code (metrics)."""
         if self.metrics is not None:
             self.metrics.request_done(method, code, time.monotonic() - started)
 
@@ -163,7 +164,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             code = "CANCELLED"
             raise
         finally:
-            self._done("Infer", code, started)
+            self.done("Infer", code, started)
 
     async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.InferResponse]:
@@ -218,14 +219,14 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
-            self._done("InferStream", code, started)
+            self.done("InferStream", code, started)
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         started = time.monotonic()
         if isinstance(request, Undecodable):
-            self._done("GetModelInfo", "INVALID_ARGUMENT", started)
+            self.done("GetModelInfo", "INVALID_ARGUMENT", started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error().message)
         info = model_info(self.models, self.limits, self.worker_id)
-        self._done("GetModelInfo", "OK", started)
+        self.done("GetModelInfo", "OK", started)
         return info
 

@@ -26,8 +26,10 @@ GRPC_ALLOWED = {
     "splitexit.edge.transport.grpc_channel",
     "splitexit.cloud.server",
     "splitexit.cloud.servicer",
+    "splitexit.cloud.kserve",  # the KServe v2 protocol's servicer
     "splitexit.sim.loadgen",
     "splitexit.proto.inference_pb2_grpc",
+    "splitexit.proto.kserve_v2_pb2_grpc",
     "splitexit.proto.generate",
 }
 # part -> the parts it must not import

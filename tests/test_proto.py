@@ -42,7 +42,8 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     )
     written = gen.generate(tmp_path)
     names = sorted(p.name for p in written)
-    assert names == ["inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py"]
+    assert names == ["inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py",
+                     "kserve_v2_pb2.py", "kserve_v2_pb2.pyi", "kserve_v2_pb2_grpc.py"]
     stale = [n for n in names if (tmp_path / n).read_bytes() != (PROTO_DIR / n).read_bytes()]
     assert not stale, f"committed gencode is stale: {stale}; run `make protos` and commit the result"
 

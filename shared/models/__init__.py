@@ -93,8 +93,10 @@ class ModelConfig:
 
 
 def _num_stages(arch: str) -> int:
+    """The stem and the blocks of `resnet_stages`, counted without building them (building
+    would draw from torch's random generator and change every seeded model after it)."""
     spec = ARCHS[arch]
-    return len(resnet_stages(depth=spec.depth, widths=spec.widths, in_chans=1)[0])
+    return 1 + (spec.depth - 2) // 2
 
 
 def default_exit_after(arch: str) -> tuple[int, ...]:

@@ -55,7 +55,8 @@ def _address(text: str) -> str:
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", action="append", type=_address, default=[], metavar="HOST:PORT",
-                   help="a cloud worker (repeatable); dns:///NAME:PORT spreads over every address of a name")
+                   help="a cloud worker (repeatable); dns:///NAME:PORT spreads over every address of a name "
+                        "(dns://SERVER:PORT/NAME:PORT asks that DNS server)")
     p.add_argument("--discover", action="store_true", help="find workers serving this bundle by mDNS (zeroconf)")
     p.add_argument("--discover-wait", type=float, default=2.0, metavar="S",
                    help="with --discover: how long to look for workers before starting (default: %(default)s)")
@@ -129,12 +130,14 @@ def _grpc_config(args: argparse.Namespace) -> "GrpcConfig":
     elif args.tls_server_name:
         raise CliError("--tls-server-name needs TLS (--tls-ca)")
     lb: Literal["round_robin", "pick_first"] = (
-        "round_robin" if any(w.startswith("dns:///") for w in args.worker) else "pick_first")
+        "round_robin" if any(w.startswith("dns:") for w in args.worker) else "pick_first")
     return GrpcConfig(token=token, tls=tls, lb_policy=lb)
 
 
 def _is_loopback(address: str) -> bool:
-    host = address.removeprefix("dns:///").rsplit(":", 1)[0].strip("[]").lower()
+    from splitexit.edge.transport.base import dns_name
+
+    host = (dns_name(address) or address).rsplit(":", 1)[0].strip("[]").lower()
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
@@ -208,9 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from splitexit.edge.trace import TraceWriter
 
     bundle, engine = open_edge(args.bundle, args.engine, threads=args.engine_threads)
-    note = share_cores(args, engine)
-    if note is not None:
-        print(note, file=sys.stderr)
+    note = share_cores(args, engine)  # printed once the arguments have all been accepted
     codec = args.codec or bundle.codec
     config = AgentConfig(codec=codec, latency_budget_ms=args.latency_budget_ms,
                          request_timeout_ms=args.request_timeout_ms, engine=args.engine,
@@ -229,6 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         transport = build_transport(args, bundle, codec)
         if args.spool is not None:
             args.spool = Spool(args.spool)  # created and checked before any answer
+        if note is not None:
+            print(note, file=sys.stderr)
         trace = TraceWriter(args.trace, atomic=True) if args.trace is not None else None
         counts = asyncio.run(_run(args, (bundle, engine), config, todo, transport, writer, trace))
     except BaseException:

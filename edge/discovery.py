@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 from splitexit.edge.transport import WorkerPool
+from splitexit.edge.transport.base import dns_name
 from splitexit.proto import PROTOCOL_VERSION
 
 __all__ = ["DiscoveredWorker", "DiscoveryBrowser", "DiscoveryConfig", "SERVICE_TYPE", "parse_static", "txt_lists_hash"]
@@ -201,13 +202,16 @@ class DiscoveryBrowser:
 
 
 def parse_static(addresses: Sequence[str]) -> list[str]:
-    """Check "host:port", "[v6]:port" and "dns:///name:port" worker addresses."""
+    """Check "host:port", "[v6]:port", "dns:///name:port" and "dns://server:port/name:port"
+    worker addresses (a DNS target spreads over every address of the name, re-resolved
+    as the workers behind it change)."""
     out = []
     for address in addresses:
         target = address.strip()
-        body = target.removeprefix("dns:///")
-        host, sep, port = body.rpartition(":")
+        name = dns_name(target)
+        host, sep, port = (target if name is None else name).rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"bad worker address {address!r}; expected HOST:PORT, [IPv6]:PORT or dns:///NAME:PORT")
+            raise ValueError(f"bad worker address {address!r}; expected HOST:PORT, [IPv6]:PORT, dns:///NAME:PORT or "
+                             f"dns://DNS-SERVER:PORT/NAME:PORT")
         out.append(target)
     return out

@@ -45,9 +45,9 @@ def test_txt_matching_and_static_addresses() -> None:
     cloud_txt = {"proto": "1", "models": "tiny", "hash.tiny": f"{'cd' * 32},{h}", "split.tiny": "2,2", "tls": "0"}
     assert txt_lists_hash(cloud_txt, h)
     assert not txt_lists_hash({**cloud_txt, "proto": "2"}, h)
-    assert parse_static(["10.0.0.1:50051", "dns:///workers.svc:50051", "[::1]:7"]) == [
-        "10.0.0.1:50051", "dns:///workers.svc:50051", "[::1]:7"]
-    for bad in ("nohost", "host:", "host:99999", ":80"):
+    assert parse_static(["10.0.0.1:50051", "dns:///workers.svc:50051", "[::1]:7", "dns://10.96.0.10:53/w.svc:9"]) == [
+        "10.0.0.1:50051", "dns:///workers.svc:50051", "[::1]:7", "dns://10.96.0.10:53/w.svc:9"]
+    for bad in ("nohost", "host:", "host:99999", ":80", "dns://10.0.0.1:53", "dns:///w.svc"):
         with pytest.raises(ValueError, match="bad worker address"):
             parse_static([bad])
     with pytest.raises(ValueError, match="_tcp.local."):

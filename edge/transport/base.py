@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 from splitexit.proto import inference_pb2 as pb
 from splitexit.status import STATUS_CODES, status_name
 
-__all__ = ["SERVING", "OffloadError", "Transport", "check_timeout"]
+__all__ = ["SERVING", "OffloadError", "Transport", "check_timeout", "dns_name"]
 
 SERVING = "SERVING"
 class OffloadError(Exception):
@@ -74,3 +74,16 @@ def check_timeout(timeout: float) -> float:
     if not timeout > 0:
         raise OffloadError("DEADLINE_EXCEEDED", "no time left for the call")
     return float(timeout)
+
+
+def dns_name(target: str) -> str | None:
+    """"NAME:PORT" of a DNS target ("dns:///NAME:PORT", or "dns://SERVER/NAME:PORT" naming
+    the DNS server to ask), else None."""
+    if not target.startswith("dns:"):
+        return None
+    rest = target[len("dns:"):]
+    if rest.startswith("//"):  # dns://[AUTHORITY]/NAME:PORT
+        _, sep, rest = rest[2:].partition("/")
+        if not sep:
+            return ""
+    return rest

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from splitexit.edge.transport.base import OffloadError, check_timeout
+from splitexit.edge.transport.base import OffloadError, check_timeout, dns_name
 from splitexit.proto import inference_pb2 as pb
 from splitexit.tls import check_key_pair, check_pem
 
@@ -222,5 +222,5 @@ class GrpcTransport:
 
 
 def _is_loopback(target: str) -> bool:
-    host = target.removeprefix("dns:///").removeprefix("ipv4:").rsplit(":", 1)[0].strip("[]")
+    host = (dns_name(target) or target.removeprefix("ipv4:")).rsplit(":", 1)[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")

@@ -93,6 +93,10 @@ class GrpcConfig:
     # "round_robin" spreads calls over every address a DNS name resolves to (a headless
     # Kubernetes Service); "pick_first" keeps one connection.
     lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
+    # The least time between two DNS resolutions of a name. gRPC's default, 30 s, would keep a
+    # worker added behind the name (a new pod) unseen for that long after the old ones'
+    # connections were closed by their max connection age.
+    dns_min_reresolve_ms: int = 1000
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
@@ -120,6 +124,7 @@ def channel_options(config: GrpcConfig) -> list[tuple[str, Any]]:
         # our own retry loop (by request id, within the deadline) replaces grpc's
         ("grpc.enable_retries", 0),
         ("grpc.lb_policy_name", config.lb_policy),
+        ("grpc.dns_min_time_between_resolutions_ms", config.dns_min_reresolve_ms),
     ]
     if config.tls is not None and config.tls.server_name:
         options.append(("grpc.ssl_target_name_override", config.tls.server_name))

@@ -101,7 +101,8 @@ class _Feeder:
     def __init__(self, agent, images: np.ndarray, rows: int = 4, interval_s: float = 0.05) -> None:
         self.agent, self.images, self.rows, self.interval_s = agent, images, rows, interval_s
         self.sent = 0
-        self.answers: list[tuple[float, str, bool, str]] = []  # (time, worker, degraded, bundle-side)
+        self.answers: list[tuple[float, str, bool, str]] = []  # (time, worker, degraded, route)
+        self.labels: list[int] = []  # in the order the inputs were sent
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -112,6 +113,7 @@ class _Feeder:
             self.sent += len(batch)
             for a in await self.agent.infer(batch):
                 self.answers.append((time.monotonic(), a.worker or "", a.degraded, a.route))
+                self.labels.append(a.label)
             await asyncio.sleep(self.interval_s)
 
     def stop(self) -> None:
@@ -192,3 +194,97 @@ def test_a_dns_name_spreads_load_and_follows_workers_as_they_come_and_go(tmp_pat
     degraded = [a for a in answers if a[2]]
     assert not degraded, f"{len(degraded)} answers degraded: {degraded[:3]}"
     print(f"w4 answered {got['found_s']:.1f} s after joining; first spread {dict(first)}")
+
+
+def _reference_labels(bundle: Path, images: np.ndarray) -> list[int]:
+    """Labels of the whole network of `bundle` in this process (every row to its final head)."""
+    import torch
+
+    from splitexit.bundle import load_whole
+    from splitexit.data import Normalize
+
+    whole = load_whole(bundle)
+    with torch.inference_mode():
+        logits = whole.model(Normalize(whole.mean, whole.std)(torch.from_numpy(images)))
+    return logits.argmax(-1).tolist()
+
+
+def test_a_rolling_bundle_upgrade_drops_no_request_and_never_mixes_bundles(tmp_path: Path) -> None:
+    """Workers of bundle A are replaced by workers serving A and B; the edges then move to B;
+    then the A+B workers are replaced by B-only ones. No request fails, and every answer is
+    its own bundle's (each agent's labels equal its bundle's whole network, row by row)."""
+    from splitexit.edge import AgentConfig, EdgeAgent, GrpcConfig, GrpcTransport
+
+    old, new = _bundle(tmp_path, "tiny", 0), _bundle(tmp_path / "new", "tiny", 1)
+    images = S.images(64)
+    expected = {"old": _reference_labels(old, images), "new": _reference_labels(new, images)}
+    assert expected["old"] != expected["new"], "the two bundles must answer differently to tell them apart"
+    port = _free_port()
+    workers: list[_Worker] = []
+
+    def start(bundles: list[Path], hosts: list[int]) -> list[_Worker]:
+        started = [_Worker(bundles, f"127.0.0.{h}", port, f"w{h}") for h in hosts]
+        for w in started:
+            w.wait_serving()
+        workers.extend(started)
+        return started
+
+    def drain(leaving: list[_Worker]) -> None:
+        for w in leaving:
+            w.proc.send_signal(signal.SIGTERM)
+        for w in leaving:
+            w.stop()
+
+    with _dns() as names:
+        try:
+            first = start([old], [1, 2])
+            names.addresses = [w.host for w in first]
+
+            async def scenario() -> dict:
+                def agent(bundle: Path) -> EdgeAgent:
+                    target = f"dns://127.0.0.1:{names.port}/{NAME}:{port}"
+                    return EdgeAgent(bundle, GrpcTransport(target, GrpcConfig(lb_policy="round_robin")),
+                                     config=AgentConfig(request_timeout_ms=5000))
+
+                async with agent(old) as edge_old, agent(new) as edge_new:
+                    feed_old = _Feeder(edge_old, images)
+                    run_old = asyncio.ensure_future(feed_old.run())
+                    await asyncio.sleep(1.0)
+                    # 1. workers serving both bundles join; the old ones drain and leave the name
+                    both = await asyncio.to_thread(start, [old, new], [3, 4])
+                    names.addresses = [w.host for w in first + both]
+                    await asyncio.sleep(CONNECTION_AGE_S)
+                    names.addresses = [w.host for w in both]
+                    await asyncio.to_thread(drain, first)
+                    # 2. the edges move to the new bundle
+                    feed_new = _Feeder(edge_new, images)
+                    run_new = asyncio.ensure_future(feed_new.run())
+                    await asyncio.sleep(1.5)
+                    feed_old.stop()
+                    await run_old
+                    # 3. workers of the new bundle only replace the A+B ones
+                    last = await asyncio.to_thread(start, [new], [5])
+                    names.addresses = [w.host for w in both + last]
+                    await asyncio.sleep(CONNECTION_AGE_S)
+                    names.addresses = [w.host for w in last]
+                    await asyncio.to_thread(drain, both)
+                    await asyncio.sleep(1.5)
+                    feed_new.stop()
+                    await run_new
+                    return {"old": feed_old, "new": feed_new}
+
+            feeds = asyncio.run(scenario())
+        finally:
+            for w in workers:
+                w.stop(signal.SIGKILL)
+    for side, feed in feeds.items():
+        assert len(feed.answers) == feed.sent > 0, f"{side}: an input was lost"
+        degraded = [a for a in feed.answers if a[2]]
+        assert not degraded, f"{side}: {len(degraded)} requests failed over to the edge: {degraded[:3]}"
+    # labels in the order sent (each batch's answers in input order): the feeder cycles the images
+    for side, feed in feeds.items():
+        want = [expected[side][(i * 4 + j) % len(images)] for i in range(feed.sent // 4) for j in range(4)]
+        assert feed.labels == want, f"{side}: an answer from the other bundle"
+    served = {side: Counter(a[1] for a in feed.answers) for side, feed in feeds.items()}
+    assert set(served["old"]) <= {"w1", "w2", "w3", "w4"} and {"w3", "w4"} & set(served["old"]), served
+    assert set(served["new"]) <= {"w3", "w4", "w5"} and served["new"]["w5"] > 0, served

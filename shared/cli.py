@@ -70,7 +70,7 @@ class DefaultsShown(argparse.HelpFormatter):
 
 
 # --- commands ------------------------------------------------------------------------
-def _model_config(args: argparse.Namespace, *, num_classes: int, in_chans: int):
+def _model_config(args: argparse.Namespace, *, num_classes: int, in_chans: int, input_size: int = 32):
     from splitexit.models import BoFConfig, ModelConfig
 
     return ModelConfig(
@@ -78,7 +78,33 @@ def _model_config(args: argparse.Namespace, *, num_classes: int, in_chans: int):
         exit_head=args.exit_head, hierarchical=args.hierarchical,
         bof=BoFConfig(codewords=args.codewords, kernel=args.bof_kernel, spatial=args.bof_spatial,
                       pool_to=args.bof_pool_to or None),
+        module=args.module or "", cut_after=args.cut_after or (),
+        input_size=input_size if args.module else 0,
     )
+
+
+def _own_network(args: argparse.Namespace) -> bool:
+    """`train --module`: check the factory (and list its nodes with --list-nodes). True
+    when there is nothing left to do (the nodes were listed)."""
+    from splitexit.models import load_factory
+    from splitexit.models.fx_cut import CutError, graph_node_names
+
+    factory = load_factory(args.module)
+    if args.arch is None:
+        args.arch = args.module.rpartition(":")[2]
+    if args.list_nodes:
+        try:
+            names = graph_node_names(factory(num_classes=10, in_chans=3))
+        except CutError as exc:
+            raise CliError(str(exc)) from None
+        print("\n".join(names))
+        return True
+    if not args.cut_after:
+        raise CliError("--module needs --cut-after NODE,NODE,... (the torch.fx nodes to cut after; list them "
+                       "with --list-nodes)")
+    if args.exit_after is None:  # an exit after every stage but the last (which gives the logits)
+        args.exit_after = tuple(range(len(args.cut_after)))
+    return False
 
 
 def _read_policy(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -149,14 +175,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.freeze_backbone and args.init is None:
         raise CliError("--freeze-backbone trains exits on a trained backbone: give it with --init CHECKPOINT")
     try:
-        if args.exit_after is None:
-            args.exit_after = default_exit_after(args.arch)
-        check_exit_after(args.arch, args.exit_after)
+        if args.module:
+            if _own_network(args):
+                return
+        else:
+            args.arch = args.arch or "resnet20"
+            if args.exit_after is None:
+                args.exit_after = default_exit_after(args.arch)
+            check_exit_after(args.arch, args.exit_after)
         _model_config(args, num_classes=10, in_chans=3)  # the rest of the model's settings
     except ValueError as exc:
         raise CliError(str(exc)) from None
     dataset = load_dataset(args.data, val_size=args.val_size, cache_dir=args.cache_dir)
-    model_cfg = _model_config(args, num_classes=dataset.num_classes, in_chans=dataset.in_chans)
+    try:
+        model_cfg = _model_config(args, num_classes=dataset.num_classes, in_chans=dataset.in_chans,
+                                  input_size=dataset.image_size)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     # a mirrored digit or letter is another symbol: flips only for colour (natural) images
     flip = args.flip if args.flip is not None else dataset.in_chans == 3
     train_cfg = TrainConfig(
@@ -194,6 +229,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _evaluate_and_report(model, meta, dataset, split=args.split, out_dir=args.out, threshold=args.threshold,
                          cache_dir=args.cache_dir, title=f"{meta.model.arch} ({meta.model.exit_head} exits)",
                          policy=policy)
+
+
+def _name_tuple(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated node names, got {text!r}")
+    return names
 
 
 def _budget(text: str) -> tuple[float, str]:
@@ -372,7 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=DefaultsShown)
     common(train)
     train.add_argument("--data", required=True, help="'digits', an image folder / .tar.gz (split/class/file.jpg), or .npz")
-    train.add_argument("--arch", default="resnet20", help="built-in backbone (resnet14_tiny, resnet20, resnet20x2, ...)")
+    train.add_argument("--arch", default=None,
+                       help="built-in backbone (resnet14_tiny, resnet20, resnet20x2, ...; default: resnet20); with "
+                            "--module, the network's label")
+    train.add_argument("--module", metavar="PACKAGE.MODULE:FACTORY",
+                       help="a network of your own instead: FACTORY(num_classes=, in_chans=) returns an nn.Module "
+                            "giving logits; it must be importable (installed, on PYTHONPATH, or in the current "
+                            "folder) wherever the torch model is rebuilt (training, the cloud worker)")
+    train.add_argument("--cut-after", type=_name_tuple, metavar="NODE,NODE,...",
+                       help="with --module: the torch.fx nodes to cut it into stages after (--list-nodes names them)")
+    train.add_argument("--list-nodes", action="store_true", help="with --module: print its torch.fx node names and stop")
     train.add_argument("--exit-after", type=_int_tuple, default=None,
                        help="comma-separated stage indices with an exit (default: every other stage from 2 to the "
                             "one before the last: 2,4,6,8 for resnet20)")

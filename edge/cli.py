@@ -13,7 +13,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 from splitexit.cli import EXIT_PARTIAL, CliError
 from splitexit.codec import CODECS
@@ -247,11 +247,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     kept = f"; {len(inputs) - len(todo)} kept from the interrupted run" if writer.done else ""
     print(f"{len(todo)} answers ({summary}{'; degraded: ' + reasons if reasons else ''}{kept}) -> {args.out}",
           file=sys.stderr)
+    accuracy = labelled_accuracy(args.out, inputs.labels, bundle.classes)
+    if accuracy is not None:
+        correct, known = accuracy
+        print(f"accuracy {correct / known:.4f} ({correct} of {known} inputs whose class the inputs name: class "
+              f"folders or a .npz's labels)", file=sys.stderr)
     if inputs.errors:
         print(f"splitexit: {len(inputs.errors)} of {len(inputs) + len(inputs.errors)} inputs could not be read "
               f"(named above) and have no answer", file=sys.stderr)
         return EXIT_PARTIAL
     return 0
+
+
+def labelled_accuracy(results: Path, labels: "Mapping[str, str]", classes: Sequence[str]) -> tuple[int, int] | None:
+    """(correct, counted) over the answers in `results` whose input names one of `classes`
+    (a class folder's name, or a class index); None when no input does."""
+    import json
+
+    names = set(classes)
+    known = {sample: label for sample, label in labels.items()
+             if label in names or (label.isdigit() and int(label) < len(classes))}
+    if not known:
+        return None
+    correct = counted = 0
+    for line in results.read_text().splitlines():
+        answer = json.loads(line)
+        label = known.get(answer.get("sample_id", ""))
+        if label is not None:
+            counted += 1
+            correct += label in (answer.get("class_name"), str(answer.get("label")))
+    return (correct, counted) if counted else None
 
 
 async def _run(args: argparse.Namespace, loaded: tuple[Any, Any], config: Any, inputs: Any, transport: Any,

@@ -13,6 +13,10 @@ first file and why.
 - a .npz archive: its array "x" (else "images", else its only array) as above, and
   sample ids from an optional string array "ids"
 
+Labels, where the inputs carry them (`InputSet.labels`, so `edge run` can say its
+accuracy): the folder an image is in (`test/cat/0001.jpg` is a "cat"), or a .npz's
+integer array "y" (else "labels").
+
 Images are converted to the bundle's channels (L or RGB). A size that differs from the
 bundle's input is refused unless `resize=True` (then bilinear resize).
 """
@@ -20,9 +24,9 @@ bundle's input is refused unless `resize=True` (then bilinear resize).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -46,6 +50,9 @@ class InputSet:
     ids: tuple[str, ...]
     data: np.ndarray
     errors: tuple[tuple[str, str], ...] = ()  # (sample id, why) of the inputs set aside
+    # sample id -> its label as the inputs give it: a class folder's name, or a class index
+    # ("3") from a .npz; whether it names one of the bundle's classes is the caller's check
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,7 +60,7 @@ class InputSet:
     def without(self, ids: set[str]) -> "InputSet":
         """The samples whose id is not in `ids` (e.g. answered by an interrupted run)."""
         keep = [i for i, sample_id in enumerate(self.ids) if sample_id not in ids]
-        return InputSet(tuple(self.ids[i] for i in keep), self.data[keep], self.errors)
+        return InputSet(tuple(self.ids[i] for i in keep), self.data[keep], self.errors, self.labels)
 
     def batches(self, size: int) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
         for start in range(0, len(self.ids), size):
@@ -134,7 +141,7 @@ def _load_numpy(path: Path, shape: tuple[int, int, int]) -> InputSet:
     try:
         if path.suffix == ".npy":
             values = np.load(path, allow_pickle=False)
-            ids = None
+            ids, labels = None, None
         else:
             with np.load(path, allow_pickle=False) as z:
                 names = list(z.files)
@@ -143,6 +150,8 @@ def _load_numpy(path: Path, shape: tuple[int, int, int]) -> InputSet:
                     raise InputError(f"{path}: no array 'x' or 'images' among {names}")
                 values = z[key]
                 ids = [str(s) for s in z["ids"].tolist()] if "ids" in names else None
+                label_key = next((k for k in ("y", "labels") if k in names), None)
+                labels = z[label_key] if label_key is not None else None
     except InputError:
         raise
     except (OSError, ValueError, EOFError) as exc:  # also object arrays refused without pickle
@@ -152,7 +161,13 @@ def _load_numpy(path: Path, shape: tuple[int, int, int]) -> InputSet:
         ids = [f"{path.name}:{i}" for i in range(len(values))]
     elif len(ids) != len(values):
         raise InputError(f"{path}: {len(ids)} ids for {len(values)} samples")
-    return InputSet(tuple(ids), values)
+    known: dict[str, str] = {}
+    if path.suffix == ".npz" and labels is not None:
+        if labels.shape != (len(values),) or labels.dtype.kind not in "iu":
+            raise InputError(f"{path}: labels must be integers [{len(values)}], got {labels.dtype} "
+                             f"{list(labels.shape)}")
+        known = {sample: str(int(y)) for sample, y in zip(ids, labels.tolist())}
+    return InputSet(tuple(ids), values, labels=known)
 
 
 def load_inputs(path: str | Path, input_shape: tuple[int, ...], *, resize: bool = False) -> InputSet:
@@ -195,7 +210,8 @@ def load_inputs(path: str | Path, input_shape: tuple[int, ...], *, resize: bool 
             if errors:
                 raise errors[0][1]
             raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        inputs = InputSet(tuple(ids), np.stack(images), tuple((m, str(e)) for m, e in errors))
+        folders = {i: Path(i).parent.name for i in ids if Path(i).parent.name}
+        inputs = InputSet(tuple(ids), np.stack(images), tuple((m, str(e)) for m, e in errors), folders)
     if len(inputs) == 0:
         raise InputError(f"{path}: no samples")
     return inputs

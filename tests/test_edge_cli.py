@@ -313,3 +313,29 @@ def test_a_torch_edge_beside_its_worker_takes_half_the_cores(monkeypatch) -> Non
                                                                   engine_threads=1), object()) or "")
     finally:
         torch.set_num_threads(before)
+
+
+def test_run_says_its_accuracy_when_the_inputs_carry_labels(bundle: Path, tmp_path: Path, capsys) -> None:
+    """Class folders (test/c3/x.png) or a .npz's labels: `edge run` prints its accuracy on
+    them, counted from the answers it wrote (issue 20); unlabelled inputs print none."""
+    images = S.images(12)
+    for i, pixels in enumerate(images):
+        folder = tmp_path / "set" / "test" / S.CLASSES[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[..., 0], "L").save(folder / f"{i:02d}.png")
+    out = tmp_path / "folders.jsonl"
+    code, _, err = _run(capsys, "edge", "run", str(bundle), "--input", str(tmp_path / "set"), "--out", str(out))
+    assert code == 0, err
+    rows = list(read_results(out))
+    correct = sum(r["class_name"] == Path(r["sample_id"]).parent.name for r in rows)
+    assert f"accuracy {correct / 12:.4f} ({correct} of 12 inputs" in err
+    np.savez(tmp_path / "set.npz", x=images, y=np.arange(12) % 10)
+    code, _, err = _run(capsys, "edge", "run", str(bundle), "--input", str(tmp_path / "set.npz"),
+                        "--out", str(tmp_path / "npz.jsonl"))
+    rows = list(read_results(tmp_path / "npz.jsonl"))
+    correct = sum(r["label"] == i % 10 for i, r in enumerate(rows))
+    assert code == 0 and f"({correct} of 12 inputs" in err
+    np.save(tmp_path / "plain.npy", images)
+    code, _, err = _run(capsys, "edge", "run", str(bundle), "--input", str(tmp_path / "plain.npy"),
+                        "--out", str(tmp_path / "plain.jsonl"))
+    assert code == 0 and "inputs whose class" not in err

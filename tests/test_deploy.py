@@ -1,12 +1,15 @@
 """deploy/, checked offline: nothing here builds an image or talks to a cluster.
 
-- Both kustomize overlays render (`kubectl kustomize`, which must be installed) and every
-  object validates against the Kubernetes 1.32 schemas in strict mode
-  (`kubernetes-validate`): unknown fields and kinds without a schema fail.
+- The kustomize overlays (dev, prod, and prod-upgrade: prod plus the component
+  components/next-bundle, workers serving two bundles during an upgrade) render
+  (`kubectl kustomize`, which must be installed) and every object validates against the
+  Kubernetes 1.32 schemas in strict mode (`kubernetes-validate`): unknown fields and kinds
+  without a schema fail.
 - What a schema cannot see: selectors match the pod labels, Service target ports and
   probe ports are container ports, the HPA targets the Deployment, the termination grace
   covers preStop + drain, every `$(VAR)` and ConfigMap reference resolves, and the
-  worker's arguments parse with `splitexit cloud serve`'s own parser.
+  worker's arguments parse with `splitexit cloud serve`'s own parser, and every bundle it
+  serves is mounted from the bundles claim and verified by an init container.
 - The Dockerfiles pass hadolint (errors fail); the worker's HEALTHCHECK script answers a
   real gRPC health service; compose.yaml and the systemd units parse and hang together,
   and the unit's batch script runs against a stub `splitexit`.
@@ -32,7 +35,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "prod-upgrade")
+# the bundle directories each overlay's worker serves (`cloud serve BUNDLE [BUNDLE ...]`)
+SERVED = {"dev": ["/bundle"], "prod": ["/bundle"], "prod-upgrade": ["/bundle", "/bundle-next"]}
+HASH_VAR = {"/bundle": "SPLITEXIT_BUNDLE_HASH", "/bundle-next": "SPLITEXIT_NEXT_BUNDLE_HASH"}
 K8S_VERSION = "1.32.0"
 HEALTH_SERVICE = "splitexit.v1.SplitInference"
 KUBECTL_HELP = (
@@ -55,14 +61,17 @@ def _tool(name: str, install: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _render(overlay: str) -> tuple[dict[str, Any], ...]:
+    return _render_dir(DEPLOY / "k8s" / "overlays" / overlay)
+
+
+def _render_dir(path: Path) -> tuple[dict[str, Any], ...]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail(KUBECTL_HELP)
-    done = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"kubectl kustomize {overlay} failed:\n{done.stderr}"
+    done = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"kubectl kustomize {path} failed:\n{done.stderr}"
     docs = tuple(d for d in yaml.safe_load_all(done.stdout) if d)
-    assert docs, f"kubectl kustomize {overlay} rendered nothing"
+    assert docs, f"kubectl kustomize {path} rendered nothing"
     return docs
 
 
@@ -232,7 +241,8 @@ def test_overlay_objects_fit_together(overlay: str) -> None:
     env = _container_env(worker, docs)
     args = [_expand(a, env, "worker args") for a in worker["args"]]
     parsed = _parse(args)
-    assert args[:2] == ["cloud", "serve"] and [str(b) for b in parsed.bundles] == ["/bundle"]
+    assert args[:2] == ["cloud", "serve"] and [str(b) for b in parsed.bundles] == SERVED[overlay]
+    assert args[2:2 + len(SERVED[overlay])] == SERVED[overlay], "the bundles come right after `serve`"
     assert parsed.max_connection_age == 30, "--max-connection-age 30: clients re-resolve the headless Service"
     assert parsed.advertise is False, "--no-advertise: no mDNS inside a cluster"
     assert parsed.port == grpc_port
@@ -285,38 +295,87 @@ def _cpus(quantity: str | int) -> float:
     return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
+def _init(docs: tuple[dict[str, Any], ...], name: str) -> dict[str, Any]:
+    found = [c for c in _pod(docs)["spec"].get("initContainers", []) if c["name"] == name]
+    assert len(found) == 1, f"expected one init container {name}, got {len(found)}"
+    return found[0]
+
+
+def _mount(container: dict[str, Any], path: str) -> dict[str, Any]:
+    found = [m for m in container.get("volumeMounts", []) if m["mountPath"] == path]
+    assert len(found) == 1, f"{container['name']}: expected one mount at {path}, got {len(found)}"
+    return found[0]
+
+
+def _config_map_source(container: dict[str, Any], var: str, docs: tuple[dict[str, Any], ...]) -> str:
+    """The ConfigMap the container's `var` comes from (a configMapKeyRef, or envFrom when
+    `env` does not set it); fails on a literal value or a ConfigMap without that key."""
+    maps = _config_maps(docs)
+    explicit = [v for v in container.get("env", []) if v["name"] == var]
+    if explicit:
+        (entry,) = explicit
+        ref = entry.get("valueFrom", {}).get("configMapKeyRef")
+        assert ref is not None and ref["key"] == var, f"{container['name']}: {var} is not read from the ConfigMap"
+        name = ref["name"]
+    else:
+        names = [s["configMapRef"]["name"] for s in container.get("envFrom", []) if "configMapRef" in s]
+        names = [n for n in names if var in maps.get(n, {})]
+        assert len(names) == 1, f"{container['name']}: {var} comes from no ConfigMap (envFrom)"
+        name = names[0]
+    assert var in maps.get(name, {}), f"{container['name']}: no key {var} in ConfigMap {name}"
+    return name
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_bundle_is_mounted_and_verified_before_the_worker_starts(overlay: str) -> None:
+def test_every_served_bundle_is_mounted_and_verified_before_the_worker_starts(overlay: str) -> None:
+    """Each bundle directory the worker serves is a read-only mount of its own directory of
+    the bundles claim (subPathExpr: the hash from the ConfigMap), and one init container,
+    running verify-bundle's script, checks that directory against that hash."""
     docs = _render(overlay)
     pod = _pod(docs)["spec"]
     worker = _worker(docs)
-    (init,) = pod["initContainers"]
-    assert init["image"] == worker["image"]
-    worker_env, init_env = _container_env(worker, docs), _container_env(init, docs)
-    want = init_env["SPLITEXIT_BUNDLE_HASH"]
-    assert want == worker_env["SPLITEXIT_BUNDLE_HASH"] and re.fullmatch(r"[0-9a-f]{64}", want or "")
-    bundle_mounts = [[m for m in c["volumeMounts"] if m["mountPath"] == "/bundle"] for c in (init, worker)]
-    for (mount,) in bundle_mounts:
-        assert mount["readOnly"] is True
-        assert mount["subPathExpr"] == "$(SPLITEXIT_BUNDLE_HASH)"
-    assert bundle_mounts[0][0]["name"] == bundle_mounts[1][0]["name"]
-    (volume,) = [v for v in pod["volumes"] if v["name"] == bundle_mounts[0][0]["name"]]
-    claim = volume["persistentVolumeClaim"]["claimName"]
-    assert claim in {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
-    # the init container's check is Python against splitexit.manifest: it must compile
-    assert init["command"][:2] == ["python", "-c"]
-    compile(init["command"][2], "verify-bundle", "exec")
+    worker_env = _container_env(worker, docs)
+    verify = _init(docs, "verify-bundle")
+    # the init containers' check is Python against splitexit.manifest: it must compile
+    assert verify["command"][:2] == ["python", "-c"]
+    compile(verify["command"][2], "verify-bundle", "exec")
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    served_by: dict[str, str] = {}
+    for path in SERVED[overlay]:
+        var = HASH_VAR[path]
+        mount = _mount(worker, path)
+        assert mount["readOnly"] is True, f"worker: {path} must be read-only"
+        assert mount["subPathExpr"] == f"$({var})", f"worker: {path} mounts {mount['subPathExpr']}"
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["persistentVolumeClaim"]["claimName"] in claims
+        assert volume["persistentVolumeClaim"]["readOnly"] is True
+        checks = [c for c in pod["initContainers"] if c.get("args") == [path, var]]
+        assert len(checks) == 1, f"{path}: expected one init container with args [{path}, {var}], got {len(checks)}"
+        init = checks[0]
+        assert init["command"] == verify["command"], f"{init['name']}: not verify-bundle's script"
+        assert init["image"] == verify["image"] == worker["image"]
+        assert init["resources"] == verify["resources"] and init["securityContext"] == verify["securityContext"]
+        assert _mount(init, path) == mount, f"{init['name']} checks another directory than the worker serves at {path}"
+        # the hash: from the ConfigMap (the same one) in both containers, a real one
+        assert _config_map_source(init, var, docs) == _config_map_source(worker, var, docs)
+        want = _container_env(init, docs)[var]
+        assert want is not None and want == worker_env[var] and re.fullmatch(r"[0-9a-f]{64}", want), f"{var}={want!r}"
+        assert want != "0" * 64, f"{var}: the base's placeholder; the overlay must name its bundle"
+        served_by[init["name"]] = want
+    assert sorted(served_by) == sorted(c["name"] for c in pod["initContainers"]), (
+        "an init container checks no bundle the worker serves")
+    assert len(set(served_by.values())) == len(served_by), (
+        f"one hash twice ({served_by}): the worker refuses a bundle given twice")
 
 
-def test_init_container_check_accepts_the_right_bundle_and_refuses_another(tmp_path: Path) -> None:
-    """The verify-bundle script, run against a bundle written here with the real manifest
-    functions (the script reads /bundle: pointed at the temporary one)."""
+def _toy_bundle(root: Path) -> tuple[Path, str]:
+    """A bundle written with the real manifest functions: (its directory, its hash)."""
     import hashlib
     import json
 
     from splitexit.manifest import FORMAT, VERSION, manifest_hash
 
-    bundle = tmp_path / "bundle"
+    bundle = root / "bundle"
     bundle.mkdir()
     weights = b"not really safetensors"
     (bundle / "cloud.safetensors").write_bytes(weights)
@@ -330,21 +389,101 @@ def test_init_container_check_accepts_the_right_bundle_and_refuses_another(tmp_p
         manifest[key] = value
     manifest["hash"] = manifest_hash(manifest)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return bundle, manifest["hash"]
 
-    (init,) = _pod(_render("prod"))["spec"]["initContainers"]
-    script = init["command"][2].replace('"/bundle"', repr(str(bundle)))
+
+@pytest.mark.parametrize(("overlay", "name"), [("prod", "verify-bundle"), ("prod-upgrade", "verify-bundle"),
+                                               ("prod-upgrade", "verify-next-bundle")])
+def test_init_container_check_accepts_the_right_bundle_and_refuses_another(overlay: str, name: str,
+                                                                           tmp_path: Path) -> None:
+    """The init container's command and args, run against a toy bundle (its mount path,
+    the first argument, pointed at the temporary directory)."""
+    bundle, good = _toy_bundle(tmp_path)
+    init = _init(_render(overlay), name)
+    (path, var), command = init["args"], init["command"]
+    assert _mount(init, path)["subPathExpr"] == f"$({var})"
 
     def run(expect: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "SPLITEXIT_BUNDLE_HASH": expect})
+        return subprocess.run([sys.executable, *command[1:], str(bundle), var], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, var: expect})
 
-    ok = run(manifest["hash"])
+    ok = run(good)
     assert ok.returncode == 0 and "verified" in ok.stdout, ok.stderr
     wrong = run("0" * 64)
-    assert wrong.returncode != 0 and "expects" in wrong.stderr
+    assert wrong.returncode != 0 and f"{var} expects" in wrong.stderr, wrong.stderr
     (bundle / "cloud.safetensors").write_bytes(b"replaced")
-    corrupt = run(manifest["hash"])
+    corrupt = run(good)
     assert corrupt.returncode != 0 and "content hash mismatch" in corrupt.stderr
+
+
+def test_prod_upgrade_overlay_serves_the_current_and_the_next_bundle() -> None:
+    docs = _render("prod-upgrade")
+    pod = _pod(docs)["spec"]
+    worker = _worker(docs)
+    env = _container_env(worker, docs)
+    args = [_expand(a, env, "worker args") for a in worker["args"]]
+    assert args[:4] == ["cloud", "serve", "/bundle", "/bundle-next"], args[:5]
+    assert [str(b) for b in _parse(args).bundles] == ["/bundle", "/bundle-next"]
+    assert [c["name"] for c in pod["initContainers"]] == ["verify-bundle", "verify-next-bundle"]
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    data = config_map["data"]
+    for path, name in (("/bundle", "verify-bundle"), ("/bundle-next", "verify-next-bundle")):
+        var = HASH_VAR[path]
+        init = _init(docs, name)
+        assert init["args"] == [path, var]
+        for container in (init, worker):
+            mount = _mount(container, path)
+            assert (mount["name"], mount["subPathExpr"], mount["readOnly"]) == ("bundles", f"$({var})", True)
+            assert _config_map_source(container, var, docs) == config_map["metadata"]["name"]
+            assert _container_env(container, docs)[var] == data[var]
+    assert data["SPLITEXIT_BUNDLE_HASH"] != data["SPLITEXIT_NEXT_BUNDLE_HASH"]
+
+    # otherwise prod: without the next bundle's additions (and the ConfigMap's generated
+    # name), every object is prod's own
+    prod = _render("prod")
+    (prod_map,) = [d for d in prod if d["kind"] == "ConfigMap"]
+    assert {**data, "SPLITEXIT_BUNDLE_HASH": prod_map["data"]["SPLITEXIT_BUNDLE_HASH"]} == {
+        **prod_map["data"], "SPLITEXIT_NEXT_BUNDLE_HASH": data["SPLITEXIT_NEXT_BUNDLE_HASH"]}
+    text = yaml.safe_dump_all([d for d in docs if d["kind"] != "ConfigMap"])
+    stripped = list(yaml.safe_load_all(text.replace(config_map["metadata"]["name"], prod_map["metadata"]["name"])))
+    spec = _pod(tuple(stripped))["spec"]
+    spec["initContainers"] = [c for c in spec["initContainers"] if c["name"] != "verify-next-bundle"]
+    spec["containers"][0]["args"].remove("/bundle-next")
+    spec["containers"][0]["volumeMounts"].remove(_mount(spec["containers"][0], "/bundle-next"))
+    assert stripped == [d for d in prod if d["kind"] != "ConfigMap"]
+
+
+def test_next_bundle_component_fits_any_overlay_and_needs_the_next_hash(tmp_path: Path) -> None:
+    """The component over dev, in an overlay of its own: without SPLITEXIT_NEXT_BUNDLE_HASH
+    the render points at a missing ConfigMap key (caught here); with it, dev serves both."""
+    overlay = tmp_path / "dev-upgrade"
+    overlay.mkdir()
+
+    def write(literals: list[str]) -> None:
+        k8s = DEPLOY / "k8s"
+        kustomization: dict[str, Any] = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [os.path.relpath(k8s / "overlays" / "dev", overlay)],  # kustomize takes no absolute path
+            "components": [os.path.relpath(k8s / "components" / "next-bundle", overlay)]}
+        if literals:
+            kustomization["configMapGenerator"] = [{"name": "splitexit-worker", "behavior": "merge",
+                                                    "literals": literals}]
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+
+    write([])
+    docs = _render_dir(overlay)
+    with pytest.raises(AssertionError, match="no key SPLITEXIT_NEXT_BUNDLE_HASH"):
+        _container_env(_init(docs, "verify-next-bundle"), docs)
+
+    write([f"SPLITEXIT_NEXT_BUNDLE_HASH={'c' * 64}"])
+    docs = _render_dir(overlay)
+    worker = _worker(docs)
+    env = _container_env(worker, docs)
+    parsed = _parse([_expand(a, env, "worker args") for a in worker["args"]])
+    assert [str(b) for b in parsed.bundles] == ["/bundle", "/bundle-next"]
+    assert _container_env(_init(docs, "verify-next-bundle"), docs)["SPLITEXIT_NEXT_BUNDLE_HASH"] == "c" * 64
+    assert _one(docs, "Deployment")["spec"]["replicas"] == 1  # still dev
+    assert _one(docs, "Namespace")["metadata"]["name"] == "splitexit-dev"
 
 
 def test_dev_overlay_is_one_small_worker() -> None:
@@ -354,8 +493,9 @@ def test_dev_overlay_is_one_small_worker() -> None:
     assert _cpus(_worker(docs)["resources"]["limits"]["cpu"]) <= 1
 
 
-def test_prod_overlay_autoscales_and_keeps_workers_up() -> None:
-    docs = _render("prod")
+@pytest.mark.parametrize("overlay", ["prod", "prod-upgrade"])
+def test_prod_overlay_autoscales_and_keeps_workers_up(overlay: str) -> None:
+    docs = _render(overlay)
     deployment = _one(docs, "Deployment")
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
     hpa = _one(docs, "HorizontalPodAutoscaler")

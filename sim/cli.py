@@ -4,11 +4,18 @@ emulator and its control."""
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from splitexit.sim import demo, link_cli
 
 __all__ = ["register"]
+
+
+def cmd_virtual(args: Any) -> None:
+    from splitexit.sim.virtual import cmd_virtual as run
+
+    run(args)
 
 
 def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -19,3 +26,9 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     demo.add_arguments(p)
     p.set_defaults(func=demo.cmd_demo)
     link_cli.register_into(commands, common)
+    v = commands.add_parser("virtual", help="the fleet simulator: a scenario's devices, links and workers in "
+                                           "virtual time (thousands of devices in seconds)")
+    v.add_argument("scenario", type=Path, help="a scenario TOML file ([fleet], [edge], [link], [cloud])")
+    v.add_argument("--seed", type=int, help="override the scenario's seed")
+    v.add_argument("--out", type=Path, default=Path("runs/virtual"), help="where virtual.json and virtual.png go")
+    v.set_defaults(func=cmd_virtual)

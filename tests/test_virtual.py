@@ -1,0 +1,105 @@
+"""The virtual-time fleet simulator (splitexit.sim.virtual): queueing theory, Little's law,
+determinism, the batcher's admission rules, and the scenario file's errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from splitexit.sim.virtual import CloudModel, EdgeModel, FleetModel, LinkModel, Scenario, simulate_fleet
+
+UNBOUNDED = dict(queue_limit_rows=10**9, max_queue_wait_ms=1e12, timeout_ms=1e12)
+
+
+def _md1(seed: int, rho: float, service_ms: float = 10.0, requests: int = 300_000) -> Scenario:
+    """One Poisson source, one worker serving one request at a time in `service_ms`."""
+    return Scenario(seed=seed, fleet=FleetModel(devices=1, requests=requests, rate_hz=rho / service_ms * 1000),
+                    cloud=CloudModel(workers=1, max_batch=1, max_delay_ms=0, batch_ms=service_ms, row_ms=0,
+                                     **UNBOUNDED))
+
+
+def test_an_md1_queue_waits_as_the_closed_form_says() -> None:
+    """M/D/1: mean wait in queue = rho * D / (2 (1 - rho)); within 2% over 4 seeds of 300k."""
+    rho, service = 0.5, 10.0
+    waits = [simulate_fleet(_md1(seed, rho, service)).latency_ms.mean() - service for seed in range(4)]
+    want = rho * service / (2 * (1 - rho))
+    assert abs(np.mean(waits) / want - 1) < 0.02, (np.mean(waits), want)
+
+
+def test_littles_law_holds_on_a_run() -> None:
+    """L = lambda W: the mean number of requests in the system, sampled at random times,
+    equals the arrival rate times the mean time in the system."""
+    result = simulate_fleet(Scenario(seed=3, fleet=FleetModel(devices=50, requests=400, rate_hz=4.0),
+                                     edge=EdgeModel(on_device_share=0.3, edge_ms=8, split_ms=5, feature_bytes=4096),
+                                     link=LinkModel(rtt_ms=40, up_mbps=10),
+                                     cloud=CloudModel(workers=2, batch_ms=4, row_ms=0.5)))
+    start, end = np.percentile(result.sent_ms, 10), np.percentile(result.sent_ms, 90)  # steady state
+    probes = np.random.default_rng(0).uniform(start, end, 4000)
+    sent, done = np.sort(result.sent_ms), np.sort(result.done_ms)
+    in_system = np.searchsorted(sent, probes, side="right") - np.searchsorted(done, probes, side="right")
+    inside = (result.sent_ms >= start) & (result.sent_ms <= end)
+    rate = inside.sum() / (end - start)
+    assert in_system.mean() == pytest.approx(rate * result.latency_ms[inside].mean(), rel=0.05)
+
+
+def test_the_same_scenario_and_seed_give_the_same_result_bit_for_bit() -> None:
+    scenario = Scenario(seed=7, fleet=FleetModel(devices=200, requests=50, rate_hz=2.0),
+                        edge=EdgeModel(on_device_share=0.5, edge_ms=10, split_ms=6, feature_bytes=2048),
+                        link=LinkModel(rtt_ms=70, up_mbps=5.85), cloud=CloudModel(workers=2, batch_ms=5, row_ms=1))
+    a, b = simulate_fleet(scenario), simulate_fleet(scenario)
+    assert a.report(2) == b.report(2)
+    assert a.done_ms.tobytes() == b.done_ms.tobytes() and a.route.tobytes() == b.route.tobytes()
+    other = simulate_fleet(Scenario(**{**scenario.__dict__, "seed": 8}))
+    assert other.done_ms.tobytes() != a.done_ms.tobytes()
+
+
+def test_overload_is_refused_at_once_and_what_is_accepted_is_answered_in_time() -> None:
+    """Offered 3x one worker's capacity: the batcher's admission by expected wait refuses
+    the excess at once (degraded on the device), the queue stays within its wait limit,
+    and nothing is computed past its deadline."""
+    cloud = CloudModel(workers=1, max_batch=8, max_delay_ms=2, batch_ms=8, row_ms=1, max_queue_wait_ms=100,
+                       timeout_ms=1000)
+    capacity_hz = 8 / (cloud.batch_time_ms(8) / 1000)  # rows per second with full batches
+    result = simulate_fleet(Scenario(seed=1, fleet=FleetModel(devices=30, requests=300, rate_hz=3 * capacity_hz / 30),
+                                     cloud=cloud))
+    report = result.report(1)
+    assert 0.55 < report["degraded_share"] < 0.75 and report["late"] == 0, report
+    answered = result.route == 1
+    assert result.latency_ms[answered].max() <= 100 + cloud.batch_time_ms(8) * 2, report
+    assert report["utilisation"] > 0.9 and report["mean_batch"] > 7.5, report
+
+
+def test_scenario_files_refuse_unknown_keys_and_bad_values() -> None:
+    ok = Scenario.from_dict({"name": "x", "seed": 2, "fleet": {"devices": 3}, "cloud": {"workers": 2}})
+    assert ok.fleet.devices == 3 and ok.cloud.workers == 2 and ok.seed == 2
+    with pytest.raises(ValueError, match=r"\[cloud\]: unknown keys \['worker'\]"):
+        Scenario.from_dict({"cloud": {"worker": 2}})
+    with pytest.raises(ValueError, match="unknown scenario keys"):
+        Scenario.from_dict({"fleat": {}})
+    with pytest.raises(ValueError, match="workers"):
+        Scenario.from_dict({"cloud": {"workers": 0}})
+
+
+def test_sim_virtual_runs_a_scenario_file_and_refuses_a_bad_one(tmp_path, capsys) -> None:
+    import json
+
+    from splitexit.cli import main
+
+    scenario = tmp_path / "small.toml"
+    scenario.write_text('seed = 1\n[fleet]\ndevices = 20\nrequests = 10\n[edge]\non_device_share = 0.5\n'
+                        'edge_ms = 5.0\n[link]\nrtt_ms = 30.0\n[cloud]\nworkers = 1\n')
+    assert main(["sim", "virtual", str(scenario), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "virtual.json").read_text())
+    assert report["requests"] == 200 and 0.3 < report["edge_share"] < 0.7 and report["scenario"]["seed"] == 1
+    assert (tmp_path / "out" / "virtual.png").stat().st_size > 1000
+    capsys.readouterr()
+    (tmp_path / "bad.toml").write_text("[cloud]\nworkers = 'many'\n")
+    assert main(["sim", "virtual", str(tmp_path / "bad.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.toml" in err[0], err
+
+
+def test_bench_fleet_quick_reports_its_wall_time(quick_bench) -> None:
+    result = quick_bench("fleet")
+    assert result["devices"] == 100 and result["requests"] == 100 * 100 and result["wall_s"] < 30
+    assert result["fidelity"] is None and "not_measured" in result

@@ -87,13 +87,14 @@ class CloudModel:
     queue_limit_rows: int = 2048
     max_queue_wait_ms: float = 250.0
     timeout_ms: float = 5000.0  # the edge's request deadline
+    rpc_ms: float = 0.0  # per request, outside its batch: gRPC both ways, decoding (measured: fleet_live)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.max_batch < 1 or self.queue_limit_rows < 1:
             raise ValueError("workers, max_batch and queue_limit_rows must be >= 1")
         if min(self.max_delay_ms, self.batch_ms, self.row_ms) < 0 or self.batch_ms + self.row_ms <= 0:
             raise ValueError("times must be >= 0, and a batch must take some time")
-        if self.max_queue_wait_ms <= 0 or self.timeout_ms <= 0:
+        if self.max_queue_wait_ms <= 0 or self.timeout_ms <= 0 or self.rpc_ms < 0:
             raise ValueError("max_queue_wait_ms and timeout_ms must be > 0")
 
     def batch_time_ms(self, rows: int) -> float:
@@ -186,19 +187,37 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
     done = np.empty(n)
     route = np.zeros(n, dtype=np.int8)
     done[on_device] = sent[on_device] + edge.edge_ms
-    up_ms = 0.0 if link.up_mbps is None else edge.feature_bytes * 8 / (link.up_mbps * 1000.0)
     half = link.rtt_ms / 2
     offloaded = np.flatnonzero(~on_device)
-    at_cloud = sent[offloaded] + edge.split_ms + up_ms + half
+    at_cloud = _uplink(sent + edge.split_ms, ~on_device, fleet, edge, link)[offloaded] + half
     deadline = sent[offloaded] + edge.split_ms + cloud.timeout_ms
     order = np.argsort(at_cloud, kind="stable")
     answered, how, batches, batch_rows, busy = _cloud(at_cloud[order], deadline[order] - half, cloud)
     # answers travel back (half an RTT); a refusal too; a late request ends at its deadline
-    back = np.where(how == 3, deadline[order], answered + half)
+    back = np.where(how == 3, deadline[order], answered + half + cloud.rpc_ms)
     done[offloaded[order]] = back
     route[offloaded[order]] = how
     span = float(done.max() - sent.min()) if n else 0.0
     return VirtualResult(sent, done, route, batches, batch_rows, busy, span)
+
+
+def _uplink(ready: np.ndarray, sends: np.ndarray, fleet: FleetModel, edge: EdgeModel, link: LinkModel) -> np.ndarray:
+    """When each request's feature has left its device: each device's uplink is its own
+    queue, one feature after another at the link's rate (a device sending faster than
+    its uplink carries waits, as the link emulator makes it). Per request of `ready`
+    (flat, devices in rows); only entries where `sends` is true are meaningful."""
+    if link.up_mbps is None or edge.feature_bytes == 0:
+        return ready
+    up_ms = edge.feature_bytes * 8 / (link.up_mbps * 1000.0)
+    shape = (fleet.devices, fleet.requests)
+    ready2, sends2 = ready.reshape(shape), sends.reshape(shape)
+    left = np.empty(shape)
+    free = np.full(fleet.devices, -np.inf)  # when each device's uplink is next idle
+    for r in range(fleet.requests):  # vectorized over devices, in each device's order of sending
+        start = np.maximum(free, ready2[:, r])
+        left[:, r] = start + up_ms
+        free = np.where(sends2[:, r], left[:, r], free)
+    return left.ravel()
 
 
 def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel

@@ -103,3 +103,26 @@ def test_bench_fleet_quick_reports_its_wall_time(quick_bench) -> None:
     result = quick_bench("fleet")
     assert result["devices"] == 100 and result["requests"] == 100 * 100 and result["wall_s"] < 30
     assert result["fidelity"] is None and "not_measured" in result
+
+
+@pytest.mark.slow
+def test_a_scenario_runs_live_through_real_workers_and_links_beside_its_virtual_run(tmp_path) -> None:
+    """fleet_live: the scenario's devices send real requests through link emulators to a
+    worker process; the virtual run uses the worker's costs measured beforehand. Same
+    draws both ways (the same inputs answered on the device), every request answered."""
+    import splitexit_tests_edge_support as S
+    from splitexit.policies import MaxProb
+    from splitexit.sim.fleet_live import fidelity
+
+    model, meta = S.tiny_model()
+    bundle = S.export(tmp_path, model, meta, MaxProb(2.0, fallback=False), split=2)
+    scenario = Scenario(seed=2, fleet=FleetModel(devices=3, requests=12, rate_hz=8.0),
+                        edge=EdgeModel(on_device_share=0.4, edge_ms=5.0, split_ms=2.0),
+                        link=LinkModel(rtt_ms=60.0, up_mbps=20.0), cloud=CloudModel(workers=1))
+    result = fidelity(scenario, bundle)
+    live, virtual = result["live"], result["virtual"]
+    assert result["requests"] == 36 and live["edge_share"] == virtual["edge_share"] > 0
+    assert live["degraded_share"] == virtual["degraded_share"] == 0
+    # an RTT of 60 ms dominates both; the rest is the measured worker and gRPC costs
+    assert 0.7 < result["ratio"]["mean_ms"] < 1.4, result
+    assert result["calibration"]["rpc_ms"] >= 0 and result["calibration"]["request_bytes"] > 0

@@ -1,0 +1,190 @@
+"""The live counterpart of the fleet simulator: a scenario's devices as asyncio tasks
+sending real requests through the link emulator to real worker processes, so the
+virtual-time model can be checked against what really happens (`fidelity`).
+
+What is real here and what is not: the cloud tier and the links are (worker processes of
+`splitexit cloud serve` with the scenario's batching settings, one `LinkProxy` per device
+and worker with the scenario's RTT and uplink rate, a real split feature of the bundle's
+shape in every request); the device's own compute is the scenario's model in both runs
+(an input answered on the device takes `edge_ms`; an offloaded one waits `split_ms`
+before it is sent), since devices are what this machine cannot be.
+
+The virtual run gets the worker's costs as measured here, beforehand and never fitted to
+the live result: a batch of b rows takes `batch_ms + row_ms * b` (its compute in the
+worker's process, timed at 1 row and at a full batch on one thread), and every request
+`rpc_ms` besides (gRPC and the link emulator's forwarding, timed as one request's
+round trip through an unimpaired proxy to an idle worker, minus its compute).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from splitexit.sim.virtual import Scenario, VirtualResult, simulate_fleet
+
+__all__ = ["calibrate_cloud", "fidelity", "run_live"]
+
+
+def _request(edge_bundle: Any, feature: np.ndarray, request_id: str) -> Any:
+    from splitexit import wire
+
+    return wire.build_request(edge_bundle, feature, None, [f"{request_id}:0"], request_id=request_id)
+
+
+def _worker_args(scenario: Scenario) -> list[str]:
+    c = scenario.cloud
+    return ["--max-batch", str(c.max_batch), "--max-delay-ms", str(c.max_delay_ms), "--queue-limit",
+            str(c.queue_limit_rows), "--max-queue-wait-ms", str(c.max_queue_wait_ms)]
+
+
+def calibrate_cloud(bundle: Path, scenario: Scenario, *, repeats: int = 30) -> dict[str, float]:
+    """batch_ms, row_ms and rpc_ms of this bundle's worker on this machine (see the module doc)."""
+    import torch
+
+    from splitexit.bundle import load_bundle
+    from splitexit.cloud.requests import ServiceLimits, parse_request
+    from splitexit.cloud.served import load_models
+    from splitexit.proto import inference_pb2 as pb
+
+    edge = load_bundle(bundle, "edge")
+    models = load_models([bundle])
+    served = next(iter(models.values()))
+    feature = np.random.default_rng(0).standard_normal((1, *edge.feature_shape)).astype(np.float32)
+    limits = ServiceLimits(max_request_rows=max(256, scenario.cloud.max_batch))
+    payload = _request(edge, feature, "calibrate").SerializeToString()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run (--threads 1)
+    try:
+        def batch_ms(rows: int) -> float:
+            parsed = [parse_request(pb.InferRequest.FromString(payload), models, limits, defer_decode=True)
+                      for _ in range(rows)]
+            served.run_batch(parsed)  # warm
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                served.run_batch(parsed)
+                times.append(time.perf_counter() - started)
+            return 1e3 * statistics.median(times)
+
+        one, full = batch_ms(1), batch_ms(scenario.cloud.max_batch)
+    finally:
+        torch.set_num_threads(threads)
+    row_ms = max(0.0, (full - one) / max(1, scenario.cloud.max_batch - 1))
+    idle = asyncio.run(_idle_round_trip_ms(bundle, scenario, repeats))
+    return {"batch_ms": round(one - row_ms, 4), "row_ms": round(row_ms, 4),
+            "rpc_ms": round(max(0.0, idle - one), 4), "idle_round_trip_ms": round(idle, 4),
+            "request_bytes": len(payload)}
+
+
+async def _idle_round_trip_ms(bundle: Path, scenario: Scenario, repeats: int) -> float:
+    from splitexit.bundle import load_bundle
+    from splitexit.edge import GrpcTransport
+    from splitexit.sim.link import LinkProfile, LinkProxy
+    from splitexit.sim.live import WorkerProcess
+
+    edge = load_bundle(bundle, "edge")
+    feature = np.zeros((1, *edge.feature_shape), dtype=np.float32)
+    async with WorkerProcess([bundle], extra=_worker_args(scenario)) as worker:
+        host, port = worker.address.rsplit(":", 1)
+        async with LinkProxy((host, int(port)), LinkProfile()) as proxy:
+            transport = GrpcTransport(proxy.address)
+            times = []
+            for i in range(repeats + 3):
+                started = time.perf_counter()
+                await transport.infer(_request(edge, feature, f"idle{i}"), 10.0)
+                times.append(time.perf_counter() - started)
+            await transport.close()
+    return 1e3 * statistics.median(times[3:])
+
+
+async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
+    """The scenario's devices live (see the module doc); the result has the virtual run's
+    form, so both report the same keys."""
+    from splitexit.bundle import load_bundle
+    from splitexit.edge import GrpcTransport
+    from splitexit.edge.transport.base import OffloadError
+    from splitexit.sim.link import Direction, LinkProfile, LinkProxy
+    from splitexit.sim.live import WorkerProcess
+    from splitexit.sim.virtual import _arrivals
+
+    fleet, edge_model, link, cloud = scenario.fleet, scenario.edge, scenario.link, scenario.cloud
+    edge = load_bundle(bundle, "edge")
+    feature = np.random.default_rng(1).standard_normal((1, *edge.feature_shape)).astype(np.float32)
+    rng = np.random.default_rng(scenario.seed)
+    sent_ms = _arrivals(fleet, rng)  # [devices, requests], as the virtual run draws them
+    on_device = rng.random(sent_ms.size).reshape(sent_ms.shape) < edge_model.on_device_share
+    profile = LinkProfile(up=Direction(rate_mbps=link.up_mbps, delay_ms=link.rtt_ms / 2),
+                          down=Direction(delay_ms=link.rtt_ms / 2))
+    workers = [WorkerProcess([bundle], extra=_worker_args(scenario)) for _ in range(cloud.workers)]
+    for w in workers:
+        await w.start()
+    proxies: list[LinkProxy] = []
+    try:
+        routes: list[list[Any]] = []  # per device: one proxy's transport per worker
+        for d in range(fleet.devices):
+            mine = []
+            for w in workers:
+                host, port = w.address.rsplit(":", 1)
+                proxy = LinkProxy((host, int(port)), profile, seed=d)
+                await proxy.start()
+                proxies.append(proxy)
+                mine.append(GrpcTransport(proxy.address))
+            routes.append(mine)
+        done_ms = np.zeros(sent_ms.shape)
+        route = np.zeros(sent_ms.shape, dtype=np.int8)
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 1.0  # every device starts its schedule together
+
+        async def one(d: int, r: int) -> None:
+            at = start + sent_ms[d, r] / 1e3
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            if on_device[d, r]:
+                done_ms[d, r], route[d, r] = sent_ms[d, r] + edge_model.edge_ms, 0
+                return
+            await asyncio.sleep(edge_model.split_ms / 1e3)
+            transport = routes[d][(d + r) % len(workers)]  # each device round robin over the workers
+            try:
+                await transport.infer(_request(edge, feature, f"d{d}r{r}"), cloud.timeout_ms / 1e3)
+                route[d, r] = 1
+            except OffloadError as exc:
+                route[d, r] = 2 if exc.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else 3
+            done_ms[d, r] = (loop.time() - start) * 1e3
+
+        await asyncio.gather(*(one(d, r) for d in range(fleet.devices) for r in range(fleet.requests)))
+        for mine in routes:
+            for transport in mine:
+                await transport.close()
+    finally:
+        for proxy in proxies:
+            await proxy.close()
+        for w in workers:
+            await w.stop()
+    sent, done = sent_ms.ravel(), done_ms.ravel()
+    return VirtualResult(sent, done, route.ravel(), 0, 0, 0.0, float(done.max() - sent.min()))
+
+
+def fidelity(scenario: Scenario, bundle: Path, calibration: dict[str, float] | None = None) -> dict[str, Any]:
+    """The scenario run live and in virtual time with the worker's measured costs: both
+    reports and the ratio (virtual over live) of mean, p95, edge share and degraded share."""
+    costs = calibration or calibrate_cloud(bundle, scenario)
+    virtual_scenario = replace(scenario, edge=replace(scenario.edge, feature_bytes=int(costs["request_bytes"])),
+                               cloud=replace(scenario.cloud, batch_ms=costs["batch_ms"], row_ms=costs["row_ms"],
+                                             rpc_ms=costs["rpc_ms"]))
+    virtual = simulate_fleet(virtual_scenario).report(scenario.cloud.workers)
+    live = asyncio.run(run_live(scenario, bundle)).report(scenario.cloud.workers)
+    keys = ("mean_ms", "p95_ms", "edge_share", "degraded_share")
+
+    def ratio(key: str) -> float | None:
+        if live[key] == 0:
+            return 1.0 if virtual[key] == 0 else None
+        return round(virtual[key] / live[key], 3)
+
+    return {"live": {k: live[k] for k in keys}, "virtual": {k: virtual[k] for k in keys},
+            "ratio": {k: ratio(k) for k in keys}, "calibration": costs, "requests": live["requests"]}

@@ -9,8 +9,12 @@ not importable as a package).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -149,3 +153,30 @@ class TailHandler:
                                        confidence=float(probs.max()))
         return pb.InferResponse(request_id=request.request_id, rows=[by_row[i] for i in range(n)],
                                 worker_id=self.worker_id, timing=pb.ServerTiming(batch_size=n))
+
+
+@contextlib.contextmanager
+def cloud_worker(bundle: Path, *extra: str, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> Iterator[str]:
+    """`splitexit cloud serve BUNDLE` in a process of its own on 127.0.0.1 (any free port,
+    no mDNS); yields its address once it serves, stops it (SIGTERM) after."""
+    proc = subprocess.Popen([sys.executable, "-m", "splitexit.cli", "cloud", "serve", str(bundle), "--host",
+                             "127.0.0.1", "--port", "0", "--no-advertise", "--grace", "1", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        if " on " not in line:
+            proc.kill()
+            raise AssertionError(f"the worker did not start: {line!r} {proc.stderr.read()[-2000:]}")
+        yield line.split(" on ", 1)[1].split()[0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()

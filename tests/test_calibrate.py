@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import splitexit_tests_edge_support as S  # registered by conftest.py
 from splitexit.cli import main
 from splitexit.policies import policy_from_dict
 
@@ -100,8 +101,6 @@ def test_eval_policy_gives_what_the_deployed_system_answers(checkpoint, tmp_path
     """`eval --policy` on the test split against the deployed system (export, a real `cloud
     serve` process, `edge run` over gRPC) on the same test images: the same accuracy and
     the same answering exits, SDN's fallback answers included (issue 20)."""
-    import subprocess
-    import sys
     from collections import Counter
 
     import numpy as np
@@ -123,22 +122,10 @@ def test_eval_policy_gives_what_the_deployed_system_answers(checkpoint, tmp_path
                  "--out", str(bundle)]) == 0
     test = load_dataset("digits").test
     np.save(tmp_path / "test.npy", test.images)
-    worker = subprocess.Popen([sys.executable, "-m", "splitexit.cli", "cloud", "serve", str(bundle), "--host",
-                               "127.0.0.1", "--port", "0", "--no-advertise", "--grace", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert worker.stdout is not None
-        line = worker.stdout.readline()
-        assert " on " in line, line
-        address = line.split(" on ", 1)[1].split()[0]
+    with S.cloud_worker(bundle) as address:
         out = tmp_path / "answers.jsonl"
         assert main(["edge", "run", str(bundle), "--input", str(tmp_path / "test.npy"), "--worker", address,
                      "--out", str(out)]) == 0
-    finally:
-        worker.terminate()
-        worker.wait(30)
-        if worker.stdout is not None:
-            worker.stdout.close()
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(answers) == len(test.labels) and not any(a["route"] == "degraded" for a in answers)
     labels = {a["sample_id"]: a["label"] for a in answers}

@@ -95,24 +95,12 @@ def test_tritonclient_calls_the_worker_over_kserve_v2(tmp_path: Path) -> None:
             feature = stage(feature)
     feature_np = feature.numpy().astype(np.float32)
     np.save(tmp_path / "feature.npy", feature_np)
-    worker = subprocess.Popen([sys.executable, "-m", "splitexit.cli", "cloud", "serve", str(bundle), "--host",
-                               "127.0.0.1", "--port", "0", "--no-advertise", "--grace", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert worker.stdout is not None
-        line = worker.stdout.readline()
-        assert " on " in line, line
-        address = line.split(" on ", 1)[1].split()[0]
+    with S.cloud_worker(bundle) as address:
         client = subprocess.run([sys.executable, "-c", _CLIENT, address, "tiny", str(tmp_path / "feature.npy")],
                                 capture_output=True, text=True, timeout=120)
         assert client.returncode == 0, client.stderr[-3000:]
         got = json.loads(client.stdout)
         v1 = _v1_answers(address, bundle, feature_np)
-    finally:
-        worker.terminate()
-        worker.wait(30)
-        if worker.stdout is not None:
-            worker.stdout.close()
     assert got["live"] and got["ready"] and got["model_ready"] and not got["other_ready"]
     from splitexit.bundle import read_manifest
 

@@ -184,3 +184,15 @@ def test_exit_grad_scales_what_the_exits_send_below_and_nothing_else() -> None:
     head = next(n for n in whole if n.startswith("exits."))
     torch.testing.assert_close(part[stage0], 0.25 * whole[stage0])
     torch.testing.assert_close(part[head], whole[head])
+
+
+def test_a_built_in_configs_dict_is_unchanged_by_the_fields_of_ones_own_networks() -> None:
+    """Training caches are keyed by the config's dict: the fields of a network of one's own
+    appear only for one, so the models cached before they existed are still found."""
+    from splitexit.models import ModelConfig
+
+    built_in = ModelConfig(arch="resnet20")
+    assert not {"module", "cut_after", "input_size"} & set(built_in.to_dict())
+    assert ModelConfig.from_dict(built_in.to_dict()) == built_in
+    own = ModelConfig(arch="mine", module="pkg.mod:build", cut_after=("a", "b"), input_size=28, exit_after=(0, 1))
+    assert own.to_dict()["cut_after"] == ("a", "b") and ModelConfig.from_dict(own.to_dict()) == own

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import splitexit_tests_edge_support as S  # registered by conftest.py
 from splitexit.cli import main
 
 pytestmark = pytest.mark.slow
@@ -83,25 +84,12 @@ def test_a_network_of_ones_own_goes_from_training_to_served_answers(tmp_path: Pa
     np.save(tmp_path / "test.npy", test.images)
     with_code = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code_dir), os.environ.get("PYTHONPATH", "")])}
     without_code = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    worker = subprocess.Popen([sys.executable, "-m", "splitexit.cli", "cloud", "serve", str(bundle), "--host",
-                               "127.0.0.1", "--port", "0", "--no-advertise", "--grace", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=with_code, cwd=tmp_path)
-    try:
-        assert worker.stdout is not None
-        line = worker.stdout.readline()
-        assert " on " in line, (line, worker.stderr.read() if worker.stderr else "")
-        address = line.split(" on ", 1)[1].split()[0]
+    with S.cloud_worker(bundle, env=with_code, cwd=tmp_path) as address:
         # the edge, on ONNX Runtime, runs without the user's code (another folder, no PYTHONPATH)
         out = tmp_path / "answers.jsonl"
         run = _cli("edge", "run", str(bundle), "--input", str(tmp_path / "test.npy"), "--worker", address,
                    "--out", str(out), env=without_code, cwd=Path("/"))
         assert run.returncode == 0, run.stderr[-2000:]
-    finally:
-        worker.terminate()
-        worker.wait(30)
-        for stream in (worker.stdout, worker.stderr):
-            if stream is not None:
-                stream.close()
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(answers) == len(test.labels) and {a["route"] for a in answers} == {"edge", "cloud"}
 

@@ -106,7 +106,14 @@ class ModelConfig:
             raise ValueError("num_classes must be >= 2 and in_chans >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data; the fields of a network of one's own only when it is one, so that a
+        built-in network's dict (and the training cache key made from it) is what it was
+        before those fields existed."""
+        data = asdict(self)
+        if not self.module:
+            for name in ("module", "cut_after", "input_size"):
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":

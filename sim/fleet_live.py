@@ -11,9 +11,11 @@ before it is sent), since devices are what this machine cannot be.
 
 The virtual run gets the worker's costs as measured here, beforehand and never fitted to
 the live result: a batch of b rows takes `batch_ms + row_ms * b` (its compute in the
-worker's process, timed at 1 row and at a full batch on one thread), and every request
-`rpc_ms` besides (gRPC and the link emulator's forwarding, timed as one request's
-round trip through an unimpaired proxy to an idle worker, minus its compute).
+worker's process, timed at 1 row and at a full batch on one thread) plus `request_ms`
+per request in it (the worker's own handling of a request, from its throughput with
+one-row batches under a closed loop; requests here carry one row, so it joins `row_ms`),
+and every request `rpc_ms` besides (gRPC and the link emulator's forwarding: one
+request's round trip through an unimpaired proxy to an idle worker, less the rest).
 """
 
 from __future__ import annotations
@@ -78,9 +80,46 @@ def calibrate_cloud(bundle: Path, scenario: Scenario, *, repeats: int = 30) -> d
         torch.set_num_threads(threads)
     row_ms = max(0.0, (full - one) / max(1, scenario.cloud.max_batch - 1))
     idle = asyncio.run(_idle_round_trip_ms(bundle, scenario, repeats))
-    return {"batch_ms": round(one - row_ms, 4), "row_ms": round(row_ms, 4),
-            "rpc_ms": round(max(0.0, idle - one), 4), "idle_round_trip_ms": round(idle, 4),
-            "request_bytes": len(payload)}
+    # The worker's own time per request beyond its batch's compute (receiving, checking and
+    # answering it on the event loop, which shares the cores): from its throughput with
+    # one-row batches under a closed loop, less the compute of a one-row batch.
+    saturated = asyncio.run(_one_row_throughput(bundle, scenario))
+    request_ms = max(0.0, 1e3 / saturated - one)
+    return {"batch_ms": round(one - row_ms, 4), "row_ms": round(row_ms, 4), "request_ms": round(request_ms, 4),
+            "rpc_ms": round(max(0.0, idle - one - request_ms), 4), "idle_round_trip_ms": round(idle, 4),
+            "one_row_throughput": round(saturated, 1), "request_bytes": len(payload)}
+
+
+async def _one_row_throughput(bundle: Path, scenario: Scenario, *, lanes: int = 16, seconds: float = 3.0) -> float:
+    """Requests/s a worker answers in batches of one row, kept busy by `lanes` requests
+    in flight from this process."""
+    from splitexit.bundle import load_bundle
+    from splitexit.edge import GrpcTransport
+    from splitexit.sim.live import WorkerProcess
+
+    edge = load_bundle(bundle, "edge")
+    feature = np.zeros((1, *edge.feature_shape), dtype=np.float32)
+    one_row = replace(scenario, cloud=replace(scenario.cloud, max_batch=1, max_delay_ms=0.0,
+                                              max_queue_wait_ms=60_000.0))
+    async with WorkerProcess([bundle], extra=_worker_args(one_row)) as worker:
+        transport = GrpcTransport(worker.address)
+        loop = asyncio.get_running_loop()
+        counted = 0
+        measure_from = loop.time() + 1.0  # a second of warm-up
+        ends = measure_from + seconds
+
+        async def lane(k: int) -> None:
+            nonlocal counted
+            i = 0
+            while loop.time() < ends:
+                await transport.infer(_request(edge, feature, f"c{k}-{i}"), 10.0)
+                i += 1
+                if loop.time() >= measure_from:
+                    counted += 1
+
+        await asyncio.gather(*(lane(k) for k in range(lanes)))
+        await transport.close()
+    return counted / seconds
 
 
 async def _idle_round_trip_ms(bundle: Path, scenario: Scenario, repeats: int) -> float:
@@ -175,8 +214,8 @@ def fidelity(scenario: Scenario, bundle: Path, calibration: dict[str, float] | N
     reports and the ratio (virtual over live) of mean, p95, edge share and degraded share."""
     costs = calibration or calibrate_cloud(bundle, scenario)
     virtual_scenario = replace(scenario, edge=replace(scenario.edge, feature_bytes=int(costs["request_bytes"])),
-                               cloud=replace(scenario.cloud, batch_ms=costs["batch_ms"], row_ms=costs["row_ms"],
-                                             rpc_ms=costs["rpc_ms"]))
+                               cloud=replace(scenario.cloud, batch_ms=costs["batch_ms"],
+                                             row_ms=costs["row_ms"] + costs["request_ms"], rpc_ms=costs["rpc_ms"]))
     virtual = simulate_fleet(virtual_scenario).report(scenario.cloud.workers)
     live = asyncio.run(run_live(scenario, bundle)).report(scenario.cloud.workers)
     keys = ("mean_ms", "p95_ms", "edge_share", "degraded_share")

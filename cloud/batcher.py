@@ -86,6 +86,12 @@ class BatchInfo:
     batch_rows: int  # rows in that batch (>= the request's)
 
 
+@dataclass(frozen=True)
+class _Estimate:
+    batch_s: float  # the compute of one full batch of a key
+    from_full: bool  # measured on batches at least half full (else on smaller ones, until such a one)
+
+
 @dataclass(eq=False)
 class _Item:
     rows: int
@@ -115,10 +121,10 @@ class Batcher:
         self._workers: dict[Hashable, asyncio.Task[None]] = {}
         self._queued_rows = 0
         self._queued_requests = 0
-        self._computing_rows = 0
-        # compute seconds of one full batch, a moving average (None: no batch timed yet)
-        self._batch_s: float | None = None
-        self._batch_s_from_full = False  # the estimate comes from batches at least half full
+        # per key: rows queued or computing (the work ahead of a new request), and the
+        # estimate of one full batch's compute (keys differ: models, shapes)
+        self._work_rows: dict[Hashable, int] = {}
+        self._estimates: dict[Hashable, _Estimate] = {}
         self._closed = False
 
     @property
@@ -145,15 +151,15 @@ class Batcher:
                                f"queue full ({self._queued_requests} requests, {self._queued_rows} rows waiting; "
                                f"limits {c.queue_limit_requests} requests, {c.queue_limit_rows} rows): retry later")
         now = time.monotonic()
-        wait_s = self.expected_wait_s(rows)
+        wait_s = self.expected_wait_s()
         if wait_s * 1e3 > c.max_queue_wait_ms:
             raise RequestError("RESOURCE_EXHAUSTED",
                                f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request "
                                f"(limit {c.max_queue_wait_ms:g} ms): retry later or elsewhere")
-        if deadline is not None and now + wait_s > deadline:
+        if deadline is not None and now + wait_s + self._batches_s(key, rows) > deadline:
             raise RequestError("RESOURCE_EXHAUSTED",
-                               f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request, past its "
-                               f"deadline ({1e3 * (deadline - now):.0f} ms left): retry elsewhere")
+                               f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request, and "
+                               f"its deadline is {1e3 * (deadline - now):.0f} ms away: retry elsewhere")
         loop = asyncio.get_running_loop()
         item = _Item(rows, payload, now if arrival is None else arrival, deadline, loop.create_future())
         queue = self._queues.get(key)
@@ -163,6 +169,7 @@ class Batcher:
             self._workers[key] = asyncio.create_task(self._work(key), name=f"batcher:{key}")
         queue.append(item)
         self._depth(rows, 1)
+        self._ahead(key, rows)
         self._wakes[key].set()
         try:
             return await item.future
@@ -170,29 +177,38 @@ class Batcher:
             if not item.future.done():  # the caller was cancelled: the worker skips it
                 item.future.cancel()
 
-    def expected_wait_s(self, rows: int) -> float:
-        """Seconds until a request of `rows` rows queued now would be answered: the rows
-        ahead of it (waiting and computing) and its own, in full batches at the measured
-        time of one, shared among the compute threads. 0 before the first batch is timed.
-        Whole batches, not rows: a batch of 1 row costs nearly what a full one does, so a
-        per-row time measured at light load would refuse a burst the batcher serves at once."""
-        if self._batch_s is None:
-            return 0.0
-        batches = -(-(self._queued_rows + self._computing_rows + rows) // self.config.max_batch)
-        return batches * self._batch_s / self.config.concurrent_batches
+    def expected_wait_s(self) -> float:
+        """Seconds a request queued now would wait before its own batch computes: the rows
+        ahead of it (waiting and computing, every key), in full batches at the measured
+        time of one of their key's, shared among the compute threads. A key not timed yet
+        counts nothing. Whole batches, not rows: a batch of 1 row costs nearly what a full
+        one does, so a per-row time measured at light load would refuse a burst the
+        batcher serves at once."""
+        ahead = sum(self._batches_s(key, rows) for key, rows in self._work_rows.items() if rows)
+        return ahead / self.config.concurrent_batches
 
-    def _timed_batch(self, rows: int, compute_s: float) -> None:
-        """A batch's compute time joins the estimate of a full batch's (recent ones weigh
-        more): a batch at least half full scaled to a full one; smaller ones only until
-        such a batch has been seen."""
+    def _batches_s(self, key: Hashable, rows: int) -> float:
+        """The compute of `rows` rows of `key` in full batches (0 while its time is unknown)."""
+        estimate = self._estimates.get(key)
+        return 0.0 if estimate is None else -(-rows // self.config.max_batch) * estimate.batch_s
+
+    def _ahead(self, key: Hashable, rows: int) -> None:
+        """Rows of `key` joined (> 0) or left (< 0) the work ahead: queued or computing."""
+        self._work_rows[key] = self._work_rows.get(key, 0) + rows
+
+    def _timed_batch(self, key: Hashable, rows: int, compute_s: float) -> None:
+        """A batch's compute time joins its key's estimate of a full batch's (recent ones
+        weigh more): a batch at least half full scaled to a full one; smaller ones only
+        until such a batch has been seen."""
         full = 2 * rows >= self.config.max_batch
-        if not full and self._batch_s_from_full:
+        estimate = self._estimates.get(key)
+        if not full and estimate is not None and estimate.from_full:
             return
         sample = compute_s * self.config.max_batch / rows if full else compute_s
-        if self._batch_s is None or full != self._batch_s_from_full:
-            self._batch_s, self._batch_s_from_full = sample, full
+        if estimate is None or full != estimate.from_full:
+            self._estimates[key] = _Estimate(sample, full)
         else:
-            self._batch_s = 0.8 * self._batch_s + 0.2 * sample
+            self._estimates[key] = _Estimate(0.8 * estimate.batch_s + 0.2 * sample, full)
 
     def _depth(self, rows: int, requests: int) -> None:
         self._queued_rows += rows
@@ -242,14 +258,16 @@ class Batcher:
                 batch = await self._gather(key, busy=lambda: len(running) >= computing)
                 now = time.monotonic()
                 # the batch's own compute: a request due before it ends would be answered too late
-                ends = now + (self._batch_s or 0.0) * min(1.0, sum(item.rows for item in batch) / self.config.max_batch)
+                ends = now + self._batches_s(key, sum(item.rows for item in batch))
                 live = []
                 for item in batch:
                     if item.future.done():  # cancelled by its caller while waiting
                         self._depth(-item.rows, -1)
+                        self._ahead(key, -item.rows)
                         continue
                     if item.deadline is not None and item.deadline <= ends:
                         self._depth(-item.rows, -1)
+                        self._ahead(key, -item.rows)
                         item.future.set_exception(RequestError(
                             "DEADLINE_EXCEEDED", f"its deadline passes before its batch would end "
                                                  f"({1000 * (now - item.arrival):.1f} ms in the queue)"))
@@ -271,23 +289,16 @@ class Batcher:
         deadline passed while the batch waited behind another), and when it ran."""
         started = time.monotonic()
         rows = sum(i.rows for i in items)
-        loop.call_soon_threadsafe(self._depth, -rows, -len(items))  # no longer waiting
-        loop.call_soon_threadsafe(self._computing, rows)
-        try:
-            due = [i for i, item in enumerate(items) if item.deadline is None or item.deadline > started]
-            results: list[Any] = [RequestError("DEADLINE_EXCEEDED", "deadline passed in the queue")] * len(items)
-            if due:
-                computed = self._run_batch(key, [items[i].payload for i in due])
-                if len(computed) != len(due):
-                    raise RuntimeError(f"run_batch returned {len(computed)} results for {len(due)} requests")
-                for i, result in zip(due, computed):
-                    results[i] = result
-            return results, started, time.monotonic()
-        finally:
-            loop.call_soon_threadsafe(self._computing, -rows)
-
-    def _computing(self, rows: int) -> None:
-        self._computing_rows += rows
+        loop.call_soon_threadsafe(self._depth, -rows, -len(items))  # no longer waiting (still ahead: computing)
+        due = [i for i, item in enumerate(items) if item.deadline is None or item.deadline > started]
+        results: list[Any] = [RequestError("DEADLINE_EXCEEDED", "deadline passed in the queue")] * len(items)
+        if due:
+            computed = self._run_batch(key, [items[i].payload for i in due])
+            if len(computed) != len(due):
+                raise RuntimeError(f"run_batch returned {len(computed)} results for {len(due)} requests")
+            for i, result in zip(due, computed):
+                results[i] = result
+        return results, started, time.monotonic()
 
     async def _compute(self, key: Hashable, live: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
@@ -297,6 +308,7 @@ class Batcher:
         try:
             results, started, ended = await asyncio.wrap_future(job)
         except asyncio.CancelledError:
+            self._ahead(key, -rows)
             if job.cancel():  # it never started (and now never will): its rows stop waiting here
                 self._depth(-rows, -len(live))
             for item in live:
@@ -306,9 +318,10 @@ class Batcher:
         except Exception as exc:  # a bug in run_batch fails its batch, never the worker
             results = [RequestError("INTERNAL", f"batch failed: {type(exc).__name__}: {exc}")] * len(live)
             ended = time.monotonic()
+        self._ahead(key, -rows)  # computed: no longer ahead of anyone
         compute = ended - started
         if job.exception() is None:  # it ran to the end: a compute time to learn from
-            self._timed_batch(rows, compute)
+            self._timed_batch(key, rows, compute)
         if self._on_batch is not None:
             self._on_batch(key, rows, compute)
         for item, result in zip(live, results):
@@ -330,10 +343,11 @@ class Batcher:
                 await task
             except asyncio.CancelledError:
                 pass
-        for queue in self._queues.values():
+        for key, queue in self._queues.items():
             while queue:
                 item = queue.popleft()
                 self._depth(-item.rows, -1)
+                self._ahead(key, -item.rows)
                 if not item.future.done():
                     item.future.set_exception(RequestError("UNAVAILABLE", "the worker is shutting down"))
         self._workers.clear()

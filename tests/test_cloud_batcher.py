@@ -188,10 +188,12 @@ def test_a_request_expected_to_wait_past_its_deadline_is_refused_at_once() -> No
 
 
 def test_a_request_expected_to_wait_past_the_queue_wait_limit_is_refused_and_a_burst_is_not() -> None:
-    """The expected wait counts whole batches: after small batches (1 row in 50 ms) a
-    burst of one full batch is accepted (it costs one batch, not 4 x the 1-row time), and
-    past `max_queue_wait_ms` (here 3 batches' worth) requests are refused, without a
-    deadline too."""
+    """The expected wait counts whole batches of the work ahead: after small batches (1
+    row in 50 ms) a burst of four 1-row requests is one batch, not four; past
+    `max_queue_wait_ms` (here 160 ms: three batches and a bit) requests are refused,
+    without a deadline too. A request's own compute is not waiting: alone in the queue,
+    one whose batch takes longer than the limit is served (a worker must never refuse
+    everything because its batches are slow)."""
     from splitexit.cloud.errors import RequestError
 
     async def body() -> None:
@@ -199,17 +201,25 @@ def test_a_request_expected_to_wait_past_the_queue_wait_limit_is_refused_and_a_b
             batcher = Batcher(BatcherConfig(max_batch=4, max_queue_delay_ms=0, max_queue_wait_ms=160),
                               _Timed(0.05), executor=executor)
             await _learned(batcher, 1)
-            assert batcher.expected_wait_s(4) == pytest.approx(0.05, rel=0.5)
+            assert batcher.expected_wait_s() == 0.0  # nothing ahead
             burst = [asyncio.ensure_future(batcher.submit("k", f"b{i}", rows=1)) for i in range(4)]
-            more = [asyncio.ensure_future(batcher.submit("k", f"c{i}", rows=4)) for i in range(2)]
+            more = [asyncio.ensure_future(batcher.submit("k", f"c{i}", rows=4)) for i in range(3)]
             await asyncio.sleep(0)
+            assert batcher.expected_wait_s() == pytest.approx(0.2, rel=0.5)  # four batches ahead
             with pytest.raises(RequestError) as refused:
                 await batcher.submit("k", "one too many", rows=4)
             assert refused.value.code == "RESOURCE_EXHAUSTED" and "limit 160 ms" in refused.value.message
             assert all(not t.done() or t.exception() is None for t in burst + more)
             results = await asyncio.gather(*burst, *more)
-            assert [r for r, _ in results] == [f"done:b{i}" for i in range(4)] + ["done:c0", "done:c1"]
+            assert [r for r, _ in results] == [f"done:b{i}" for i in range(4)] + [f"done:c{i}" for i in range(3)]
             await batcher.close()
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            slow = Batcher(BatcherConfig(max_batch=4, max_queue_delay_ms=0, max_queue_wait_ms=100),
+                           _Timed(0.3), executor=executor)
+            await _learned(slow, 4)  # a full batch takes 300 ms, three times the limit
+            result, _ = await slow.submit("k", "alone", rows=4)
+            assert result == "done:alone"
+            await slow.close()
 
     asyncio.run(asyncio.wait_for(body(), 30))
 

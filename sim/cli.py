@@ -18,6 +18,12 @@ def cmd_virtual(args: Any) -> None:
     run(args)
 
 
+def cmd_capacity(args: Any) -> None:
+    from splitexit.sim.virtual import cmd_capacity as run
+
+    run(args)
+
+
 def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
     sim = sub.add_parser("sim", help="the simulation harness: the whole system through emulated links")
     commands = sim.add_subparsers(dest="sim", required=True, metavar="COMMAND")
@@ -32,3 +38,11 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     v.add_argument("--seed", type=int, help="override the scenario's seed")
     v.add_argument("--out", type=Path, default=Path("runs/virtual"), help="where virtual.json and virtual.png go")
     v.set_defaults(func=cmd_virtual)
+    c = commands.add_parser("capacity", help="the fewest workers that keep a scenario's p99 latency and degraded "
+                                             "share under targets (fleet simulator)")
+    c.add_argument("scenario", type=Path, help="a scenario TOML file (its [cloud] workers is what is sized)")
+    c.add_argument("--p99-ms", type=float, required=True, help="the p99 latency target (ms)")
+    c.add_argument("--max-degraded", type=float, default=0.01,
+                   help="the largest share of degraded answers allowed (default: %(default)s)")
+    c.add_argument("--out", type=Path, default=Path("runs/capacity"), help="where capacity.json and capacity.png go")
+    c.set_defaults(func=cmd_capacity)

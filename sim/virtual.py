@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["CloudModel", "EdgeModel", "FleetModel", "LinkModel", "Scenario", "VirtualResult", "load_scenario",
-           "simulate_fleet"]
+__all__ = ["CloudModel", "EdgeModel", "FleetModel", "LinkModel", "Scenario", "VirtualResult", "fewest_workers",
+           "load_scenario", "simulate_fleet"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -382,3 +382,96 @@ def cmd_virtual(args: Any) -> None:
                        title=f"{scenario.name}: {f.devices:,} devices, {scenario.cloud.workers} worker(s), "
                              f"p95 {report['p95_ms']} ms, degraded {report['degraded_share']:.1%}")
     print(f"wrote {args.out / 'virtual.json'} and {png}")
+
+
+def fewest_workers(scenario: Scenario, *, p99_ms: float, max_degraded: float = 0.01,
+                   limit: int = 4096) -> tuple[int, dict[int, dict[str, Any]]]:
+    """The fewest workers with which the scenario's p99 latency is at most `p99_ms` and its
+    degraded share at most `max_degraded`, and the reports of every count tried (doubling
+    up to a count that meets the target, then bisecting). ValueError when `limit` workers
+    do not meet it (the target is below what the devices and links alone take)."""
+    tried: dict[int, dict[str, Any]] = {}
+
+    def meets(workers: int) -> bool:
+        if workers not in tried:
+            sized = replace(scenario, cloud=replace(scenario.cloud, workers=workers))
+            tried[workers] = simulate_fleet(sized).report(workers)
+        report = tried[workers]
+        return report["p99_ms"] <= p99_ms and report["degraded_share"] <= max_degraded
+
+    high = 1
+    while not meets(high):
+        if high >= limit:
+            raise ValueError(f"{limit} workers do not keep p99 <= {p99_ms:g} ms and degraded <= {max_degraded:.1%} "
+                             f"(p99 {tried[high]['p99_ms']} ms, degraded {tried[high]['degraded_share']:.2%}): the "
+                             f"devices and links alone may take longer")
+        high = min(limit, high * 2)
+    low = high // 2  # misses (or 0)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if meets(middle):
+            high = middle
+        else:
+            low = middle
+    if high > 1:
+        meets(high - 1)  # the count below, reported beside: it must miss
+    return high, tried
+
+
+def plot_capacity(tried: dict[int, dict[str, Any]], path: Path, *, p99_ms: float, max_degraded: float,
+                  answer: int, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted(tried)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(counts, [tried[c]["p99_ms"] for c in counts], "o-", color="tab:blue", label="p99 latency (ms)")
+    ax.axhline(p99_ms, color="tab:blue", linestyle="--", label=f"target p99 {p99_ms:g} ms")
+    ax.axvline(answer, color="grey", linestyle=":", label=f"answer: {answer} workers")
+    ax.set_xlabel("workers")
+    ax.set_ylabel("p99 latency (ms)")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    ax2.plot(counts, [100 * tried[c]["degraded_share"] for c in counts], "s-", color="tab:red",
+             label="degraded (%)")
+    ax2.axhline(100 * max_degraded, color="tab:red", linestyle="--", label=f"target degraded {max_degraded:.1%}")
+    ax2.set_ylabel("degraded answers (%)")
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cmd_capacity(args: Any) -> None:
+    """`splitexit sim capacity SCENARIO.toml --p99-ms X`: the fewest workers that meet it."""
+    import json
+
+    from splitexit.cli import CliError
+
+    try:
+        scenario = load_scenario(args.scenario)
+        answer, tried = fewest_workers(scenario, p99_ms=args.p99_ms, max_degraded=args.max_degraded)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    for workers in sorted(tried):
+        r = tried[workers]
+        print(f"{workers:5d} workers: p99 {r['p99_ms']:9.1f} ms, degraded {r['degraded_share']:7.2%}, "
+              f"utilisation {r['utilisation']}")
+    below = tried.get(answer - 1)
+    print(f"fewest workers for p99 <= {args.p99_ms:g} ms and degraded <= {args.max_degraded:.1%}: {answer}"
+          + (f" ({answer - 1} give p99 {below['p99_ms']} ms, degraded {below['degraded_share']:.2%})" if below else ""))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "capacity.json").write_text(json.dumps(
+        {"workers": answer, "p99_ms_target": args.p99_ms, "max_degraded": args.max_degraded,
+         "tried": {str(k): v for k, v in sorted(tried.items())}, "scenario": scenario.to_dict()}, indent=2))
+    png = plot_capacity(tried, args.out / "capacity.png", p99_ms=args.p99_ms, max_degraded=args.max_degraded,
+                        answer=answer, title=f"{scenario.name}: workers needed")
+    print(f"wrote {args.out / 'capacity.json'} and {png}")

@@ -126,3 +126,34 @@ def test_a_scenario_runs_live_through_real_workers_and_links_beside_its_virtual_
     # an RTT of 60 ms dominates both; the rest is the measured worker and gRPC costs
     assert 0.7 < result["ratio"]["mean_ms"] < 1.4, result
     assert result["calibration"]["rpc_ms"] >= 0 and result["calibration"]["request_bytes"] > 0
+
+
+def test_sim_capacity_finds_the_fewest_workers_and_one_fewer_misses(tmp_path, capsys) -> None:
+    """Replayed through the simulator, the answer meets the targets and one worker fewer does not."""
+    import json
+    from dataclasses import replace
+
+    from splitexit.cli import main
+    from splitexit.sim.virtual import fewest_workers
+
+    scenario = Scenario(seed=0, fleet=FleetModel(devices=400, requests=20, rate_hz=10.0),
+                        edge=EdgeModel(on_device_share=0.5, edge_ms=5.0, split_ms=2.0),
+                        link=LinkModel(rtt_ms=20.0), cloud=CloudModel(workers=1, batch_ms=4.0, row_ms=1.0))
+    answer, tried = fewest_workers(scenario, p99_ms=120.0, max_degraded=0.01)
+    assert answer > 1 and answer - 1 in tried
+
+    def report(workers: int) -> dict:
+        return simulate_fleet(replace(scenario, cloud=replace(scenario.cloud, workers=workers))).report(workers)
+
+    meets, misses = report(answer), report(answer - 1)
+    assert meets["p99_ms"] <= 120 and meets["degraded_share"] <= 0.01
+    assert misses["p99_ms"] > 120 or misses["degraded_share"] > 0.01
+    path = tmp_path / "s.toml"
+    path.write_text("[fleet]\ndevices = 400\nrequests = 20\nrate_hz = 10.0\n[edge]\non_device_share = 0.5\n"
+                    "edge_ms = 5.0\nsplit_ms = 2.0\n[link]\nrtt_ms = 20.0\n[cloud]\nbatch_ms = 4.0\nrow_ms = 1.0\n")
+    assert main(["sim", "capacity", str(path), "--p99-ms", "120", "--out", str(tmp_path / "cap")]) == 0
+    assert json.loads((tmp_path / "cap" / "capacity.json").read_text())["workers"] == answer
+    assert (tmp_path / "cap" / "capacity.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["sim", "capacity", str(path), "--p99-ms", "1"]) == 2  # below what the link alone takes
+    assert "do not keep p99 <= 1 ms" in capsys.readouterr().err

@@ -149,7 +149,7 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     from splitexit.bundle import load_bundle
     from splitexit.edge import GrpcTransport
     from splitexit.edge.transport.base import OffloadError
-    from splitexit.sim.link import Direction, LinkProfile, LinkProxy
+    from splitexit.sim.link import Direction, LinkProfile, LinkProxy, Outage
     from splitexit.sim.live import WorkerProcess
     from splitexit.sim.virtual import _arrivals
 
@@ -165,21 +165,28 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     for w in workers:
         await w.start()
     proxies: list[LinkProxy] = []
+    loop = asyncio.get_running_loop()
+    # every device starts its schedule together, once every proxy is up; the scenario's
+    # outages (from the first send) are placed on each proxy's own clock
+    setup_s = 1.0 + 0.05 * fleet.devices * len(workers)
+    start = loop.time() + setup_s
     try:
         routes: list[list[Any]] = []  # per device: one proxy's transport per worker
         for d in range(fleet.devices):
             mine = []
             for w in workers:
                 host, port = w.address.rsplit(":", 1)
-                proxy = LinkProxy((host, int(port)), profile, seed=d)
+                offset = start - loop.time()
+                outages = [Outage(o.start_s + offset, o.duration_s, o.mode) for o in link.outages]
+                proxy = LinkProxy((host, int(port)), profile, seed=d, outages=outages)
                 await proxy.start()
                 proxies.append(proxy)
                 mine.append(GrpcTransport(proxy.address))
             routes.append(mine)
+        if loop.time() > start:
+            raise RuntimeError(f"setting up {len(proxies)} link emulators took over {setup_s:.1f} s")
         done_ms = np.zeros(sent_ms.shape)
         route = np.zeros(sent_ms.shape, dtype=np.int8)
-        loop = asyncio.get_running_loop()
-        start = loop.time() + 1.0  # every device starts its schedule together
 
         async def one(d: int, r: int) -> None:
             at = start + sent_ms[d, r] / 1e3

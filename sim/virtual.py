@@ -37,6 +37,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from splitexit.sim.link import Outage
+
 __all__ = ["CloudModel", "EdgeModel", "FleetModel", "LinkModel", "Scenario", "VirtualResult", "fewest_workers",
            "load_scenario", "simulate_fleet"]
 
@@ -71,10 +73,18 @@ class EdgeModel:
 class LinkModel:
     rtt_ms: float = 0.0
     up_mbps: float | None = None  # None: no rate limit
+    # outages of every device's link at once (a region), the link emulator's own kind
+    # (seconds from the first send): `blackhole` holds what crosses until it ends (as TCP
+    # would retransmit), `refuse` fails a request sent meanwhile at once
+    outages: tuple[Outage, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rtt_ms < 0 or (self.up_mbps is not None and self.up_mbps <= 0):
             raise ValueError("rtt_ms must be >= 0 and up_mbps > 0")
+        outages = tuple(o if isinstance(o, Outage) else Outage(**o) for o in self.outages)
+        if any(o.mode == "reset" for o in outages):
+            raise ValueError("the simulator models blackhole and refuse outages, not reset")
+        object.__setattr__(self, "outages", outages)  # TOML gives tables; keep Outage objects
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,16 +199,45 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
     done[on_device] = sent[on_device] + edge.edge_ms
     half = link.rtt_ms / 2
     offloaded = np.flatnonzero(~on_device)
-    at_cloud = _uplink(sent + edge.split_ms, ~on_device, fleet, edge, link)[offloaded] + half
-    deadline = sent[offloaded] + edge.split_ms + cloud.timeout_ms
+    leaves = sent[offloaded] + edge.split_ms  # when each offload is sent
+    refused = _in_outage(leaves, link.outages, "refuse")
+    crossed = _held(_uplink(sent + edge.split_ms, ~on_device, fleet, edge, link)[offloaded], link.outages)
+    deadline = leaves + cloud.timeout_ms
+    sending = np.flatnonzero(~refused)
+    at_cloud = crossed[sending] + half
     order = np.argsort(at_cloud, kind="stable")
-    answered, how, batches, batch_rows, busy = _cloud(at_cloud[order], deadline[order] - half, cloud)
-    # answers travel back (half an RTT); a refusal too; a late request ends at its deadline
-    back = np.where(how == 3, deadline[order], answered + half + cloud.rpc_ms)
-    done[offloaded[order]] = back
-    route[offloaded[order]] = how
+    answered, how, batches, batch_rows, busy = _cloud(at_cloud[order], deadline[sending][order] - half, cloud)
+    # answers travel back (half an RTT, held by a blackhole); a refusal too; a late request
+    # ends at its deadline
+    back = _held(answered + cloud.rpc_ms, link.outages) + half
+    due = deadline[sending][order]
+    how = np.where(back > due, 3, how).astype(np.int8)  # whatever the cloud did, the device gave up first
+    back = np.where(how == 3, due, back)
+    done[offloaded[sending][order]] = back
+    route[offloaded[sending][order]] = how
+    done[offloaded[refused]] = leaves[refused]  # the device answers at once, degraded
+    route[offloaded[refused]] = 2
     span = float(done.max() - sent.min()) if n else 0.0
     return VirtualResult(sent, done, route, batches, batch_rows, busy, span)
+
+
+def _in_outage(t_ms: np.ndarray, outages: tuple[Outage, ...], mode: str) -> np.ndarray:
+    """Which times fall inside an outage of `mode`."""
+    inside = np.zeros(len(t_ms), dtype=bool)
+    for o in outages:
+        if o.mode == mode:
+            inside |= (t_ms >= 1e3 * o.start_s) & (t_ms < 1e3 * o.end_s)
+    return inside
+
+
+def _held(t_ms: np.ndarray, outages: tuple[Outage, ...]) -> np.ndarray:
+    """Times at which something crossing at `t_ms` gets through: held to a blackhole's end."""
+    out = t_ms.copy()
+    for o in sorted(outages, key=lambda o: o.start_s):
+        if o.mode == "blackhole":
+            inside = (out >= 1e3 * o.start_s) & (out < 1e3 * o.end_s)
+            out[inside] = 1e3 * o.end_s
+    return out
 
 
 def _uplink(ready: np.ndarray, sends: np.ndarray, fleet: FleetModel, edge: EdgeModel, link: LinkModel) -> np.ndarray:

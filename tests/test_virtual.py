@@ -157,3 +157,28 @@ def test_sim_capacity_finds_the_fewest_workers_and_one_fewer_misses(tmp_path, ca
     capsys.readouterr()
     assert main(["sim", "capacity", str(path), "--p99-ms", "1"]) == 2  # below what the link alone takes
     assert "do not keep p99 <= 1 ms" in capsys.readouterr().err
+
+
+def test_a_blackhole_holds_what_crosses_and_a_refusal_answers_on_the_device_at_once() -> None:
+    """A 2 s blackhole from t = 1 s: offloads sent meanwhile cross when it ends (answered if
+    their deadline allows, else degraded at it); a refusing outage degrades them at once."""
+    from splitexit.sim.link import Outage
+
+    def run(mode: str, timeout_ms: float):
+        return simulate_fleet(Scenario(seed=4, fleet=FleetModel(devices=20, requests=40, rate_hz=10.0),
+                                       link=LinkModel(rtt_ms=10.0, outages=(Outage(1.0, 2.0, mode),)),
+                                       cloud=CloudModel(workers=2, timeout_ms=timeout_ms)))
+
+    inside = lambda r: (r.sent_ms >= 1000) & (r.sent_ms < 3000)  # noqa: E731
+    patient = run("blackhole", 5000.0)
+    held = inside(patient)
+    assert (patient.route[held] == 1).all() and (patient.done_ms[held] >= 3000).all()  # through at the end
+    clear = (patient.sent_ms < 950) | (patient.sent_ms >= 3500)  # not inside it, nor behind its backlog
+    assert (patient.route == 1).all() and patient.latency_ms[clear].max() < 100
+    hurried = run("blackhole", 500.0)
+    late = inside(hurried) & (hurried.sent_ms < 2500)  # their deadline comes before the end
+    assert (hurried.route[late] == 3).all() and np.allclose(hurried.latency_ms[late], 500.0)
+    refused = run("refuse", 5000.0)
+    assert (refused.route[inside(refused)] == 2).all() and refused.latency_ms[inside(refused)].max() < 1e-9
+    scenario = Scenario.from_dict({"link": {"rtt_ms": 10.0, "outages": [{"start_s": 1.0, "duration_s": 2.0}]}})
+    assert scenario.link.outages == (Outage(1.0, 2.0, "blackhole"),)

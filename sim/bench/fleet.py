@@ -66,7 +66,9 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
 
 def fidelity_scenarios() -> dict[str, Any]:
     """The scenarios run both ways: devices on LTE with one worker, more devices on Wi-Fi
-    with two, and one worker offered more than it can serve (batches of one row)."""
+    with two (and the same through a 2 s outage of every link), and one worker offered
+    more than it can serve (batches of one row)."""
+    from splitexit.sim.link import Outage
     from splitexit.sim.virtual import CloudModel, EdgeModel, FleetModel, LinkModel, Scenario
 
     edge = EdgeModel(on_device_share=0.5, edge_ms=10.0, split_ms=5.0)
@@ -77,6 +79,10 @@ def fidelity_scenarios() -> dict[str, Any]:
         "16-wifi-2-workers": Scenario(name="16-wifi-2-workers", fleet=FleetModel(devices=16, requests=30, rate_hz=4.0),
                                       edge=edge, link=LinkModel(rtt_ms=28.0, up_mbps=18.88),
                                       cloud=replace(cloud, workers=2)),
+        "16-wifi-2-workers-outage": Scenario(
+            name="16-wifi-2-workers-outage", fleet=FleetModel(devices=16, requests=30, rate_hz=4.0), edge=edge,
+            link=LinkModel(rtt_ms=28.0, up_mbps=18.88, outages=(Outage(2.0, 2.0, "blackhole"),)),
+            cloud=replace(cloud, workers=2, timeout_ms=1000.0)),
         "overloaded-worker": Scenario(name="overloaded-worker", fleet=FleetModel(devices=12, requests=40, rate_hz=25.0),
                                       edge=EdgeModel(on_device_share=0.0, split_ms=2.0),
                                       link=LinkModel(rtt_ms=10.0, up_mbps=100.0),

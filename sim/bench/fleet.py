@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", default="1,10", help="device counts as multiples of the scenario's (default 1,10;"
                                                          " 0.01 with --quick)")
     parser.add_argument("--fidelity", action="store_true",
-                        help="also run FIDELITY_SCENARIOS live (worker processes, link emulators) and in virtual time "
+                        help="also run the fidelity scenarios live (worker processes, link emulators) and in virtual time "
                              "on the reference tail, and compare (a few minutes)")
 
 

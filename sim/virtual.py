@@ -63,6 +63,12 @@ class EdgeModel:
     edge_ms: float = 0.0  # device time of an input answered on the device
     split_ms: float = 0.0  # device time of an offloaded input, up to the split
     feature_bytes: int = 0  # what an offloaded input sends
+    # Or the network's own decisions: a bundle (its network and exit policy) run over a data
+    # set's test split (cached exit outputs); request i is test input i mod N, answered on
+    # the device when the policy's exit is at or before the split, and the report gains
+    # the answers' accuracy. Replaces on_device_share.
+    bundle: str = ""
+    data: str = "digits"
 
     def __post_init__(self) -> None:
         if not 0 <= self.on_device_share <= 1 or min(self.edge_ms, self.split_ms, self.feature_bytes) < 0:
@@ -153,6 +159,7 @@ class VirtualResult:
     batch_rows: int
     busy_ms: float  # the workers' summed compute time
     span_ms: float  # first arrival to last answer
+    correct: np.ndarray | None = None  # bool [N]: the answer is right (when the network decides)
 
     ROUTES = ("edge", "cloud", "refused", "late")
 
@@ -173,6 +180,7 @@ class VirtualResult:
             "refused": int(counts[2]), "late": int(counts[3]),
             "mean_batch": round(self.batch_rows / self.batches, 3) if self.batches else None,
             "utilisation": round(self.busy_ms / (workers * self.span_ms), 4) if self.span_ms > 0 else None,
+            **({} if self.correct is None else {"acc": round(float(self.correct.mean()), 5)}),
         }
 
 
@@ -193,7 +201,14 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
     fleet, edge, link, cloud = scenario.fleet, scenario.edge, scenario.link, scenario.cloud
     sent = _arrivals(fleet, rng).ravel()
     n = len(sent)
-    on_device = rng.random(n) < edge.on_device_share
+    draws = rng.random(n)  # drawn either way: the same seed gives the same arrivals and draws
+    correct = None
+    if edge.bundle:
+        decided, right = network_decisions(edge.bundle, edge.data)
+        sample = np.arange(n) % len(decided)
+        on_device, correct = decided[sample], right[sample]
+    else:
+        on_device = draws < edge.on_device_share
     done = np.empty(n)
     route = np.zeros(n, dtype=np.int8)
     done[on_device] = sent[on_device] + edge.edge_ms
@@ -218,7 +233,31 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
     done[offloaded[refused]] = leaves[refused]  # the device answers at once, degraded
     route[offloaded[refused]] = 2
     span = float(done.max() - sent.min()) if n else 0.0
-    return VirtualResult(sent, done, route, batches, batch_rows, busy, span)
+    return VirtualResult(sent, done, route, batches, batch_rows, busy, span, correct)
+
+
+def network_decisions(bundle: str | Path, data: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per test input of `data`: answered on the device (the bundle's policy leaves at an
+    exit at or before its split), and whether the answer is right; from the network's
+    cached exit outputs. A degraded answer (the cloud unreachable) is not modelled
+    here: it counts as the policy's answer."""
+    from splitexit.bundle import load_whole
+    from splitexit.cost import cost_model
+    from splitexit.data import Normalize, load_dataset
+    from splitexit.evaluate import cached_exit_outputs
+    from splitexit.policies import simulate
+    from splitexit.cli import default_cache_dir
+
+    whole = load_whole(bundle)
+    test = load_dataset(data, cache_dir=default_cache_dir()).test
+    outputs = cached_exit_outputs(whole.model, test, Normalize(whole.mean, whole.std),
+                                  cache_dir=default_cache_dir(), tag="test")
+    c, h, w = whole.input_shape
+    ladder = cost_model(whole.model, (c, h, w)).exit_ladder()
+    out = simulate(whole.policy, outputs.probs, ladder, outputs.labels)
+    stages = np.asarray(list(whole.model.exit_points) + [whole.model.num_stages - 1])
+    assert out.correct is not None
+    return stages[out.exit_index] <= whole.split, out.correct
 
 
 def _in_outage(t_ms: np.ndarray, outages: tuple[Outage, ...], mode: str) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from splitexit.policies import MaxProb
 from splitexit.sim.virtual import CloudModel, EdgeModel, FleetModel, LinkModel, Scenario, simulate_fleet
 
 UNBOUNDED = dict(queue_limit_rows=10**9, max_queue_wait_ms=1e12, timeout_ms=1e12)
@@ -249,3 +250,23 @@ def test_the_simulated_batcher_forms_the_real_batchers_batches() -> None:
     want = [simulated[t] for t in sorted(simulated)]
     got = real_batches()
     assert got == want, (got, want)
+
+
+def test_the_network_can_decide_which_inputs_stay_on_the_device(tmp_path, monkeypatch) -> None:
+    """[edge] bundle: the bundle's own policy over the digits' test inputs decides which
+    requests are answered on the device, and the report carries the answers' accuracy:
+    the policy's own on those inputs."""
+    import splitexit_tests_edge_support as S
+    from splitexit.sim.virtual import network_decisions
+
+    monkeypatch.setenv("SPLITEXIT_CACHE", str(tmp_path / "cache"))
+    model, meta = S.tiny_model()
+    _, x = S.batch(meta, 64)
+    bundle = S.export(tmp_path, model, meta, MaxProb(S.exit_thresholds(model, x)), split=2)
+    decided, right = network_decisions(bundle, "digits")
+    assert len(decided) == 360 and 0 < decided.mean() < 1
+    scenario = Scenario(fleet=FleetModel(devices=36, requests=10), edge=EdgeModel(bundle=str(bundle), edge_ms=2.0),
+                        link=LinkModel(rtt_ms=20.0))
+    report = simulate_fleet(scenario).report(1)
+    assert report["edge_share"] == pytest.approx(decided.mean(), abs=1e-5)
+    assert report["acc"] == pytest.approx(right.mean(), abs=1e-5)

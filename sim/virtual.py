@@ -30,6 +30,7 @@ What it reports has the live harness's keys: `mean_ms`, `p95_ms`, `edge_share`,
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -94,6 +95,29 @@ class LinkModel:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Autoscale:
+    """A HorizontalPodAutoscaler's rules over the workers: every `sync_s` it computes the
+    desired count from the utilisation of the last period (ceil(current x utilisation /
+    target), within min and max); more workers start at once and serve `start_s` later
+    (a pod's start and warm-up); fewer only when every desired count of the last
+    `stabilization_s` was lower (Kubernetes' scale-down stabilization), and only idle
+    workers leave."""
+
+    min_workers: int = 1
+    max_workers: int = 10
+    target: float = 0.6  # utilisation
+    sync_s: float = 15.0
+    stabilization_s: float = 300.0
+    start_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError("need 1 <= min_workers <= max_workers")
+        if not 0 < self.target <= 1 or self.sync_s <= 0 or self.stabilization_s < 0 or self.start_s < 0:
+            raise ValueError("need 0 < target <= 1, sync_s > 0, stabilization_s >= 0 and start_s >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class CloudModel:
     workers: int = 1
     max_batch: int = 32
@@ -104,8 +128,14 @@ class CloudModel:
     max_queue_wait_ms: float = 250.0
     timeout_ms: float = 5000.0  # the edge's request deadline
     rpc_ms: float = 0.0  # per request, outside its batch: gRPC both ways, decoding (measured: fleet_live)
+    autoscale: Autoscale | None = None  # None: `workers` workers throughout
 
     def __post_init__(self) -> None:
+        if isinstance(self.autoscale, Mapping):  # a TOML table
+            object.__setattr__(self, "autoscale", Autoscale(**self.autoscale))
+        self._check()
+
+    def _check(self) -> None:
         if self.workers < 1 or self.max_batch < 1 or self.queue_limit_rows < 1:
             raise ValueError("workers, max_batch and queue_limit_rows must be >= 1")
         if min(self.max_delay_ms, self.batch_ms, self.row_ms) < 0 or self.batch_ms + self.row_ms <= 0:
@@ -160,6 +190,7 @@ class VirtualResult:
     busy_ms: float  # the workers' summed compute time
     span_ms: float  # first arrival to last answer
     correct: np.ndarray | None = None  # bool [N]: the answer is right (when the network decides)
+    workers: tuple[tuple[float, int], ...] = ()  # (s, count) at the start and each autoscaling change
 
     ROUTES = ("edge", "cloud", "refused", "late")
 
@@ -181,6 +212,8 @@ class VirtualResult:
             "mean_batch": round(self.batch_rows / self.batches, 3) if self.batches else None,
             "utilisation": round(self.busy_ms / (workers * self.span_ms), 4) if self.span_ms > 0 else None,
             **({} if self.correct is None else {"acc": round(float(self.correct.mean()), 5)}),
+            **({"workers_over_time": [list(w) for w in self.workers], "max_workers": max(c for _, c in self.workers)}
+               if len(self.workers) > 1 else {}),
         }
 
 
@@ -221,7 +254,8 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
     sending = np.flatnonzero(~refused)
     at_cloud = crossed[sending] + half
     order = np.argsort(at_cloud, kind="stable")
-    answered, how, batches, batch_rows, busy = _cloud(at_cloud[order], deadline[sending][order] - half, cloud)
+    answered, how, batches, batch_rows, busy, workers = _cloud(at_cloud[order], deadline[sending][order] - half,
+                                                              cloud)
     # answers travel back (half an RTT, held by a blackhole); a refusal too; a late request
     # ends at its deadline
     back = _held(answered + cloud.rpc_ms, link.outages) + half
@@ -233,7 +267,7 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
     done[offloaded[refused]] = leaves[refused]  # the device answers at once, degraded
     route[offloaded[refused]] = 2
     span = float(done.max() - sent.min()) if n else 0.0
-    return VirtualResult(sent, done, route, batches, batch_rows, busy, span, correct)
+    return VirtualResult(sent, done, route, batches, batch_rows, busy, span, correct, tuple(workers))
 
 
 def network_decisions(bundle: str | Path, data: str) -> tuple[np.ndarray, np.ndarray]:
@@ -299,16 +333,19 @@ def _uplink(ready: np.ndarray, sends: np.ndarray, fleet: FleetModel, edge: EdgeM
 
 
 def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
-           ) -> tuple[np.ndarray, np.ndarray, int, int, float]:
+           ) -> tuple[np.ndarray, np.ndarray, int, int, float, list[tuple[float, int]]]:
     """The workers' shared queue, one row per request, requests in arrival order.
 
     Returns when each request's answer (or refusal) leaves the cloud, how it ended (1
     answered, 2 refused, 3 late: its deadline passed before its batch would end), and the
-    batches' count, rows and summed compute time."""
+    batches' count, rows and summed compute time, and the worker count over time ((s,
+    count) at the start and at each change: with `cloud.autoscale` it follows its rules)."""
     n = len(arrive)
     out = np.empty(n)
     how = np.ones(n, dtype=np.int8)
-    free: list[float] = [0.0] * cloud.workers  # when each worker is next free (a heap)
+    scale = cloud.autoscale
+    count = cloud.workers if scale is None else min(max(cloud.workers, scale.min_workers), scale.max_workers)
+    free: list[float] = [0.0] * count  # when each worker is next free (a heap)
     heapq.heapify(free)
     full_ms = cloud.batch_time_ms(cloud.max_batch)
     delay = cloud.max_delay_ms
@@ -316,9 +353,15 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
     head = 0  # queue[head:] are waiting
     batches = rows_total = 0
     busy = 0.0
-    computing_until: list[float] = []  # end times of running batches (for the admission estimate)
+    running: list[tuple[float, float]] = []  # (start, end) of recent batches: admission, utilisation
     i = 0
     arrive_l, deadline_l = arrive.tolist(), deadline.tolist()
+    # autoscaling state
+    sync_ms = 1e3 * scale.sync_s if scale is not None else float("inf")
+    next_sync = sync_ms
+    # the starting count stands as a recommendation at 0: no scale-down within the first window
+    desired_history: list[tuple[float, int]] = [(0.0, count)]
+    timeline: list[tuple[float, int]] = [(0.0, count)]
 
     def start_batches(until: float) -> None:
         """Start every batch the rules would start before time `until`."""
@@ -349,20 +392,50 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
                 batches += 1
                 rows_total += live
                 busy += compute
-            computing_until.append(ends)
+            running.append((ready, ends))
+
+    def autoscale(now: float) -> None:
+        """The autoscaler's syncs up to `now` (see Autoscale)."""
+        nonlocal next_sync, running
+        assert scale is not None
+        while next_sync <= now:
+            start_batches(next_sync)
+            window = (next_sync - sync_ms, next_sync)
+            used = sum(max(0.0, min(e, window[1]) - max(b, window[0])) for b, e in running)
+            running = [(b, e) for b, e in running if e > window[0] - full_ms]  # keep what may still count
+            workers = len(free)
+            utilisation = used / (workers * sync_ms)
+            desired = min(scale.max_workers, max(scale.min_workers, math.ceil(workers * utilisation / scale.target)))
+            desired_history.append((next_sync, desired))
+            recent = [d for t, d in desired_history if t >= next_sync - 1e3 * scale.stabilization_s]
+            if desired > workers:
+                for _ in range(desired - workers):  # serving once started and warm
+                    heapq.heappush(free, next_sync + 1e3 * scale.start_s)
+            elif max(recent) < workers:
+                leave = workers - max(recent)
+                idle = sorted(f for f in free if f <= next_sync)[:leave]
+                for f in idle:
+                    free.remove(f)
+                heapq.heapify(free)
+            if len(free) != timeline[-1][1]:
+                timeline.append((next_sync / 1e3, len(free)))
+            next_sync += sync_ms
 
     while i < n:
         t = arrive_l[i]
+        if scale is not None:
+            autoscale(t)
         start_batches(t)
-        # admission, as cloud.batcher decides it: by count, then by the expected wait
+        # admission, as cloud.batcher decides it: by count, then by the work ahead (full
+        # batches, waiting and computing; a request's own batch is not waiting)
         waiting = len(queue) - head
         if waiting + 1 > cloud.queue_limit_rows:
             how[i], out[i] = 2, t
             i += 1
             continue
-        ahead = waiting + 1 + sum(1 for e in computing_until[-cloud.workers:] if e > t) * cloud.max_batch
-        wait_ms = -(-ahead // cloud.max_batch) * full_ms / cloud.workers
-        if wait_ms > cloud.max_queue_wait_ms or t + wait_ms > deadline_l[i]:
+        computing = sum(1 for _, e in running[-len(free):] if e > t)
+        wait_ms = (-(-waiting // cloud.max_batch) + computing) * full_ms / len(free)
+        if wait_ms > cloud.max_queue_wait_ms or t + wait_ms + cloud.batch_time_ms(1) > deadline_l[i]:
             how[i], out[i] = 2, t
             i += 1
             continue
@@ -371,8 +444,10 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
         if head > 4096 and head > len(queue) // 2:  # keep the list short
             del queue[:head]
             head = 0
+        if len(running) > 8192 and scale is None:  # admission looks at the last few only
+            del running[:4096]
     start_batches(float("inf"))
-    return out, how, batches, rows_total, busy
+    return out, how, batches, rows_total, busy, timeline
 
 
 def run_timed(scenario: Scenario) -> tuple[VirtualResult, float]:

@@ -3,6 +3,8 @@ determinism, the batcher's admission rules, and the scenario file's errors."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -270,3 +272,30 @@ def test_the_network_can_decide_which_inputs_stay_on_the_device(tmp_path, monkey
     report = simulate_fleet(scenario).report(1)
     assert report["edge_share"] == pytest.approx(decided.mean(), abs=1e-5)
     assert report["acc"] == pytest.approx(right.mean(), abs=1e-5)
+
+
+def test_the_autoscaler_adds_workers_under_load_and_removes_them_after_its_stabilization_window() -> None:
+    """Load for 3 workers on 1: the HPA rules add workers at its syncs (serving after the
+    pod start time) until the utilisation is near its target, and the refusals of the
+    last third of the run are far fewer than the first's. Six workers on a light load fall
+    to the minimum, but not before the stabilization window has passed."""
+    from splitexit.sim.virtual import Autoscale
+
+    cloud = CloudModel(workers=1, max_batch=8, max_delay_ms=2, batch_ms=8, row_ms=1, max_queue_wait_ms=200,
+                       autoscale=Autoscale(min_workers=1, max_workers=8, target=0.6, sync_s=10, stabilization_s=60,
+                                           start_s=5))
+    capacity_hz = 8 / (cloud.batch_time_ms(8) / 1000)
+    busy = Scenario(seed=2, fleet=FleetModel(devices=100, requests=600, rate_hz=3 * capacity_hz / 100), cloud=cloud)
+    result = simulate_fleet(busy)
+    counts = [c for _, c in result.workers]
+    assert counts[0] == 1 and max(counts) >= 4, result.workers
+    first = result.sent_ms < result.sent_ms.max() / 3
+    last = result.sent_ms > 2 * result.sent_ms.max() / 3
+    assert (result.route[first] == 2).mean() > 0.3 and (result.route[last] == 2).mean() < 0.05
+    fixed = simulate_fleet(Scenario(seed=2, fleet=busy.fleet, cloud=replace(cloud, autoscale=None)))
+    assert len(fixed.workers) == 1 and (fixed.route == 2).mean() > 0.5  # one worker throughout refuses most
+    assert Scenario.from_dict({"cloud": {"autoscale": {"max_workers": 4}}}).cloud.autoscale == Autoscale(max_workers=4)
+    light = simulate_fleet(Scenario(seed=2, fleet=FleetModel(devices=10, requests=200, rate_hz=1.0),
+                                    cloud=replace(cloud, workers=6)))
+    assert light.workers[0] == (0.0, 6) and light.workers[-1][1] == 1, light.workers
+    assert light.workers[1][0] >= 60, light.workers  # none left before the 60 s window

@@ -504,6 +504,12 @@ def plot_latency(result: VirtualResult, path: Path, *, title: str) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -596,11 +602,7 @@ def plot_capacity(tried: dict[int, dict[str, Any]], path: Path, *, p99_ms: float
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def cmd_capacity(args: Any) -> None:

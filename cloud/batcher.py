@@ -19,9 +19,10 @@ wait for company short.
 
 Admission is decided at once, by time as well as by count: `submit` raises
 RequestError(RESOURCE_EXHAUSTED) without queueing when
-- the work ahead of the request (rows waiting, all keys together, and rows computing),
-  at the measured compute time per row, would keep it waiting longer than
-  `max_queue_wait_ms`, or would finish it after its own deadline: under overload a queue
+- the work ahead of the request (rows waiting and computing, every key), in full batches
+  at each key's measured batch time, would keep it waiting longer than
+  `max_queue_wait_ms`, or that wait and its own batch would end past its deadline
+  (its own compute is not waiting: a lone slow request is served): under overload a queue
   that holds more than callers will wait for fills with requests that expire in it, and
   the worker then spends its compute on answers nobody reads (goodput collapses); a
   caller refused at once can try another worker or answer on the edge while it still has

@@ -31,26 +31,26 @@ import grpc
 import numpy as np
 
 from splitexit.cloud.errors import RequestError
+from splitexit.cloud.servicer import SplitInferenceServicer, deadline_of
 from splitexit.proto import inference_pb2 as pb
 from splitexit.proto import kserve_v2_pb2 as v2
 from splitexit.proto import kserve_v2_pb2_grpc as v2_grpc
 
 if TYPE_CHECKING:
     from splitexit.cloud.served import ServedModel
-    from splitexit.cloud.servicer import SplitInferenceServicer
 
 __all__ = ["KServeV2Servicer", "SERVICE_NAME", "add_to_server"]
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
 INPUT = "feature"
 OUTPUTS = ("probs", "label", "confidence", "exit")
-_FEATURE_DTYPES = {"FP32": (pb.DTYPE_FLOAT32, np.dtype("<f4")), "FP16": (pb.DTYPE_FLOAT16, np.dtype("<f2"))}
+_FEATURE_DTYPES = {"FP32": pb.DTYPE_FLOAT32, "FP16": pb.DTYPE_FLOAT16}  # v2 datatype -> our wire dtype
 
 
 class KServeV2Servicer(v2_grpc.GRPCInferenceServiceServicer):
     """v2 calls answered by the worker's `SplitInferenceServicer`."""
 
-    def __init__(self, servicer: "SplitInferenceServicer", version: str) -> None:
+    def __init__(self, servicer: SplitInferenceServicer, version: str) -> None:
         self.servicer = servicer
         self.version = version  # the worker's software version (ServerMetadata)
 
@@ -80,8 +80,7 @@ class KServeV2Servicer(v2_grpc.GRPCInferenceServiceServicer):
         classes = model.num_classes
         return v2.ModelMetadataResponse(
             name=model.name, versions=[model.hash], platform="splitexit",
-            inputs=[tensor(name=INPUT, datatype=name, shape=[-1, *model.bundle.feature_shape])
-                    for name in _FEATURE_DTYPES][:1],
+            inputs=[tensor(name=INPUT, datatype="FP32", shape=[-1, *model.bundle.feature_shape])],
             outputs=[tensor(name="probs", datatype="FP32", shape=[-1, classes]),
                      tensor(name="label", datatype="INT64", shape=[-1]),
                      tensor(name="confidence", datatype="FP32", shape=[-1]),
@@ -94,9 +93,7 @@ class KServeV2Servicer(v2_grpc.GRPCInferenceServiceServicer):
         try:
             model = self._model(request.model_name, request.model_version)
             split_request, wanted = to_split_request(request, model)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            answer = await self.servicer.handle(split_request, deadline)
+            answer = await self.servicer.handle(split_request, deadline_of(context))
             return to_v2_response(request, model, answer, wanted)
         except RequestError as exc:
             code = exc.code
@@ -138,7 +135,6 @@ def to_split_request(request: v2.ModelInferRequest, model: "ServedModel") -> tup
     if tensor.datatype not in _FEATURE_DTYPES:
         raise RequestError("INVALID_ARGUMENT", f"input {INPUT!r}: datatype {tensor.datatype!r} is not one of "
                                                f"{', '.join(_FEATURE_DTYPES)}")
-    dtype_enum, dtype = _FEATURE_DTYPES[tensor.datatype]
     shape = [int(d) for d in tensor.shape]
     if len(shape) < 1 or shape[0] < 1 or any(d < 1 for d in shape):
         raise RequestError("INVALID_ARGUMENT", f"input {INPUT!r}: shape {shape} needs a batch dimension and sizes >= 1")
@@ -161,9 +157,8 @@ def to_split_request(request: v2.ModelInferRequest, model: "ServedModel") -> tup
     # by the v1 path, with its messages.
     split = pb.InferRequest(request_id=uuid.uuid4().hex, bundle_hash=model.hash, model=model.name,
                             split=model.bundle.split, sample_ids=[f"{request.id}:{i}" for i in range(shape[0])],
-                            feature=pb.Tensor(dtype=dtype_enum, shape=shape, data=data),
+                            feature=pb.Tensor(dtype=_FEATURE_DTYPES[tensor.datatype], shape=shape, data=data),
                             want_probabilities="probs" in wanted, top_k=0)
-    del dtype  # the v1 Tensor names its dtype by enum
     return split, wanted
 
 

@@ -57,12 +57,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from splitexit.cloud.answers import AnswerCacheConfig
+from splitexit import __version__
+from splitexit.cloud import kserve
 from splitexit.cloud.batcher import Batcher, BatcherConfig
 from splitexit.cloud.metrics import Metrics
 from splitexit.cloud.requests import ServiceLimits
 from splitexit.cloud.served import ServedModel
-from splitexit import __version__
-from splitexit.cloud import kserve
 from splitexit.cloud.servicer import SERVICE_NAME, SplitInferenceServicer, add_to_server
 from splitexit.tls import TlsError, check_key_pair
 

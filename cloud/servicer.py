@@ -28,7 +28,7 @@ from splitexit.status import STATUS_NUMBERS
 if TYPE_CHECKING:
     from splitexit.cloud.metrics import Metrics
 
-__all__ = ["SERVICE_NAME", "SplitInferenceServicer", "Undecodable", "add_to_server"]
+__all__ = ["SERVICE_NAME", "SplitInferenceServicer", "Undecodable", "add_to_server", "deadline_of"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name  # "splitexit.v1.SplitInference"
 
@@ -74,7 +74,8 @@ def add_to_server(servicer: "SplitInferenceServicer", server: grpc.aio.Server) -
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as a time.monotonic() value (None: the client set none)."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -155,7 +156,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
         started, code = time.monotonic(), "OK"
         try:
-            return await self.handle(request, _deadline(context))
+            return await self.handle(request, deadline_of(context))
         except RequestError as exc:
             code = exc.code
             await context.abort(grpc.StatusCode[exc.code], exc.message)
@@ -171,7 +172,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         """Each message handled as by Infer, concurrently (answers may come out of order);
         a failed request answers with InferResponse.error and the stream goes on."""
         started, code = time.monotonic(), "OK"
-        deadline = _deadline(context)
+        deadline = deadline_of(context)
         # Responses wait here until written; a slot is held from reading a request until its
         # response is written, so a client that sends without reading holds at most
         # stream_inflight requests in this worker.

@@ -134,22 +134,16 @@ def _grpc_config(args: argparse.Namespace) -> "GrpcConfig":
     return GrpcConfig(token=token, tls=tls, lb_policy=lb)
 
 
-def _is_loopback(address: str) -> bool:
-    from splitexit.edge.transport.base import dns_name
-
-    host = (dns_name(address) or address).rsplit(":", 1)[0].strip("[]").lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def share_cores(args: argparse.Namespace, engine: Any) -> str | None:
     """When a --worker runs on this machine, edge and worker share its cores: a torch edge
     left at torch's default (every core) and a worker at its own default oversubscribe
     them, and each slows the other several times over (OpenMP threads spin while they
     wait). The torch edge then takes half the cores (unless --threads says otherwise);
     either way the note returned says what the worker should take."""
+    from splitexit.edge.transport.base import is_loopback
     from splitexit.runtime import TorchEngine
 
-    if not any(_is_loopback(w) for w in args.worker):
+    if not any(is_loopback(w) for w in args.worker):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if isinstance(engine, TorchEngine):
@@ -160,7 +154,7 @@ def share_cores(args: argparse.Namespace, engine: Any) -> str | None:
         edge_threads = torch.get_num_threads()
     else:
         edge_threads = args.engine_threads
-    return (f"note: the worker at {next(w for w in args.worker if _is_loopback(w))} shares this machine's {cores} "
+    return (f"note: the worker at {next(w for w in args.worker if is_loopback(w))} shares this machine's {cores} "
             f"cores: the edge computes on {edge_threads} thread(s); start the worker with "
             f"`--threads {max(1, cores - edge_threads)}` so that the two do not fight over the cores")
 
@@ -262,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def labelled_accuracy(results: Path, labels: "Mapping[str, str]", classes: Sequence[str]) -> tuple[int, int] | None:
     """(correct, counted) over the answers in `results` whose input names one of `classes`
     (a class folder's name, or a class index); None when no input does."""
-    import json
+    from splitexit.edge.results import read_results
 
     names = set(classes)
     known = {sample: label for sample, label in labels.items()
@@ -270,8 +264,7 @@ def labelled_accuracy(results: Path, labels: "Mapping[str, str]", classes: Seque
     if not known:
         return None
     correct = counted = 0
-    for line in results.read_text().splitlines():
-        answer = json.loads(line)
+    for answer in read_results(results):
         label = known.get(answer.get("sample_id", ""))
         if label is not None:
             counted += 1

@@ -91,19 +91,16 @@ def balance(hist: Sequence[float] | np.ndarray) -> float:
 
 
 def threshold_exits(probs: np.ndarray, threshold: float, *, fallback: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample under "first exit whose max-prob >= threshold", as the deployed `maxprob`
-    policy runs it: (the exit it leaves at, the exit whose output answers). A sample no
-    exit is confident about leaves at the last exit and, with `fallback` (the policy's
-    default), is answered by its most confident exit; without, by the last."""
-    conf = probs.max(-1)  # [K, N]
-    confident = conf >= threshold
-    confident[-1] = True
-    left = confident.argmax(0)
-    answered = left
-    if fallback:
-        none = ~(conf[:-1] >= threshold).any(0)
-        answered = np.where(none, conf.argmax(0), left)
-    return left, answered
+    """Per sample under "first exit whose max-prob >= threshold", run by the deployed
+    `maxprob` policy itself: (the exit it leaves at, the exit whose output answers). A
+    sample no exit is confident about leaves at the last exit and, with `fallback` (the
+    policy's default), is answered by its most confident exit; without, by the last."""
+    from splitexit.policies import Ladder, MaxProb, simulate
+
+    free = (0.0,) * probs.shape[0]  # costs play no part in where samples leave
+    out = simulate(MaxProb(threshold, fallback=fallback), probs, Ladder(net_cost=free, head_cost=free))
+    assert out.answer_exit is not None
+    return out.exit_index, out.answer_exit
 
 
 @dataclass(frozen=True)

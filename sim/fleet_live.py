@@ -151,14 +151,14 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     from splitexit.edge.transport.base import OffloadError
     from splitexit.sim.link import Direction, LinkProfile, LinkProxy, Outage
     from splitexit.sim.live import WorkerProcess
-    from splitexit.sim.virtual import _arrivals
+    from splitexit.sim.virtual import requests
 
     fleet, edge_model, link, cloud = scenario.fleet, scenario.edge, scenario.link, scenario.cloud
     edge = load_bundle(bundle, "edge")
     feature = np.random.default_rng(1).standard_normal((1, *edge.feature_shape)).astype(np.float32)
-    rng = np.random.default_rng(scenario.seed)
-    sent_ms = _arrivals(fleet, rng)  # [devices, requests], as the virtual run draws them
-    on_device = rng.random(sent_ms.size).reshape(sent_ms.shape) < edge_model.on_device_share
+    sent, decided, correct = requests(scenario)  # the virtual run's own requests
+    shape = (fleet.devices, fleet.requests)
+    sent_ms, on_device = sent.reshape(shape), decided.reshape(shape)
     profile = LinkProfile(up=Direction(rate_mbps=link.up_mbps, delay_ms=link.rtt_ms / 2),
                           down=Direction(delay_ms=link.rtt_ms / 2))
     workers = [WorkerProcess([bundle], extra=_worker_args(scenario)) for _ in range(cloud.workers)]
@@ -212,8 +212,8 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
             await proxy.close()
         for w in workers:
             await w.stop()
-    sent, done = sent_ms.ravel(), done_ms.ravel()
-    return VirtualResult(sent, done, route.ravel(), 0, 0, 0.0, float(done.max() - sent.min()))
+    done = done_ms.ravel()
+    return VirtualResult(sent, done, route.ravel(), 0, 0, 0.0, float(done.max() - sent.min()), correct)
 
 
 def fidelity(scenario: Scenario, bundle: Path, calibration: dict[str, float] | None = None) -> dict[str, Any]:

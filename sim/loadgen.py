@@ -19,10 +19,10 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
-__all__ = ["ClientPlan", "ClientReport", "INFER_METHOD", "OpenLoopPlan", "OpenLoopReport", "STREAM_METHOD",
-           "run_client", "run_open_client"]
+__all__ = ["ClientPlan", "ClientReport", "INFER_METHOD", "LoadError", "OpenLoopPlan", "OpenLoopReport",
+           "STREAM_METHOD", "run_client", "run_client_processes", "run_open_client"]
 
 INFER_METHOD = "/splitexit.v1.SplitInference/Infer"
 STREAM_METHOD = "/splitexit.v1.SplitInference/InferStream"
@@ -299,3 +299,71 @@ def run_open_client(plan: OpenLoopPlan, barrier: Any, go: Any, window: Any, resu
     except BaseException as exc:
         results.put(f"{type(exc).__name__}: {exc}")
         raise
+
+
+# --- the processes ------------------------------------------------------------------------
+class LoadError(RuntimeError):
+    """A client process did not start, failed, or did not report."""
+
+
+def run_client_processes(target: Callable[..., None], plans: Sequence[Any], *, warmup_s: float, duration_s: float,
+                         during: Callable[[], Any] | None = None) -> tuple[list[Any], tuple[Any, Any]]:
+    """One process per plan running `target` (`run_client` or `run_open_client`): once all
+    are connected, the window opens `warmup_s` later for `duration_s`; returns their
+    reports and what `during()` returned at the window's start and at its end (None
+    without it). Raises LoadError."""
+    import multiprocessing
+    import threading
+    from queue import Empty
+
+    mp = multiprocessing.get_context("spawn")
+    barrier, go, window, results = mp.Barrier(len(plans) + 1), mp.Event(), mp.Array("d", 2), mp.Queue()
+    procs = [mp.Process(target=target, name=f"bench-client-{c}", args=(plan, barrier, go, window, results),
+                        daemon=True) for c, plan in enumerate(plans)]
+    for p in procs:
+        p.start()
+    try:
+        try:
+            barrier.wait(timeout=180)  # every client connected and answered once
+        except threading.BrokenBarrierError:
+            raise LoadError(f"client processes did not start: {_drain(results) or 'no report'}") from None
+        start = time.time() + warmup_s
+        window[0], window[1] = start, start + duration_s
+        go.set()
+        _sleep_until(start)
+        first = during() if during else None
+        _sleep_until(start + duration_s)
+        last = during() if during else None
+        reports = []
+        for _ in procs:
+            try:
+                got = results.get(timeout=120)
+            except Empty:
+                raise LoadError("a client process did not report") from None
+            if isinstance(got, str):
+                raise LoadError(f"a client process failed: {got}")
+            reports.append(got)
+        for p in procs:
+            p.join(30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return reports, (first, last)
+
+
+def _sleep_until(t: float) -> None:
+    while (left := t - time.time()) > 0:
+        time.sleep(min(left, 0.05))
+
+
+def _drain(results: Any) -> str:
+    from queue import Empty
+
+    texts = []
+    while True:
+        try:
+            texts.append(str(results.get(timeout=1)))
+        except Empty:
+            return "; ".join(texts)

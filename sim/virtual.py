@@ -40,8 +40,8 @@ import numpy as np
 
 from splitexit.sim.link import Outage
 
-__all__ = ["CloudModel", "EdgeModel", "FleetModel", "LinkModel", "Scenario", "VirtualResult", "fewest_workers",
-           "load_scenario", "simulate_fleet"]
+__all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkModel", "Scenario", "VirtualResult",
+           "fewest_workers", "load_scenario", "requests", "simulate_fleet"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,20 +228,27 @@ def _arrivals(fleet: FleetModel, rng: np.random.Generator) -> np.ndarray:
     return np.cumsum(gaps, axis=1)
 
 
+def requests(scenario: Scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Every request of the scenario, devices in rows, flattened: when it is sent (ms),
+    whether the device answers it, and (when the network decides) whether that answer is
+    right. The simulator and the live harness (`fleet_live`) both draw them here, so a
+    seed means the same requests both ways."""
+    rng = np.random.default_rng(scenario.seed)
+    sent = _arrivals(scenario.fleet, rng).ravel()
+    draws = rng.random(len(sent))  # drawn either way: the same seed gives the same arrivals and draws
+    if not scenario.edge.bundle:
+        return sent, draws < scenario.edge.on_device_share, None
+    decided, right = network_decisions(scenario.edge.bundle, scenario.edge.data)
+    sample = np.arange(len(sent)) % len(decided)
+    return sent, decided[sample], right[sample]
+
+
 def simulate_fleet(scenario: Scenario) -> VirtualResult:
     """Run the scenario; the same scenario (seed included) gives the same result, bit for bit."""
-    rng = np.random.default_rng(scenario.seed)
-    fleet, edge, link, cloud = scenario.fleet, scenario.edge, scenario.link, scenario.cloud
-    sent = _arrivals(fleet, rng).ravel()
+    edge, link, cloud = scenario.edge, scenario.link, scenario.cloud
+    sent, on_device, correct = requests(scenario)
+    fleet = scenario.fleet
     n = len(sent)
-    draws = rng.random(n)  # drawn either way: the same seed gives the same arrivals and draws
-    correct = None
-    if edge.bundle:
-        decided, right = network_decisions(edge.bundle, edge.data)
-        sample = np.arange(n) % len(decided)
-        on_device, correct = decided[sample], right[sample]
-    else:
-        on_device = draws < edge.on_device_share
     done = np.empty(n)
     route = np.zeros(n, dtype=np.int8)
     done[on_device] = sent[on_device] + edge.edge_ms
@@ -528,7 +535,7 @@ def cmd_virtual(args: Any) -> None:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if args.seed is not None:
-        scenario = Scenario(**{**scenario.__dict__, "seed": args.seed})
+        scenario = replace(scenario, seed=args.seed)
     f = scenario.fleet
     print(f"{scenario.name}: {f.devices:,} devices x {f.requests} requests ({f.devices * f.requests:,}), "
           f"{scenario.cloud.workers} worker(s), seed {scenario.seed}")

@@ -52,7 +52,7 @@ def test_the_same_scenario_and_seed_give_the_same_result_bit_for_bit() -> None:
     a, b = simulate_fleet(scenario), simulate_fleet(scenario)
     assert a.report(2) == b.report(2)
     assert a.done_ms.tobytes() == b.done_ms.tobytes() and a.route.tobytes() == b.route.tobytes()
-    other = simulate_fleet(Scenario(**{**scenario.__dict__, "seed": 8}))
+    other = simulate_fleet(replace(scenario, seed=8))
     assert other.done_ms.tobytes() != a.done_ms.tobytes()
 
 

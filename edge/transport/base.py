@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 from splitexit.proto import inference_pb2 as pb
 from splitexit.status import STATUS_CODES, status_name
 
-__all__ = ["SERVING", "OffloadError", "Transport", "check_timeout", "dns_name"]
+__all__ = ["SERVING", "OffloadError", "Transport", "check_timeout", "dns_name", "is_loopback"]
 
 SERVING = "SERVING"
 class OffloadError(Exception):
@@ -87,3 +87,10 @@ def dns_name(target: str) -> str | None:
         if not sep:
             return ""
     return rest
+
+
+def is_loopback(target: str) -> bool:
+    """A worker address on this machine ("127.x", "localhost", "::1", also behind "dns:"
+    or "ipv4:")."""
+    host = (dns_name(target) or target.removeprefix("ipv4:")).rsplit(":", 1)[0].strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from splitexit.edge.transport.base import OffloadError, check_timeout, dns_name
+from splitexit.edge.transport.base import OffloadError, check_timeout, is_loopback
 from splitexit.proto import inference_pb2 as pb
 from splitexit.tls import check_key_pair, check_pem
 
@@ -159,7 +159,7 @@ class GrpcTransport:
         self._health_stub: Any = None
         self._metadata: tuple[tuple[str, str], ...] = ()
         if self.config.token is not None:
-            if self.config.tls is None and not _is_loopback(target):
+            if self.config.tls is None and not is_loopback(target):
                 log.warning("sending a bearer token to %s without TLS", target)
             self._metadata = (("authorization", f"Bearer {self.config.token}"),)
 
@@ -224,8 +224,3 @@ class GrpcTransport:
         channel, self._channel, self._stub, self._health_stub = self._channel, None, None, None
         if channel is not None and self._loop is asyncio.get_running_loop():
             await channel.close(grace=None)
-
-
-def _is_loopback(target: str) -> bool:
-    host = (dns_name(target) or target.removeprefix("ipv4:")).rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")

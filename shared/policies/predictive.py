@@ -307,7 +307,9 @@ def simulate_predictive(policy: Predictive, probs: np.ndarray,
         raise PolicyError(f"need cached outputs [K={policy.num_exits}, N, C], got shape {p.shape}")
     sub = policy.restricted()
     out = simulate(sub, p[policy.l0:], sub.ladder(), labels)
-    return Outcome(out.exit_index + policy.l0, out.label, out.cost, out.head_evals, out.correct, out.extra)
+    answer_exit = None if out.answer_exit is None else out.answer_exit + policy.l0
+    return Outcome(out.exit_index + policy.l0, out.label, out.cost, out.head_evals, out.correct, out.extra,
+                   answer_exit)
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,12 @@ class BenchContext:
 
         return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                 "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a worker process told to listen there)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

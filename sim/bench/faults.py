@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from splitexit.cli import CliError
-from splitexit.sim.bench.common import BenchContext, log
+from splitexit.sim.bench.common import BenchContext, free_port, log
 
 HELP = "nothing lost and fast recovery through worker outages, partitions, interrupted runs and overload"
 SCENARIO_GROUPS = ("outages", "partition", "interrupted", "spool", "overload")
@@ -67,12 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="niceness added to the overload's client processes (default: %(default)s)")
     parser.add_argument("--overload-seconds", type=float, default=0.0,
                         help="measured seconds per load level (default 10; 2 with --quick)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Feeder:
@@ -127,7 +120,7 @@ async def _scenario(bundle: Path, images: np.ndarray, *, kind: str, seconds: flo
     from splitexit.sim.link import LinkProfile, LinkProxy
     from splitexit.sim.live import WorkerProcess
 
-    port = _free_port()
+    port = free_port()
     worker = WorkerProcess([bundle], port=port)
     await worker.start()
     try:
@@ -218,7 +211,7 @@ async def _spool_bitflip(bundle: Path, images: np.ndarray, workdir: Path) -> dic
     inputs, spool = workdir / "inputs.npy", workdir / "spool"
     np.save(inputs, images)
     first = await asyncio.to_thread(_cli, "edge", "run", str(bundle), "--input", str(inputs), "--worker",
-                                    f"127.0.0.1:{_free_port()}", "--spool", str(spool), "--out",
+                                    f"127.0.0.1:{free_port()}", "--spool", str(spool), "--out",
                                     str(workdir / "degraded.jsonl"), "--batch-size", "8", "--request-timeout-ms", "300")
     if first.returncode != 0:
         raise RuntimeError(f"the spooling run failed: {first.stderr[-1000:]}")

@@ -18,7 +18,6 @@ resident memory (VmRSS) and peak (VmHWM) before and after.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -27,13 +26,13 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty
 from typing import Any, Sequence
 
 import numpy as np
 
-from splitexit.sim.bench.common import log
-from splitexit.sim.loadgen import ClientPlan, ClientReport, OpenLoopPlan, OpenLoopReport, run_client, run_open_client
+from splitexit.sim.bench.common import free_port, log
+from splitexit.sim.loadgen import (ClientPlan, ClientReport, OpenLoopPlan, OpenLoopReport, run_client,
+                                  run_client_processes, run_open_client)
 
 __all__ = ["OverloadSettings", "measure_overload"]
 
@@ -124,65 +123,20 @@ def _drain(stream: Any) -> None:
         pass
 
 
-def _run_clients(target: Any, plans: Sequence[Any], warmup_s: float, duration_s: float,
-                 during: Any = None) -> tuple[list[Any], Any]:
-    """Start one process per plan, open the window once all are connected, collect their
-    reports; `during()` is called at the window's start and end (its two results returned)."""
-    mp = multiprocessing.get_context("spawn")
-    barrier, go, window, results = mp.Barrier(len(plans) + 1), mp.Event(), mp.Array("d", 2), mp.Queue()
-    procs = [mp.Process(target=target, args=(plan, barrier, go, window, results), daemon=True) for plan in plans]
-    for p in procs:
-        p.start()
-    try:
-        barrier.wait(timeout=180)
-        start = time.time() + warmup_s
-        window[0], window[1] = start, start + duration_s
-        go.set()
-        time.sleep(max(0.0, start - time.time()))
-        first = during() if during else None
-        time.sleep(max(0.0, start + duration_s - time.time()))
-        last = during() if during else None
-        reports = []
-        for _ in procs:
-            try:
-                got = results.get(timeout=120)
-            except Empty:
-                raise RuntimeError("a client process did not report") from None
-            if isinstance(got, str):
-                raise RuntimeError(f"a client process failed: {got}")
-            reports.append(got)
-        for p in procs:
-            p.join(30)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    return reports, (first, last)
-
-
 def _p(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def measure_overload(bundle: Path, payloads: Sequence[bytes], s: OverloadSettings) -> dict[str, Any]:
     """Capacity, then each factor of it; `payloads`: serialized InferRequests of `s.rows` rows."""
     cores = os.cpu_count() or 1
     per_client = [tuple(payloads[c::s.clients]) for c in range(s.clients)]
-    worker = _Worker(bundle, _free_port(), s.worker_threads, s.worker_args)
+    worker = _Worker(bundle, free_port(), s.worker_threads, s.worker_args)
     try:
         point = lambda: (time.monotonic(), worker.cpu_s(), worker.counts())  # noqa: E731
         inflight = max(1, s.capacity_rows // (s.rows * s.clients))
         plans = [ClientPlan(worker.address, p, inflight, timeout_s=30.0, nice=s.client_nice) for p in per_client]
-        reports, _ = _run_clients(run_client, plans, s.warmup_s, s.duration_s)
+        reports, _ = run_client_processes(run_client, plans, warmup_s=s.warmup_s, duration_s=s.duration_s)
         closed: list[ClientReport] = reports
         capacity = sum(r.rows for r in closed) / s.duration_s
         latencies = [x for r in closed for x in r.latencies_ms]
@@ -198,7 +152,8 @@ def measure_overload(bundle: Path, payloads: Sequence[bytes], s: OverloadSetting
             open_plans = [OpenLoopPlan(worker.address, p, rate, s.rows, timeout_s=s.timeout_s, nice=s.client_nice,
                                        seed=c) for c, p in enumerate(per_client)]
             opened: list[OpenLoopReport]
-            opened, (first, last) = _run_clients(run_open_client, open_plans, s.warmup_s, s.duration_s, point)
+            opened, (first, last) = run_client_processes(run_open_client, open_plans, warmup_s=s.warmup_s,
+                                                                duration_s=s.duration_s, during=point)
             time.sleep(s.timeout_s + 0.5)  # the window's last requests end (or expire) at the worker too
             after = worker.counts()
             delta = {c: after.get(c, 0.0) - first[2].get(c, 0.0) for c in after}

@@ -38,7 +38,6 @@ exit heads and computes exactly the bare tail; `--route policy` keeps the edge's
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -47,7 +46,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from queue import Empty
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -65,7 +63,7 @@ from splitexit.runtime import Pending, RowState
 from splitexit.sim.bench.common import BenchContext, add_untrained_argument, log
 from splitexit.sim.bench.serving import (SplitBundle, WorkerThread, add_bundle_arguments, last_stages_split,
                                          pending_rows, split_bundle)
-from splitexit.sim.loadgen import ClientPlan, ClientReport, run_client
+from splitexit.sim.loadgen import ClientPlan, ClientReport, LoadError, run_client, run_client_processes
 
 HELP = "cloud worker samples/s through gRPC vs the bare tail in torch (ratio), latency, batch sizes"
 REQUESTS_PER_CLIENT = 64  # distinct prebuilt requests each client cycles through
@@ -273,63 +271,17 @@ class ServedRun:
     window_s: float
 
 
-def _sleep_until(t: float) -> None:
-    while (left := t - time.time()) > 0:
-        time.sleep(min(left, 0.05))
-
-
 def served_run(worker: WorkerThread, model: str, payloads: Sequence[Sequence[bytes]], s: Settings) -> ServedRun:
     """Start the client processes, open the window once all are connected, collect."""
-    mp = multiprocessing.get_context("spawn")
-    barrier = mp.Barrier(s.clients + 1)
-    go = mp.Event()
-    window = mp.Array("d", 2)
-    results = mp.Queue()
-    procs = [mp.Process(target=run_client, name=f"bench-client-{c}", daemon=True,
-                        args=(ClientPlan(worker.address, tuple(payloads[c]), s.inflight, nice=s.client_nice,
-                                         stream=s.stream),
-                              barrier, go, window, results))
+    plans = [ClientPlan(worker.address, tuple(payloads[c]), s.inflight, nice=s.client_nice, stream=s.stream)
              for c in range(s.clients)]
-    for p in procs:
-        p.start()
     try:
-        try:
-            barrier.wait(timeout=180)  # every client connected and answered once
-        except threading.BrokenBarrierError:
-            raise CliError(f"client processes did not start: {_drain(results) or 'no report'}") from None
-        start = time.time() + s.warmup_s
-        window[0], window[1] = start, start + s.duration_s
-        go.set()
-        _sleep_until(start)
-        before = _metrics_point(worker, model)
-        _sleep_until(start + s.duration_s)
-        after = _metrics_point(worker, model)
-        reports: list[ClientReport] = []
-        for _ in procs:
-            try:
-                got = results.get(timeout=120)
-            except Empty:
-                raise CliError("a client process did not report") from None
-            if not isinstance(got, ClientReport):
-                raise CliError(f"a client process failed: {got}")
-            reports.append(got)
-        for p in procs:
-            p.join(30)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+        reports, (before, after) = run_client_processes(run_client, plans, warmup_s=s.warmup_s,
+                                                        duration_s=s.duration_s,
+                                                        during=lambda: _metrics_point(worker, model))
+    except LoadError as exc:
+        raise CliError(str(exc)) from None
     return ServedRun(reports, before, after, s.duration_s)
-
-
-def _drain(results: Any) -> str:
-    texts = []
-    while True:
-        try:
-            texts.append(str(results.get(timeout=1)))
-        except Empty:
-            return "; ".join(texts)
 
 
 # --- the benchmark ----------------------------------------------------------------------

@@ -61,6 +61,7 @@ class Parsed:
     want_probabilities: bool = False
     top_k: int = 0
     body: "Body | None" = None  # feature and policy state still to decode (in the compute thread)
+    split: int = -1  # the stage the feature is the output of; -1: the run starts from the raw input
 
     @property
     def row_state(self) -> RowState:
@@ -108,40 +109,41 @@ def _feature_header(tensor: pb.Tensor, rows: int, limits: ServiceLimits) -> Enco
     return header
 
 
-def _decode_feature(tensor: EncodedTensor, model: "ServedModel") -> torch.Tensor:
-    """A feature whose header was checked (`_feature_header`), decoded: the model's shape,
-    finite values."""
+def _decode_feature(tensor: EncodedTensor, model: "ServedModel", split: int) -> torch.Tensor:
+    """A feature whose header was checked (`_feature_header`), decoded: the model's shape
+    at `split`, finite values."""
     try:
-        return torch.from_numpy(decode(tensor, expect_shape=model.bundle.feature_shape))
+        return torch.from_numpy(decode(tensor, expect_shape=model.bundle.manifest.feature_shapes[split]))
     except CodecError as exc:
         raise RequestError("INVALID_ARGUMENT", f"feature: {exc}") from None
 
 
 def _decode_state(received: "Mapping[str, EncodedTensor | pb.Tensor]", model: ServedModel, rows: int, *,
-                  raw_start: bool) -> RowState:
-    """The policy state of `rows` rows: decoded and checked, or fresh when none was sent."""
+                  split: int) -> RowState:
+    """The policy state of `rows` rows arriving after stage `split` (-1: raw input):
+    decoded and checked, or fresh when none was sent."""
     if not received:
-        return model.fresh_state(rows, raw_start=raw_start)
+        return model.fresh_state(rows, split=split)
     try:
         entries = decode_policy_state(received, model.spec, rows=rows)
     except StateError as exc:
         raise RequestError("INVALID_ARGUMENT", str(exc)) from None
     # optional entries left out: the worker's own start values
     state = RowState.from_wire(entries, model.runner.initial_state(rows))
-    _check_runtime_state(state, model, raw_start=raw_start)
+    _check_runtime_state(state, model, split=split)
     return state
 
 
-def _check_runtime_state(state: RowState, model: ServedModel, *, raw_start: bool) -> None:
+def _check_runtime_state(state: RowState, model: ServedModel, *, split: int) -> None:
     """The runtime's entries of received state hold values it can use (the messages name
     them as on the wire)."""
-    lo = 0 if raw_start else model.first_cloud
+    lo = model.first_cloud(split)
     hi = model.runner.num_exits - 1
     nxt = state.next_exit
     if len(nxt) and not bool(((nxt >= lo) & (nxt <= hi)).all()):
         bad = int(nxt[(nxt < lo) | (nxt > hi)][0])
         raise RequestError("INVALID_ARGUMENT", f"policy state {NEXT_EXIT} = {bad}: the next exit must be a ladder "
-                                               f"index in {lo}..{hi} on this side of split {model.bundle.split}")
+                                               f"index in {lo}..{hi} on this side of split {split}")
     if bool((state.evaluated < 0).any()):
         raise RequestError("INVALID_ARGUMENT", f"policy state {EVALUATED} must be >= 0")
     if not bool(((state.best_exit >= -1) & (state.best_exit < model.own_exits)).all()):
@@ -192,9 +194,9 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
         raise RequestError("INVALID_ARGUMENT", "the request carries neither a feature nor raw input")
     header = feature = None
     if has_feature:
-        if request.split != model.bundle.split:
+        if request.split not in model.splits:
             raise RequestError("NOT_FOUND", f"split point {request.split} is not served for model {model.name}; "
-                                            f"served: [{model.bundle.split}]")
+                                            f"served: {list(model.splits)}")
         header = _feature_header(request.feature, rows, limits)
     if len(request.edge_exits) not in (0, rows):
         raise RequestError("INVALID_ARGUMENT", f"{len(request.edge_exits)} edge_exits for {rows} rows (0 or one per row)")
@@ -203,8 +205,8 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
             batch_key = (model.name, model.hash, "feature", request.split, request.feature.dtype, header.shape[1:])
             return Parsed(model=model, request_id=request.request_id, sample_ids=tuple(request.sample_ids), rows=rows,
                           feature=None, state=None, key=batch_key, want_probabilities=request.want_probabilities,
-                          top_k=request.top_k, body=Body(header, request.policy_state))
-        feature = _decode_feature(header, model)
+                          top_k=request.top_k, body=Body(header, request.policy_state), split=request.split)
+        feature = _decode_feature(header, model, request.split)
     raw_format = raw_items = None
     if has_raw:
         raw = request.raw_input
@@ -221,20 +223,21 @@ def parse_request(request: pb.InferRequest, models: Mapping[tuple[str, str], Ser
                                                    f"{limits.max_raw_item_bytes} bytes")
         raw_format, raw_items = raw.format, tuple(raw.items)
     raw_start = feature is None
-    state = _decode_state(request.policy_state, model, rows, raw_start=raw_start)
+    split = -1 if raw_start else request.split
+    state = _decode_state(request.policy_state, model, rows, split=split)
     # Raw input alone runs this network from stage 0 (edge weights needed), except for rows
     # already bound for the larger network (an edge-side escalation), which go straight there.
     if raw_start and not model.can_start_raw and not bool((state.next_exit >= model.own_exits).all()):
         raise RequestError("FAILED_PRECONDITION", f"this worker has no edge weights for {model.name}: it cannot "
-                                                  f"run it from raw input; send the feature at split "
-                                                  f"{model.bundle.split}")
+                                                  f"run it from raw input; send the feature at a split "
+                                                  f"of {list(model.splits)}")
     if feature is None:
         key: Hashable = (model.name, model.hash, "raw")
     else:
         key = (model.name, model.hash, "feature", request.split, request.feature.dtype, tuple(feature.shape[1:]))
     return Parsed(model=model, request_id=request.request_id, sample_ids=tuple(request.sample_ids), rows=rows,
                   feature=feature, state=state, key=key, raw_format=raw_format, raw_items=raw_items,
-                  want_probabilities=request.want_probabilities, top_k=request.top_k)
+                  want_probabilities=request.want_probabilities, top_k=request.top_k, split=split)
 
 
 def decode_bodies(model: "ServedModel", items: Sequence[Parsed]) -> list[Parsed | RequestError]:
@@ -256,8 +259,8 @@ def decode_bodies(model: "ServedModel", items: Sequence[Parsed]) -> list[Parsed 
 def _decode_one(model: "ServedModel", item: Parsed) -> Parsed | RequestError:
     assert item.body is not None
     try:
-        feature = _decode_feature(item.body.feature, model)
-        state = _decode_state(item.body.policy_state, model, item.rows, raw_start=False)
+        feature = _decode_feature(item.body.feature, model, item.split)
+        state = _decode_state(item.body.policy_state, model, item.rows, split=item.split)
     except RequestError as exc:
         return exc
     return replace(item, feature=feature, state=state, body=None)
@@ -268,19 +271,20 @@ def _decode_merged(model: "ServedModel", items: Sequence[Parsed]) -> list[Parsed
     state cannot be merged (differing names or layouts). Features that cannot be
     merged (each int8 request has its own quantization) decode one by one."""
     bodies = [item.body for item in items if item.body is not None]
+    split = items[0].split  # one batching key: one split
     counts = [item.rows for item in items]
     total = sum(counts)
     try:
         try:
-            features = _decode_feature(_concat([b.feature for b in bodies], total), model).split(counts)
+            features = _decode_feature(_concat([b.feature for b in bodies], total), model, split).split(counts)
         except _Unmergeable:
-            features = tuple(_decode_feature(b.feature, model) for b in bodies)
+            features = tuple(_decode_feature(b.feature, model, split) for b in bodies)
         names = set(bodies[0].policy_state)
         if any(set(b.policy_state) != names for b in bodies):
             return None
         received = {name: _concat([EncodedTensor.from_proto(b.policy_state[name]) for b in bodies], total)
                     for name in names}
-        state = _decode_state(received, model, total, raw_start=False)
+        state = _decode_state(received, model, total, split=split)
     except (RequestError, CodecError, _Unmergeable):
         return None
     return [replace(item, feature=features[j], state=piece, body=None)

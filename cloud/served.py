@@ -62,7 +62,7 @@ class ServedModel:
     def __post_init__(self) -> None:
         self.spec = state_spec(self.runner)
         self.own_exits = len(self.runner.exit_stages)  # ladder exits of this network, final head included
-        self.first_cloud = len(self.bundle.manifest.edge_exits)  # ladder index of the first tail exit
+        self.splits = self.bundle.manifest.cloud_splits  # the cuts whose features this worker takes
         self.num_classes = len(self.bundle.classes)
         self._mean = torch.tensor(self.bundle.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(self.bundle.std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -101,28 +101,33 @@ class ServedModel:
     def model_spec(self) -> pb.ModelSpec:
         return pb.ModelSpec(
             name=self.name, bundle_hash=self.hash, arch=self.bundle.manifest.model.arch,
-            splits=[pb.SplitPoint(split=self.bundle.split, feature_shape=self.bundle.feature_shape)],
+            splits=[pb.SplitPoint(split=s, feature_shape=self.bundle.manifest.feature_shapes[s]) for s in self.splits],
             input_shape=self.bundle.input_shape, classes=self.bundle.classes, codecs=CODECS,
             raw_formats=self.raw_formats,
         )
 
-    def fresh_state(self, rows: int, *, raw_start: bool) -> RowState:
-        """State of rows that arrive without any: the policy starts at the first exit it
-        would evaluate on this side."""
+    def first_cloud(self, split: int) -> int:
+        """Ladder index of the first exit after `split` (-1: raw input, the first exit)."""
+        return len(self.bundle.manifest.exits_through(split))
+
+    def fresh_state(self, rows: int, *, split: int) -> RowState:
+        """State of rows that arrive after stage `split` (-1: raw input) without any: the
+        policy starts at the first exit it would evaluate on this side."""
         state = self.runner.initial_state(rows)
-        if not raw_start:
-            state.next_exit = np.maximum(state.next_exit, self.first_cloud)
+        if split >= 0:
+            state.next_exit = np.maximum(state.next_exit, self.first_cloud(split))
         return state
 
     def warm_up(self) -> None:
         """Run the tail (and the larger network) once on a dummy row: first-call costs
         (allocator, kernels, lazy init) are paid before the worker says SERVING."""
-        feature = torch.zeros(1, *self.bundle.feature_shape)
-        item = Parsed(model=self, request_id="warm-up", sample_ids=("0",), rows=1, feature=feature,
-                      state=self.fresh_state(1, raw_start=False), key=("warm-up",))
-        out = self.run_batch([item])[0]
-        if isinstance(out, Exception):
-            raise out
+        for split in self.splits:
+            feature = torch.zeros(1, *self.bundle.manifest.feature_shapes[split])
+            item = Parsed(model=self, request_id="warm-up", sample_ids=("0",), rows=1, feature=feature,
+                          state=self.fresh_state(1, split=split), key=("warm-up", split), split=split)
+            out = self.run_batch([item])[0]
+            if isinstance(out, Exception):
+                raise out
         if self.bundle.large is not None:
             with torch.inference_mode():
                 self.bundle.large(torch.zeros(1, *self.bundle.input_shape))
@@ -202,7 +207,7 @@ class ServedModel:
         # runner sends them on arrival); those without raw input cannot: they run this
         # network's remaining exits instead, degraded.
         stuck = (state.next_exit >= self.own_exits) & ~has_raw
-        state.next_exit[stuck] = self.first_cloud
+        state.next_exit[stuck] = self.first_cloud(items[0].split)
         degraded |= stuck
 
         def larger_input(rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
@@ -225,7 +230,7 @@ class ServedModel:
                 return np.empty(0, dtype=np.int64), torch.empty(0)
             return np.concatenate(have), torch.cat(xs)
 
-        start = 0 if raw_start else self.bundle.split + 1
+        start = 0 if raw_start else items[0].split + 1
         result = self.runner.run(x, start=start, state=state, rows=np.arange(n), larger_input=larger_input)
         merged = result.merged()
         if merged is not None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 from splitexit.edge.answering import AnswerMaker
 from splitexit.edge.config import AgentConfig
 from splitexit.edge.head import EdgeHead, Offload, Prepared
+from splitexit.edge.replan import SplitChooser
 from splitexit.edge.results import Answer
 from splitexit.edge.spool import Spool
 from splitexit.edge.trace import TRACE_VERSION, TraceWriter
@@ -73,7 +74,12 @@ class EdgeAgent:
         self.spool = Spool(spool) if isinstance(spool, (str, Path)) else spool
         self.trace = TraceWriter(trace) if isinstance(trace, (str, Path)) else trace
         self.head = EdgeHead(bundle, self.config, self._limits, engine)  # the head's run and the requests it leaves
-        self.link = LinkEstimator()  # the uplink as this agent's own offloads see it (for re-planning)
+        # where to cut: `split` (the bundle's first; any of its splits), or re-planned online
+        self.split = bundle.split
+        self.chooser = (SplitChooser(bundle.manifest, config.replan, self.head.codec)
+                        if config.replan is not None else None)
+        # the uplink as this agent's own offloads see it (for re-planning)
+        self.link = self.chooser.link if self.chooser is not None else LinkEstimator()
         self._answered_offloads = 0
         self.answering = AnswerMaker(bundle, self.config)  # rows' answers: edge, cloud or degraded
         self._seq = 0
@@ -115,7 +121,9 @@ class EdgeAgent:
         else:
             ids = [str(s) for s in sample_ids]
         self._seq += n
-        prepared: Prepared = await self._compute(self.head.prepare, inputs, ids)
+        chooser = self.chooser
+        split = chooser.split_for_batch() if chooser is not None else self.split
+        prepared: Prepared = await self._compute(self.head.prepare, inputs, ids, split)
         budget = budget_ms if budget_ms is not None else self.config.latency_budget_ms
         route = {"edge": 0, "cloud": 0, "degraded": 0}
         reasons: dict[str, int] = {}
@@ -134,6 +142,8 @@ class EdgeAgent:
                 reasons[answer.reason] = reasons.get(answer.reason, 0) + 1
             if answer.worker:
                 workers.add(answer.worker)
+            if chooser is not None and answer.route != "degraded":
+                chooser.observe_answer(answer.exit, answer.network == self.bundle.name)
             return position, answer
 
         now = elapsed_ms()
@@ -172,7 +182,8 @@ class EdgeAgent:
                                "encode": round(prepared.encode_ms, 3), "offload": round(offload_ms, 3),
                                "total": round(elapsed_ms(), 3)},
                 "workers": sorted(workers), "offloads": [o.record for o in prepared.offloads],
-                "link": _link_record(self.link),
+                "link": _link_record(self.link), "split": split,
+                **({"plan": chooser.record()} if chooser is not None else {}),
             })
 
     async def _offload(self, offload: Offload, budget_ms: float | None,

@@ -99,6 +99,15 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
                      help="ONNX Runtime intra-op threads (default: %(default)s)")
     run.add_argument("--probabilities", type=int, nargs="?", const=0, default=None, metavar="K",
                      help="write each answer's class probabilities (the K most probable; all without K)")
+    run.add_argument("--split", type=int, metavar="S",
+                     help="cut after stage S, one of the bundle's split points (default: its first)")
+    run.add_argument("--replan", action="store_true",
+                     help="move the cut among the bundle's split points as the link changes (needs "
+                          "--device-profile; the bundle must allow several splits: export --splits)")
+    run.add_argument("--device-profile", type=Path, metavar="FILE",
+                     help="this device's times (`splitexit profile`), for --replan")
+    run.add_argument("--cloud-profile", type=Path, metavar="FILE",
+                     help="the worker's times, for --replan (default: its compute counted as 0)")
     run.set_defaults(func=cmd_run)
 
     refine = cmds.add_parser("refine", help="resend spooled offloads; their answers as updates (JSON lines)")
@@ -207,10 +216,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundle, engine = open_edge(args.bundle, args.engine, threads=args.engine_threads)
     note = share_cores(args, engine)  # printed once the arguments have all been accepted
     codec = args.codec or bundle.codec
+    if args.split is not None and args.split not in bundle.splits:
+        raise CliError(f"--split {args.split}: the bundle allows {list(bundle.splits)}")
     config = AgentConfig(codec=codec, latency_budget_ms=args.latency_budget_ms,
                          request_timeout_ms=args.request_timeout_ms, engine=args.engine,
                          engine_threads=args.engine_threads, want_probabilities=args.probabilities is not None,
-                         top_k=args.probabilities or 0)
+                         top_k=args.probabilities or 0, replan=_replan_config(args, bundle))
     inputs = load_inputs(args.input, bundle.input_shape, resize=args.resize)
     writer = ResultWriter(args.out, run=bundle.hash)  # checked (and a partial run found) before any answer
     todo = inputs.without(writer.done)
@@ -272,12 +283,44 @@ def labelled_accuracy(results: Path, labels: "Mapping[str, str]", classes: Seque
     return (correct, counted) if counted else None
 
 
+def _replan_config(args: argparse.Namespace, bundle: Any) -> Any:
+    """--replan's config from the profiles, checked against the bundle (None without --replan)."""
+    from splitexit.edge.replan import ReplanConfig
+    from splitexit.profile import ProfileError, load_profile
+
+    if not args.replan:
+        if args.device_profile or args.cloud_profile:
+            raise CliError("--device-profile and --cloud-profile are for --replan")
+        return None
+    if args.device_profile is None:
+        raise CliError("--replan needs --device-profile FILE (`splitexit profile BUNDLE --out FILE`)")
+    if len(bundle.splits) < 2:
+        raise CliError(f"--replan: the bundle allows one split ({bundle.split}); export it with --splits")
+    times = []
+    for path in (args.device_profile, args.cloud_profile):
+        if path is None:
+            times.append(None)
+            continue
+        try:
+            profile = load_profile(path)
+        except ProfileError as exc:
+            raise CliError(str(exc)) from None
+        if profile.arch != bundle.manifest.arch:
+            raise CliError(f"{path} profiles {profile.arch}, the bundle's network is {bundle.manifest.arch}")
+        times.append(profile.at(1))
+    return ReplanConfig(device=times[0], cloud=times[1])
+
+
 async def _run(args: argparse.Namespace, loaded: tuple[Any, Any], config: Any, inputs: Any, transport: Any,
                writer: Any, trace: Any) -> dict[str, int]:
     from splitexit.edge.agent import EdgeAgent
 
     bundle, engine = loaded
     agent = EdgeAgent(bundle, transport, config=config, spool=args.spool, trace=trace, engine=engine)
+    if args.split is not None:
+        agent.split = args.split
+        if agent.chooser is not None:
+            agent.chooser.split = args.split
     counts = {"edge": 0, "cloud": 0, "degraded": 0}
     browser = None
     try:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from splitexit.codec import CODECS
+
+if TYPE_CHECKING:
+    from splitexit.edge.replan import ReplanConfig
 
 __all__ = ["REQUEST_OVERHEAD", "AgentConfig"]
 
@@ -44,6 +48,9 @@ class AgentConfig:
     # when it has them, else torch; and ONNX Runtime's intra-op threads.
     engine: str = "auto"
     engine_threads: int = 1
+    # Move the cut among the bundle's split points as the link changes (`edge.replan`);
+    # None keeps the bundle's split.
+    replan: "ReplanConfig | None" = None
 
     def __post_init__(self) -> None:
         if self.codec is not None and self.codec not in CODECS:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class OnnxEngine:
     """A bundle's edge segments in ONNX Runtime sessions (see the module docstring)."""
 
     def __init__(self, bundle_path: str | Path, segments: Sequence[OnnxSegment], *, exits: Sequence[int],
-                 input_shape: Sequence[int], feature_shape: Sequence[int], threads: int = 1) -> None:
+                 input_shape: Sequence[int], feature_shapes: Mapping[int, Sequence[int]], threads: int = 1) -> None:
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -63,6 +63,7 @@ class OnnxEngine:
         self._exit_points = tuple(exits[:-1])
         self._num_stages = int(exits[-1]) + 1
         self._segments: dict[tuple[int, int], tuple[Any, bool]] = {}
+        self._chains: dict[tuple[int, int], list[tuple[Any, bool]]] = {}  # runs across several segments
         self._heads: dict[int, Any] = {}
         expected = tuple(input_shape)
         for segment in segments:
@@ -80,9 +81,14 @@ class OnnxEngine:
                                   f"before it gives {list(expected)}")
             self._segments[(segment.first, segment.last)] = (session, segment.head)
             expected = tuple(int(d) for d in session.get_outputs()[0].shape[1:])
-        if expected != tuple(feature_shape):
-            raise BundleError(f"{bundle_path}: the last ONNX segment gives features of shape {list(expected)}, "
-                              f"the manifest's split feature is {list(feature_shape)}")
+            want = feature_shapes.get(segment.last)
+            if want is not None and expected != tuple(want):
+                raise BundleError(f"{file}: gives features of shape {list(expected)}, the manifest's feature "
+                                  f"at split {segment.last} is {list(want)}")
+        ends = {last for _, last in self._segments}
+        missing = sorted(set(feature_shapes) - ends)
+        if missing:
+            raise BundleError(f"{bundle_path}: no ONNX segment ends at split {missing[0]}")
 
     @property
     def num_stages(self) -> int:
@@ -95,9 +101,10 @@ class OnnxEngine:
     def advance(self, feature: np.ndarray, start: int, stop: int, *, head: bool,
                 rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         found = self._segments.get((start, stop))
-        if found is None:
-            raise BundleError(f"the bundle has no ONNX segment for stages {start}..{stop} "
-                              f"(it has {sorted(self._segments)})")
+        if found is None:  # a run across a split the policy has no exit at: a chain of segments
+            *before, found = self._chain(start, stop)
+            for session, _ in before:
+                feature = session.run(None, {"x": feature})[0]
         session, has_head = found
         outputs = session.run(None, {"x": feature})
         if not head:
@@ -106,6 +113,21 @@ class OnnxEngine:
             raise BundleError(f"the ONNX segment for stages {start}..{stop} has no exit head")
         probs = outputs[1]
         return outputs[0], probs if rows is None else probs[rows]
+
+    def _chain(self, start: int, stop: int) -> list[tuple[Any, bool]]:
+        chain = self._chains.get((start, stop))
+        if chain is None:
+            by_first = {first: (last, found) for (first, last), found in self._segments.items()}
+            chain, at = [], start
+            while at <= stop and at in by_first:
+                last, found = by_first[at]
+                chain.append(found)
+                at = last + 1
+            if at != stop + 1:
+                raise BundleError(f"the bundle has no ONNX segments for stages {start}..{stop} "
+                                  f"(it has {sorted(self._segments)})")
+            self._chains[(start, stop)] = chain
+        return chain
 
     def take(self, feature: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return feature[rows]
@@ -163,5 +185,5 @@ def open_edge(path: str | Path, engine: EngineName = "auto", *, threads: int = 1
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path}: bad policy in the manifest ({exc})") from exc
     onnx = OnnxEngine(path, manifest.onnx, exits=manifest.exits, input_shape=manifest.input_shape,
-                      feature_shape=manifest.feature_shape, threads=threads)
+                      feature_shapes=manifest.feature_shapes, threads=threads)
     return Bundle(Path(path), manifest, "edge", None, policy), onnx

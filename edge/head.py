@@ -77,7 +77,6 @@ class EdgeHead:
         self._mean = np.asarray(bundle.mean, dtype=np.float32).reshape(1, c, 1, 1)
         self._std = np.asarray(bundle.std, dtype=np.float32).reshape(1, c, 1, 1)
         self.exit_stages: tuple[int, ...] = bundle.manifest.exits
-        self._fallback_exit = bundle.split if bundle.split in bundle.manifest.edge_exits else None
         cascade = any(network != 0 for network in bundle.network)
         self._raw_with_features = cascade if config.raw_with_features is None else config.raw_with_features
 
@@ -135,15 +134,20 @@ class EdgeHead:
             groups.append(current)
         return groups
 
-    def prepare(self, inputs: Any, ids: Sequence[str]) -> Prepared:
+    def prepare(self, inputs: Any, ids: Sequence[str], split: int | None = None) -> Prepared:
+        """Run the head on a batch, cut after `split` (one of the bundle's splits; default
+        its first)."""
         from splitexit import wire
 
+        split = self.bundle.split if split is None else split
+        if split not in self.bundle.splits:
+            raise ValueError(f"split {split} is not one of the bundle's {list(self.bundle.splits)}")
         t0 = time.perf_counter()
         x, images = self._inputs(inputs)
         if len(ids) != len(x):
             raise ValueError(f"{len(ids)} sample ids for {len(x)} inputs")
         t1 = time.perf_counter()
-        result = self.runner.run(self.engine.from_array(x), stop=self.bundle.split)
+        result = self.runner.run(self.engine.from_array(x), stop=split)
         t2 = time.perf_counter()
         evaluated = [0] * len(x)
         edge = []
@@ -157,16 +161,16 @@ class EdgeHead:
         if pending is not None:
             state = pending.state
             missing = np.flatnonzero(state.best_exit < 0)
-            if len(missing) and self._fallback_exit is not None:
+            if len(missing) and split in self.exit_stages:
                 # No exit ran on these rows yet (a policy that skips heads): the exit at the
                 # split can still answer from the feature, should the cloud fail.
-                probs = self.engine.exit_probs(self._fallback_exit, self.engine.take(pending.feature, missing))
+                probs = self.engine.exit_probs(split, self.engine.take(pending.feature, missing))
                 # a copy: what the cloud receives stays what the edge's exits evaluated
                 state = replace(state, best_probs=state.best_probs.copy(), best_conf=state.best_conf.copy(),
                                 best_exit=state.best_exit.copy())
                 state.best_probs[missing] = probs
                 state.best_conf[missing] = probs.max(-1)
-                state.best_exit[missing] = self.exit_stages.index(self._fallback_exit)
+                state.best_exit[missing] = self.exit_stages.index(split)
             rows = pending.rows.tolist()
             self._note_fallbacks(rows, state, fallback, evaluated)
             per_row = encoded_bytes(self.codec, (1, *pending.feature.shape[1:]))  # type: ignore[arg-type]
@@ -182,7 +186,7 @@ class EdgeHead:
                 offloads.append(self._build(
                     "feature", [rows[g] for g in group], group_bytes=sum(row_bytes[g] for g in group),
                     feature=self.engine.take(pending.feature, index), state=pending.state.take(index),
-                    sample_ids=[ids[rows[g]] for g in group], codec=self.codec, **with_raw))
+                    sample_ids=[ids[rows[g]] for g in group], codec=self.codec, split=split, **with_raw))
         escalate = result.escalate
         if escalate is not None:
             rows = escalate.rows.tolist()

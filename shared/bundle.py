@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -43,8 +43,11 @@ class NotOnThisSide(torch.nn.Module):
         raise BundleError(f"{self.name} is not in the {self.part} part of the bundle")
 
 
-def on_edge(key: str, split: int) -> bool:
-    """Does this parameter (`stages.N...`, `exits.N...`, `head...`) belong to the edge part?"""
+def on_edge(key: str, split: int, last_stage: int | None = None) -> bool:
+    """Does this parameter (`stages.N...`, `exits.N...`, `head...`) belong to the edge part
+    of a cut after `split`? A cut at `last_stage` keeps everything on the edge."""
+    if last_stage is not None and split >= last_stage:
+        return True
     part, _, rest = key.partition(".")
     index = rest.partition(".")[0]
     return part in ("stages", "exits") and index.isdigit() and int(index) <= split
@@ -53,17 +56,24 @@ def on_edge(key: str, split: int) -> bool:
 def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *, split: int, policy: ExitPolicy,
                   input_shape: tuple[int, int, int], name: str = "", codec: str = "fp32", calibration: Mapping[str, Any] | None = None,
                   large: tuple[MultiExitNet, CheckpointMeta] | None = None, network: tuple[int, ...] | None = None,
-                  edge_engine: str | None = None) -> Path:
+                  edge_engine: str | None = None, splits: Sequence[int] = ()) -> Path:
     """Write a bundle directory atomically (a temp dir renamed into place). `edge_engine`
     "onnx" also writes the edge part as ONNX segments (`splitexit.onnx_export`), which a
-    device runs with ONNX Runtime and no torch."""
+    device runs with ONNX Runtime and no torch. `splits`: further split points the bundle
+    allows besides `split` (the agent may move its cut among them; the last stage means
+    every stage on the device)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     if meta.model.hierarchical:
         raise BundleError("hierarchical BoF exits carry running histograms across the split: not supported in bundles")
-    if not 0 <= split < model.num_stages - 1:
-        raise BundleError(f"split must be a stage index in 0..{model.num_stages - 2}, got {split}")
+    last = model.num_stages - 1
+    if not 0 <= split < last:
+        raise BundleError(f"split must be a stage index in 0..{last - 1}, got {split}")
+    bad = [s for s in splits if not 0 <= s <= last]
+    if bad:
+        raise BundleError(f"splits must be stage indices in 0..{last}, got {bad[0]}")
+    allowed = sorted({split, *splits})
     if codec not in CODECS:
         raise BundleError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     if edge_engine not in (None, "torch", "onnx"):
@@ -78,11 +88,12 @@ def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *,
     except PolicyError as exc:
         raise BundleError(str(exc)) from exc
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    edge = {k: v for k, v in state.items() if on_edge(k, split)}
-    cloud = {k: v for k, v in state.items() if not on_edge(k, split)}
+    edge = {k: v for k, v in state.items() if on_edge(k, allowed[-1], last)}  # up to the deepest cut
+    cloud = {k: v for k, v in state.items() if not on_edge(k, allowed[0])}  # after the shallowest
     in_shape = tuple(input_shape)
     with torch.no_grad():
-        _, feats = model.eval().forward_intermediates(torch.zeros(1, *in_shape), indices=[split], stop_early=True)
+        _, feats = model.eval().forward_intermediates(torch.zeros(1, *in_shape), indices=allowed, stop_early=True)
+    shapes = {s: list(f.shape[1:]) for s, f in zip(allowed, feats)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -93,11 +104,14 @@ def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *,
             "format": FORMAT, "version": VERSION, "name": name or meta.model.arch,
             "model": meta.model.to_dict(), "split": split, "exits": exits,
             "edge_exits": [k for k in exits if k <= split], "cloud_exits": [k for k in exits if k > split],
-            "input_shape": list(in_shape), "feature_shape": list(feats[0].shape[1:]),
+            "input_shape": list(in_shape), "feature_shape": shapes[split],
             "mean": list(meta.mean), "std": list(meta.std), "classes": list(meta.classes),
             "policy": policy_entry, "ladder": {"network": list(network)},
             "calibration": dict(calibration or {}), "codec": codec,
         }
+        if len(allowed) > 1:  # one split: the manifest stays as it always was
+            manifest["splits"] = allowed
+            manifest["feature_shapes"] = {str(s): shapes[s] for s in allowed if s < last}
         if large is not None:
             large_model, large_meta = large
             save_file({k: v.detach().contiguous() for k, v in large_model.state_dict().items()},
@@ -109,7 +123,7 @@ def export_bundle(out: str | Path, model: MultiExitNet, meta: CheckpointMeta, *,
             from splitexit.onnx_export import OPSET, ExportError, export_edge_segments
 
             try:
-                segments = export_edge_segments(model, split, in_shape, tmp)
+                segments = export_edge_segments(model, allowed, in_shape, tmp)
             except ExportError as exc:
                 raise BundleError(str(exc)) from exc
             manifest["onnx"] = {"opset": OPSET, "segments": [s.to_dict() for s in segments]}
@@ -166,11 +180,13 @@ def load_bundle(path: str | Path, part: Part, *, expect_hash: str | None = None)
 
     model = build_model(config)
     tensors = weights(part)
-    split = manifest.split
-    expected = {k for k in model.state_dict() if on_edge(k, split) == (part == "edge")}
+    # the edge holds stages up to its deepest cut, the cloud those after its shallowest
+    split = manifest.edge_last if part == "edge" else manifest.cloud_first
+    last = manifest.last_stage if part == "edge" else None
+    expected = {k for k in model.state_dict() if on_edge(k, split) == (part == "edge") or (last == split)}
     if expected != set(tensors):
         raise BundleError(f"{path}: {part} weights do not fit {config.arch} split after stage {split}")
-    if part == "edge":
+    if part == "edge" and split < manifest.last_stage:
         _keep_edge_side(model, split)
     try:
         model.load_state_dict(tensors, strict=part == "edge")

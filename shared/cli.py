@@ -327,9 +327,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     large = load_checkpoint(args.large) if args.large is not None else None
     path = export_bundle(args.out, model, meta, split=split, policy=policy, input_shape=tuple(shape),
                          name=args.name or "", codec=args.codec, calibration=entry.get("validation"), large=large,
-                         edge_engine=args.edge_engine)
+                         edge_engine=args.edge_engine, splits=args.splits or ())
     manifest = read_manifest(path)
-    print(f"bundle {path}: {manifest.name} split after stage {split}, edge exits {list(manifest.edge_exits)}, "
+    also = [s for s in manifest.splits if s != split]
+    print(f"bundle {path}: {manifest.name} split after stage {split}"
+          + (f" (also allowed: {also})" if also else "") + f", edge exits {list(manifest.edge_exits)}, "
           f"cloud exits {list(manifest.cloud_exits)}, policy {policy.name}, codec {args.codec}"
           + (f", {sum(not s.alone for s in manifest.onnx)} ONNX edge segments" if manifest.onnx else ""))
     print(f"hash {manifest.hash}")
@@ -507,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", type=Path)
     exp.add_argument("--policy", type=Path, required=True, help="a policy file from `splitexit calibrate`")
     exp.add_argument("--split", type=int, help="stage index the edge runs through (default: the last exit's stage)")
+    exp.add_argument("--splits", type=_int_tuple, metavar="S,S,...",
+                     help="further split points the bundle allows (the edge agent may move its cut among them, "
+                          "`edge run --replan`); the last stage index means every stage on the device")
     exp.add_argument("--codec", choices=CODECS, default="fp32")
     exp.add_argument("--edge-engine", choices=("torch", "onnx"), default="onnx",
                      help="onnx (default): also write the edge part as ONNX segments, run by ONNX Runtime "

@@ -2,9 +2,14 @@
 ONNX engine loads (`splitexit.bundle` loads the torch weights on top of it).
 
 A bundle is a directory:
-    manifest.json       architecture, split, exits, policy, calibration, codec, hashes
+    manifest.json       architecture, split(s), exits, policy, calibration, codec, hashes
     edge.safetensors    stages 0..split and their exits (no cloud weights)
     cloud.safetensors   stages split+1.. , their exits and the final head
+
+A bundle may allow several split points (`splits`; `split` is the one to start with): the
+edge file then holds stages up to the deepest, the cloud file stages after the shallowest
+(the stages between are in both), and the agent can move its cut without a new bundle. A
+split at the network's last stage keeps every stage and the final head on the device.
     large.safetensors   optional: the cascade's larger network (cloud side, raw input)
     edge-*.onnx         optional: the edge part as ONNX segments (`splitexit.onnx_export`)
 
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping
@@ -129,6 +134,48 @@ class Manifest:
     large: LargeNetwork | None
     data: Mapping[str, Any]
     onnx: tuple[OnnxSegment, ...] = ()  # the edge part as ONNX segments, when exported
+    # every allowed split point, ascending (`split` among them), and the feature each gives;
+    # a bundle of one split lists just it
+    splits: tuple[int, ...] = ()
+    feature_shapes: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.splits:  # one split: the fields that always existed say it all
+            object.__setattr__(self, "splits", (self.split,))
+            object.__setattr__(self, "feature_shapes", {self.split: self.feature_shape})
+            return
+        last = self.exits[-1] if self.exits else -1
+        if list(self.splits) != sorted(set(self.splits)) or self.split not in self.splits:
+            raise BundleError(f"splits {list(self.splits)} must be ascending, distinct and hold split {self.split}")
+        if not 0 <= self.splits[0] < last or self.splits[-1] > last:
+            raise BundleError(f"splits {list(self.splits)} must be stages in 0..{last}, one at least before "
+                              f"the last")
+        missing = [s for s in self.cloud_splits if s not in self.feature_shapes]
+        if missing:
+            raise BundleError(f"no feature shape for split {missing[0]}")
+
+    @property
+    def last_stage(self) -> int:
+        return self.exits[-1]
+
+    @property
+    def cloud_splits(self) -> tuple[int, ...]:
+        """The split points a worker takes features at (a split at the last stage sends nothing)."""
+        return tuple(s for s in self.splits if s < self.last_stage)
+
+    @property
+    def edge_last(self) -> int:
+        """The deepest stage the edge part holds."""
+        return self.splits[-1]
+
+    @property
+    def cloud_first(self) -> int:
+        """The split after which the cloud part's stages start."""
+        return self.splits[0]
+
+    def exits_through(self, split: int) -> tuple[int, ...]:
+        """The ladder exits evaluated on the edge when cut after `split`."""
+        return tuple(k for k in self.exits if k <= split)
 
     @cached_property
     def model(self) -> "ModelConfig":
@@ -169,6 +216,9 @@ class Manifest:
             values["classes"] = tuple(str(c) for c in data["classes"])
             field = "ladder"
             values["network"] = ints(data["ladder"]["network"])
+            field = "splits"
+            values["splits"] = ints(data.get("splits", ()))
+            values["feature_shapes"] = {int(k): ints(v) for k, v in data.get("feature_shapes", {}).items()}
             field = "onnx"
             values["onnx"] = tuple(OnnxSegment.from_dict(entry) for entry in data.get("onnx", {}).get("segments", ()))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -199,6 +249,11 @@ class Bundle:
     @property
     def split(self) -> int:
         return self.manifest.split
+
+    @property
+    def splits(self) -> tuple[int, ...]:
+        """Every split point the bundle allows (`split` is the one to start with)."""
+        return self.manifest.splits
 
     @property
     def codec(self) -> str:

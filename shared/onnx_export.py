@@ -136,13 +136,15 @@ def _export(module: nn.Module, model: MultiExitNet, input_shape: tuple[int, ...]
         _clear_bof_caches(model)
 
 
-def export_edge_segments(model: MultiExitNet, split: int, input_shape: tuple[int, ...],
+def export_edge_segments(model: MultiExitNet, split: int | Sequence[int], input_shape: tuple[int, ...],
                          out_dir: Path, *, heads: bool = True) -> list[OnnxSegment]:
     """Write the edge part (stages 0..split and their exits) of `model` as ONNX segments
-    into `out_dir`; returns them in run order (a head alone last, when there is one).
+    into `out_dir`; returns them in run order (the heads alone last, when there are any).
 
-    A split at the last stage puts the whole network on the device: the last segment ends
-    with the final head. `heads=False` writes the same runs of stages without their exit heads (a
+    `split` may be several split points: the segments then end at every exit up to the
+    deepest and at every split, so that a run can stop at any of them. A split at the last
+    stage puts the whole network on the device: the last segment ends with the final
+    head. `heads=False` writes the same runs of stages without their exit heads (a
     benchmark's baseline: what the heads add inside the segments)."""
     try:
         import onnx  # noqa: F401 - the exporter needs it (and onnxscript); say so plainly
@@ -150,12 +152,14 @@ def export_edge_segments(model: MultiExitNet, split: int, input_shape: tuple[int
     except ImportError as exc:
         raise ExportError(f"exporting ONNX segments needs {exc.name}: pip install onnx onnxscript") from exc
     model = model.eval()
-    if not 0 <= split < model.num_stages:
+    splits = sorted({split} if isinstance(split, int) else set(split))
+    if not splits or not 0 <= splits[0] or splits[-1] >= model.num_stages:
         raise ExportError(f"split must be a stage index in 0..{model.num_stages - 1}, got {split}")
-    exits = [stage for stage in model.exit_points if stage <= split]
-    if split == model.num_stages - 1:
-        exits.append(split)  # the final head
-    ends = sorted({*exits, split})
+    deepest = splits[-1]
+    exits = [stage for stage in model.exit_points if stage <= deepest]
+    if deepest == model.num_stages - 1:
+        exits.append(deepest)  # the final head
+    ends = sorted({*exits, *splits})
     shapes: dict[int, tuple[int, ...]] = {-1: tuple(input_shape)}
     with torch.no_grad():
         _, feats = model.forward_intermediates(torch.zeros(1, *input_shape), indices=ends, stop_early=True)
@@ -171,11 +175,12 @@ def export_edge_segments(model: MultiExitNet, split: int, input_shape: tuple[int
         _export(segment, model, in_shape, out_dir / name, ["feature", "probs"] if head else ["feature"])
         files.append(OnnxSegment(name, first, last, head is not None, in_shape, sha256_file(out_dir / name)))
         first = last + 1
-    if heads and split in exits and split < model.num_stages - 1:  # the fallback for rows that skipped it
-        name = f"head-{split}.onnx"
-        _export(_HeadAlone(_head_for_export(model, split, shapes[split][-1])), model, shapes[split],
-                out_dir / name, ["probs"])
-        files.append(OnnxSegment(name, -1, split, True, shapes[split], sha256_file(out_dir / name)))
+    for cut in splits:  # the fallback for rows that skipped the exit at a cut
+        if heads and cut in exits and cut < model.num_stages - 1:
+            name = f"head-{cut}.onnx"
+            _export(_HeadAlone(_head_for_export(model, cut, shapes[cut][-1])), model, shapes[cut],
+                    out_dir / name, ["probs"])
+            files.append(OnnxSegment(name, -1, cut, True, shapes[cut], sha256_file(out_dir / name)))
     return files
 
 

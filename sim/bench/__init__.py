@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from splitexit.sim.bench import e2e, faults, fleet, models, overhead, serve, tradeoff, train, wire
+from splitexit.sim.bench import e2e, faults, fleet, models, overhead, replan, serve, tradeoff, train, wire
 from splitexit.sim.bench.common import BenchContext
 
 # name -> module with HELP, add_arguments(parser) and run(ctx, args) -> dict
 BENCHES = {"models": models, "tradeoff": tradeoff, "overhead": overhead, "wire": wire, "serve": serve, "train": train,
-           "faults": faults, "e2e": e2e, "fleet": fleet}
+           "faults": faults, "e2e": e2e, "fleet": fleet, "replan": replan}
 
 
 def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:

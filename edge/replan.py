@@ -1,0 +1,156 @@
+"""Online re-planning in the edge agent (SPINN-style): where to cut the network for the
+link as it is now, among the split points the bundle allows.
+
+The inputs of the planner (`splitexit.plan.expected_ms`, METHODS.md §6) are, per split:
+- the device's times, from its profile (`splitexit profile`), fixed before the run;
+- the worker's times, from its profile (or taken as 0: the link and the device dominate);
+- the bytes an offloaded row carries there, in the agent's codec;
+- the share of inputs each exit answers: counted from this agent's own answers (the policy
+  decides the same whatever the cut, so every answer counts, wherever it came from);
+- the link: `LinkEstimator`'s passive estimate from the agent's own offloads.
+
+A `Replanner` keeps the choice until another split is better by a margin on several
+estimates in a row, so a noisy but steady link does not make it flap. While the plan keeps
+every row on the device no offload measures the link, so every `probe_s` one batch is cut
+at the deepest split a worker takes: its rows are answered as usual, and it keeps the
+estimate fresh. When the cloud is gone the agent answers from its exits whatever the plan.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from splitexit.codec import encoded_bytes
+from splitexit.plan import Candidate, DeviceTimes, ExitBehaviour, LinkEstimate, LinkEstimator, Replanner, expected_ms, rank
+
+__all__ = ["ReplanConfig", "SplitChooser"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplanConfig:
+    """How the agent re-plans its split. Times in milliseconds per input (batch 1)."""
+
+    device: DeviceTimes  # the device's times (`DeviceProfile.at(1)`)
+    cloud: DeviceTimes | None = None  # the worker's; None = its compute taken as 0
+    margin: float = 0.1  # another split must be this much faster (relative)...
+    patience: int = 3  # ...on this many re-plans in a row
+    every_s: float = 0.2  # re-plan at most this often
+    probe_s: float = 1.0  # while every row stays on the device, one batch offloaded this often
+    window: int = 10  # offloads the link estimate is fitted on (fewer: quicker to follow, noisier)
+    # the share of inputs each ladder exit answers, to start from (e.g. measured on
+    # validation data); the agent's own answers are added to it. () = no prior.
+    share: tuple[float, ...] = ()
+    share_weight: float = 1000.0  # how many answers the prior counts as
+
+    def __post_init__(self) -> None:
+        if self.share and (min(self.share) < 0 or abs(sum(self.share) - 1) > 1e-6):
+            raise ValueError(f"replan: share must be >= 0 and sum to 1, got {self.share}")
+        if not 0 <= self.margin < 1 or self.patience < 1 or self.every_s < 0 or self.probe_s <= 0 or self.window < 2:
+            raise ValueError("replan: margin in [0, 1), patience >= 1, every_s >= 0, probe_s > 0, window >= 2")
+
+
+@dataclass
+class PlanEvent:
+    """One re-plan: when, the link estimate it used, and the split chosen."""
+
+    t: float
+    split: int
+    up_mbps: float | None
+    rtt_ms: float | None
+    expected_ms: float
+
+
+@dataclass
+class SplitChooser:
+    """The agent's current split, re-planned from its link estimate and its answers."""
+
+    manifest: Any  # splitexit.manifest.Manifest
+    config: ReplanConfig
+    codec: str
+    link: LinkEstimator = field(init=False)  # the uplink, from the agent's offloads
+    history: list[PlanEvent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.link = LinkEstimator(self.config.window)
+        exits = self.manifest.exits
+        stages = self.config.device.num_stages
+        if stages != exits[-1] + 1:
+            raise ValueError(f"the device profile has {stages} stages, the bundle's network {exits[-1] + 1}")
+        if set(self.config.device.exit_ms) < set(exits[:-1]):
+            raise ValueError(f"the device profile times exits {sorted(self.config.device.exit_ms)}, "
+                             f"the bundle has {list(exits[:-1])}")
+        self._cloud = self.config.cloud or DeviceTimes(stage_ms=(0.0,) * stages, exit_ms={k: 0.0 for k in exits[:-1]},
+                                                       head_ms=0.0)
+        self._bytes = {s: float(encoded_bytes(self.codec, (1, *self.manifest.feature_shapes[s])))  # type: ignore[arg-type]
+                       for s in self.manifest.cloud_splits}
+        self._counts = np.ones(len(exits))  # answers per ladder exit, one of each to start
+        if self.config.share:
+            if len(self.config.share) != len(exits):
+                raise ValueError(f"replan: {len(self.config.share)} shares for {len(exits)} exits")
+            self._counts += np.asarray(self.config.share) * self.config.share_weight
+        self._index = {stage: i for i, stage in enumerate(exits)}
+        self._replanner = Replanner(margin=self.config.margin, patience=self.config.patience)
+        self.split: int = self.manifest.split
+        self._planned = -float("inf")
+        self._probed = time.monotonic()
+        self._estimate: LinkEstimate | None = None
+
+    # --- what the agent tells it ------------------------------------------------------
+    def observe_answer(self, stage: int, own_network: bool = True) -> None:
+        """An answer from the exit after `stage` (the larger network's: the ladder's end)."""
+        i = self._index.get(stage, len(self._counts) - 1) if own_network else len(self._counts) - 1
+        self._counts[i] += 1
+
+    def observe_offload(self, bytes_up: int, seconds: float, server_ms: float) -> None:
+        self.link.observe(bytes_up, seconds, server_ms=server_ms)
+
+    # --- what it tells the agent ------------------------------------------------------
+    def split_for_batch(self) -> int:
+        """The split to cut the next batch at (re-planning first when it is time)."""
+        now = time.monotonic()
+        if now - self._planned >= self.config.every_s:
+            self._planned = now
+            self.replan()
+        if self.split not in self._bytes and self._bytes and now - self._probed >= self.config.probe_s:
+            self._probed = now
+            return max(self._bytes)  # a probe: the deepest cut that still crosses the link
+        return self.split
+
+    def candidates(self, link: LinkEstimate) -> list[Candidate]:
+        """Every allowed split under `link`, best first."""
+        exits = self.manifest.exits[:-1]
+        share = self._counts / self._counts.sum()
+        behaviour = ExitBehaviour(setting="the bundle's policy", share=tuple(float(x) for x in share), acc=0.0)
+        out = []
+        for split in self.manifest.splits:
+            ms, local = expected_ms(self.config.device, self._cloud, link, exits, behaviour, split,
+                                    self._bytes.get(split, 0.0))
+            out.append(Candidate(route="adaptive" if split in self._bytes else "edge_exits", split=split,
+                                 setting=behaviour.setting, expected_ms=ms, acc=0.0,
+                                 bytes_up=(1 - local) * self._bytes.get(split, 0.0), on_device=local))
+        return rank(out)
+
+    def replan(self) -> int:
+        """Re-plan on the current link estimate; the split to use."""
+        estimate = self.link.estimate()
+        if estimate is None:
+            return self.split
+        self._estimate = estimate
+        chosen = self._replanner.update(self.candidates(estimate))
+        assert chosen.split is not None
+        self.history.append(PlanEvent(t=time.time(), split=chosen.split,
+                                      up_mbps=estimate.up_mbps, rtt_ms=estimate.rtt_ms,
+                                      expected_ms=chosen.expected_ms))
+        self.split = chosen.split
+        return self.split
+
+    def record(self) -> dict[str, Any]:
+        """For the agent's trace: the split and the estimate it was chosen on."""
+        out: dict[str, Any] = {"split": self.split, "changes": self._replanner.changes}
+        if self._estimate is not None and self._estimate.up_mbps is not None:
+            out.update(up_mbps=round(self._estimate.up_mbps, 3), rtt_ms=round(self._estimate.rtt_ms, 3))
+        return out

@@ -10,10 +10,13 @@ The inputs of the planner (`splitexit.plan.expected_ms`, METHODS.md §6) are, pe
 - the link: `LinkEstimator`'s passive estimate from the agent's own offloads.
 
 A `Replanner` keeps the choice until another split is better by a margin on several
-estimates in a row, so a noisy but steady link does not make it flap. While the plan keeps
-every row on the device no offload measures the link, so every `probe_s` one batch is cut
-at the deepest split a worker takes: its rows are answered as usual, and it keeps the
-estimate fresh. When the cloud is gone the agent answers from its exits whatever the plan.
+estimates in a row, so a noisy but steady link does not make it flap. The estimate needs
+offloads of different sizes to tell the RTT from the bandwidth, and none at all while the
+plan keeps every row on the device: so every `probe_s`, when the recent offloads are all
+alike or there are none, one batch is cut at another split (the deepest a worker takes
+when the plan is on the device or the shallowest, the one whose feature differs most in
+size otherwise). Its rows are answered as usual; only its latency differs. When the cloud
+is gone the agent answers from its exits whatever the plan.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class SplitChooser:
         self._replanner = Replanner(margin=self.config.margin, patience=self.config.patience)
         self.split: int = self.manifest.split
         self._planned = -float("inf")
-        self._probed = time.monotonic()
+        self._probed = -float("inf")  # the first batch after an offload may probe
         self._estimate: LinkEstimate | None = None
 
     # --- what the agent tells it ------------------------------------------------------
@@ -115,10 +118,20 @@ class SplitChooser:
         if now - self._planned >= self.config.every_s:
             self._planned = now
             self.replan()
-        if self.split not in self._bytes and self._bytes and now - self._probed >= self.config.probe_s:
+        if self._bytes and now - self._probed >= self.config.probe_s and not (
+                self.split in self._bytes and self.link.varied()):
             self._probed = now
-            return max(self._bytes)  # a probe: the deepest cut that still crosses the link
+            return self._probe_split()
         return self.split
+
+    def _probe_split(self) -> int:
+        """A cut whose offloads measure what the current one's cannot: any that crosses
+        the link when nothing does, else the one whose feature differs most in size."""
+        deepest = max(self._bytes)
+        if self.split not in self._bytes:
+            return deepest
+        size = self._bytes[self.split]
+        return max(self._bytes, key=lambda s: max(self._bytes[s], size) / max(1.0, min(self._bytes[s], size)))
 
     def candidates(self, link: LinkEstimate) -> list[Candidate]:
         """Every allowed split under `link`, best first."""

@@ -231,8 +231,9 @@ def rank(candidates: Sequence[Candidate], *, accuracy_floor: float | None = None
 class LinkEstimator:
     """A passive estimate of the uplink from the agent's own offloads: over the last
     `window` requests, the time on the wire is fitted as RTT + bytes / bandwidth (least
-    squares), which needs requests of different sizes; while they are all alike, the last
-    RTT fitted (or the fastest request seen) stands in for it."""
+    squares), which needs requests of different sizes (`varied`). While they are all
+    alike, the last RTT fitted stands in for it; before any was fitted, there is no
+    estimate (RTT and bandwidth cannot be told apart)."""
 
     def __init__(self, window: int = 20) -> None:
         self._seen: deque[tuple[float, float]] = deque(maxlen=window)  # (bytes, ms on the wire)
@@ -243,6 +244,11 @@ class LinkEstimator:
         worker spent `server_ms` (queue and compute, from its answer's timing)."""
         self._seen.append((float(bytes_up), max(seconds * 1e3 - server_ms, 1e-3)))
 
+    def varied(self) -> bool:
+        """Do the requests in the window differ enough in size to fit RTT and bandwidth?"""
+        sizes = [b for b, _ in self._seen]
+        return len(sizes) >= 2 and max(sizes) >= 1.5 * min(sizes)
+
     def estimate(self) -> LinkEstimate | None:
         if len(self._seen) < 2:
             return None
@@ -250,12 +256,14 @@ class LinkEstimator:
         times = [t for _, t in self._seen]
         mean_b, mean_t = sum(sizes) / len(sizes), sum(times) / len(times)
         var_b = sum((b - mean_b) ** 2 for b in sizes)
-        if var_b > 0 and max(sizes) >= 1.5 * min(sizes):
+        if var_b > 0 and self.varied():
             slope = sum((b - mean_b) * (t - mean_t) for b, t in self._seen) / var_b  # ms per byte
             if slope > 0:
                 self._rtt_ms = max(0.0, mean_t - slope * mean_b)
                 return LinkEstimate(up_mbps=8 / (slope * 1e3), rtt_ms=self._rtt_ms)
-        rtt = self._rtt_ms if self._rtt_ms is not None else 0.0
+        if self._rtt_ms is None:
+            return None
+        rtt = self._rtt_ms
         transfer = [(b, t - rtt) for b, t in self._seen if t > rtt]
         if not transfer:
             return None

@@ -186,10 +186,20 @@ def test_the_chooser_does_not_flap_on_a_noisy_steady_link() -> None:
 def test_the_chooser_probes_the_link_while_everything_stays_on_the_device() -> None:
     chooser = SplitChooser(_Manifest(), ReplanConfig(device=DEVICE, every_s=0.0, probe_s=0.05), "fp32")
     chooser.split = ON_DEVICE
-    first = chooser.split_for_batch()
-    time.sleep(0.06)
-    assert first == ON_DEVICE and chooser.split_for_batch() == 3  # the deepest cut that crosses the link
+    assert chooser.split_for_batch() == 3  # a probe at once: the deepest cut that crosses the link
     assert chooser.split_for_batch() == ON_DEVICE
+    time.sleep(0.06)
+    assert chooser.split_for_batch() == 3 and chooser.split_for_batch() == ON_DEVICE
+    # cut where the offloads are all of one size, it probes the cut whose size differs most
+    chooser.split = 3
+    for _ in range(5):
+        chooser.observe_offload(1000, 0.01, 0.0)
+    time.sleep(0.06)
+    assert not chooser.link.varied() and chooser.link.estimate() is None  # RTT and bandwidth not told apart
+    assert chooser.split_for_batch() == 1 and chooser.split_for_batch() == 3
+    chooser.observe_offload(4000, 0.02, 0.0)
+    time.sleep(0.06)
+    assert chooser.link.varied() and chooser.split_for_batch() == chooser.split  # no probe needed now
 
 
 def test_a_device_profile_of_another_network_is_refused() -> None:

@@ -137,7 +137,6 @@ async def _run(path: Path, padded: Any, images: np.ndarray, labels: np.ndarray, 
             async with EdgeAgent(padded, GrpcTransport(proxy.address), config=config, trace=trace) as agent:
                 await agent.infer(images[:1])  # connect, warm up: not counted
                 t0 = time.monotonic()
-                wall0 = time.time()
                 dropped = False
                 for i in range(len(images)):
                     due = t0 + i / args.rate
@@ -155,9 +154,9 @@ async def _run(path: Path, padded: Any, images: np.ndarray, labels: np.ndarray, 
                                     "correct": answer.label == int(labels[i])})
     plans = [r for r in read_trace(trace)][1:]  # the warm-up call first
     for record, plan in zip(records, plans):
-        record["split"] = plan["split"]
+        record["split"] = plan["split"]  # where this input was cut (a probe's differs from the plan's)
+        record["plan"] = plan.get("plan", {}).get("split", plan["split"])  # the agent's plan after it
         record["up_mbps"] = (plan.get("link") or {}).get("up_mbps")
-        record["t_trace"] = plan["t"] - wall0
     return {"records": records, "sent": len(records)}
 
 
@@ -166,7 +165,8 @@ def _summary(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     before = [r["ms"] for r in records if 2.0 <= r["t"] < args.drop_at]
     after = [r["ms"] for r in records if r["t"] >= args.drop_at + SETTLE_S]
     moved = next((r["t"] - args.drop_at for r in records
-                  if r["t"] >= args.drop_at and r["split"] != records[0]["split"]), None)
+                  if r["t"] >= args.drop_at and r["plan"] != records[0]["plan"]), None)
+    probes = sum(r["split"] != r["plan"] for r in records)
     splits: dict[str, int] = {}
     for r in records:
         splits[str(r["split"])] = splits.get(str(r["split"]), 0) + 1
@@ -176,7 +176,7 @@ def _summary(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 "n": len(ms)} if ms else {"mean_ms": float("nan"), "p95_ms": float("nan"), "n": 0}
 
     return {"before": stats(before), "after": stats(after), "moved_s": None if moved is None else round(moved, 2),
-            "splits": splits, "answered": len(records), "sent": run["sent"],
+            "splits": splits, "probes": probes, "answered": len(records), "sent": run["sent"],
             "degraded": sum(r["route"] == "degraded" for r in records),
             "acc": round(sum(r["correct"] for r in records) / max(1, len(records)), 4)}
 
@@ -197,9 +197,13 @@ def _plot(runs: dict[str, Any], args: argparse.Namespace, path: Path, arch: str,
         p95 = [float(np.percentile(ms[(t > x - 2) & (t <= x)], 95)) if ((t > x - 2) & (t <= x)).any() else np.nan
                for x in t]
         axes[0].plot(t, p95, color=colors[mode], label=f"{mode}: p95 over the last 2 s")
-        axes[1].step(t, [r["split"] for r in rec], where="post", color=colors[mode], label=mode)
+        axes[1].step(t, [r["plan"] for r in rec], where="post", color=colors[mode], label=f"{mode}: its plan")
+        probes = [(r["t"], r["split"]) for r in rec if r["split"] != r["plan"]]
+        if probes:
+            axes[1].plot(*zip(*probes), "|", color=colors[mode], markersize=6, label=f"{mode}: a probe's cut")
         up = [r["up_mbps"] if r["up_mbps"] is not None else np.nan for r in rec]
-        axes[2].plot(t, up, ".", markersize=3, color=colors[mode], label=f"{mode}: its estimate")
+        if not np.isnan(up).all():  # a fixed cut's offloads are all alike: no estimate
+            axes[2].plot(t, up, ".", markersize=3, color=colors[mode], label=f"{mode}: its estimate")
     true_t = [0, args.drop_at, args.drop_at, args.duration]
     axes[2].plot(true_t, [args.before_mbps, args.before_mbps, args.after_mbps, args.after_mbps], "k--",
                  label="the link's uplink")
@@ -215,7 +219,7 @@ def _plot(runs: dict[str, Any], args: argparse.Namespace, path: Path, arch: str,
     axes[2].set_ylabel("uplink Mbit/s (log)")
     axes[2].set_xlabel("seconds")
     axes[2].legend(fontsize=7)
-    axes[0].set_title(f"{arch} on a {device}-class device: the uplink drops {args.before_mbps:g} -> "
+    axes[0].set_title(f"{arch} on a {device} device: the uplink drops {args.before_mbps:g} -> "
                       f"{args.after_mbps:g} Mbit/s at {args.drop_at:g} s (RTT {args.rtt_ms:g} ms)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -296,7 +296,7 @@ def _replan_config(args: argparse.Namespace, bundle: Any) -> Any:
         raise CliError("--replan needs --device-profile FILE (`splitexit profile BUNDLE --out FILE`)")
     if len(bundle.splits) < 2:
         raise CliError(f"--replan: the bundle allows one split ({bundle.split}); export it with --splits")
-    times = []
+    times: list[Any] = []  # DeviceTimes, or None for a worker without a profile
     for path in (args.device_profile, args.cloud_profile):
         if path is None:
             times.append(None)

@@ -24,6 +24,18 @@ def cmd_capacity(args: Any) -> None:
     run(args)
 
 
+def cmd_live(args: Any) -> None:
+    from splitexit.cli import CliError
+    from splitexit.sim.harness import load_live_scenario, run_live_scenario
+
+    try:
+        scenario = load_live_scenario(args.scenario)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    run_live_scenario(scenario, cache_dir=Path(args.cache_dir), out=args.out)
+    print(f"wrote {args.out / 'live.json'} and {args.out / 'live.png'}")
+
+
 def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
     sim = sub.add_parser("sim", help="the simulation harness: the whole system through emulated links")
     commands = sim.add_subparsers(dest="sim", required=True, metavar="COMMAND")
@@ -32,6 +44,13 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     demo.add_arguments(p)
     p.set_defaults(func=demo.cmd_demo)
     link_cli.register_into(commands, common)
+    live = commands.add_parser("live", help="the live harness: real workers and edge agents through emulated links, "
+                                            "with a timeline of link changes, outages and worker failures")
+    common(live)
+    live.add_argument("scenario", type=Path, help="a live scenario TOML file ([model], [device], [agents], [link], "
+                                                  "[workers], [[events]]; see sim/scenarios/live-*.toml)")
+    live.add_argument("--out", type=Path, default=Path("runs/live"), help="where live.json, live.png and traces go")
+    live.set_defaults(func=cmd_live)
     v = commands.add_parser("virtual", help="the fleet simulator: a scenario's devices, links and workers in "
                                            "virtual time (thousands of devices in seconds)")
     v.add_argument("scenario", type=Path, help="a scenario TOML file ([fleet], [edge], [link], [cloud])")

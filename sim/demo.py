@@ -35,22 +35,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", default="wifi", help="link profile between device and worker (default: %(default)s)")
     p.add_argument("--device", default="rpi4", help="device class the edge stands for (rpi4, jetson-nano; "
                                                     "`here`: this machine unpadded; default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs of the digits network (cached)")
+    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="training epochs of the digits network (cached)")
     p.add_argument("--inputs", type=int, default=0, help="test inputs per strategy (default: all)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where demo.json and demo.png go")
+
+
+DEMO_EPOCHS = 30
+
+
+def demo_network(cache_dir: Path, epochs: int = DEMO_EPOCHS) -> tuple[Any, Any, Any]:
+    """(model, meta, dataset): the demo's digits network with five BoF exits, trained once
+    and cached (`splitexit demo` and `sim live`'s recipe "demo" share the cache entry)."""
+    from splitexit.data import load_digits
+    from splitexit.models import ModelConfig
+    from splitexit.train import TrainConfig, train_cached
+
+    dataset = load_digits()
+    model_cfg = ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=(1, 2, 3, 4, 5), exit_head="bof")
+    train_cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, augment_pad=1, augment_flip=False,
+                            precision="fp32")  # `splitexit demo`'s network: one cache entry for both
+    model, meta, _ = train_cached(model_cfg, train_cfg, dataset, cache_dir=cache_dir)
+    return model.eval(), meta, dataset
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
-    from splitexit.data import Normalize, load_digits
+    from splitexit.data import Normalize
     from splitexit.evaluate import cached_exit_outputs
-    from splitexit.models import ModelConfig
     from splitexit.profile import DEVICE_CLASSES, device_class, measure_profile
     from splitexit.sim import e2e
     from splitexit.sim.link import PROFILES
     from splitexit.sim.planning import jpeg_bytes, link_estimate
-    from splitexit.train import TrainConfig, train_cached
 
     if args.link not in PROFILES:
         raise CliError(f"unknown link {args.link!r}; choose one of {', '.join(PROFILES)}")
@@ -58,19 +74,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise CliError(f"unknown device {args.device!r}; choose here or one of {', '.join(DEVICE_CLASSES)}")
     link_profile = PROFILES[args.link]
     torch.set_num_threads(1)  # the device and the worker each get one core of the two
-    dataset = load_digits()
-    model_cfg = ModelConfig(arch="resnet14_tiny", in_chans=1, exit_after=(1, 2, 3, 4, 5), exit_head="bof")
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.05, augment_pad=1, augment_flip=False,
-                            precision="fp32")  # `splitexit demo`'s network: one cache entry for both
-    model, meta, _ = train_cached(model_cfg, train_cfg, dataset, cache_dir=args.cache_dir)
-    model.eval()
+    model, meta, dataset = demo_network(args.cache_dir, args.epochs)
     normalize = Normalize(meta.mean, meta.std)
     shape = (1, 8, 8)
-    print(f"1. network: {model_cfg.arch} with exits after stages {model.exit_points} (digits, {args.epochs} epochs)")
+    print(f"1. network: {meta.model.arch} with exits after stages {model.exit_points} (digits, {args.epochs} epochs)")
 
     # -- 2. the plan --------------------------------------------------------------------
     val = cached_exit_outputs(model, dataset.val, normalize, cache_dir=args.cache_dir, tag="demo-val")
-    measured = measure_profile(model, shape, name="this machine", arch=model_cfg.arch, threads=1)
+    measured = measure_profile(model, shape, name="this machine", arch=meta.model.arch, threads=1)
     profile = measured if args.device == "here" else device_class(measured, args.device)
     chosen = e2e.make_plan(model, shape, val, measured, profile, link_profile, jpeg_bytes(dataset.val.images[:100]))
     link = link_estimate(link_profile)

@@ -21,6 +21,7 @@ is gone the agent answers from its exits whatever the plan.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,12 @@ class ReplanConfig:
     # validation data); the agent's own answers are added to it. () = no prior.
     share: tuple[float, ...] = ()
     share_weight: float = 1000.0  # how many answers the prior counts as
+    # the link as planned offline: what the agent assumes until its offloads measure it
+    prior: LinkEstimate | None = None
+    # while no cut that crosses the link could win even over an infinitely fast uplink (the
+    # RTT alone costs more), probes are this many times rarer: each one costs an input a
+    # round trip, and only an RTT that shrank could change the plan
+    hopeless_backoff: float = 10.0
 
     def __post_init__(self) -> None:
         if self.share and (min(self.share) < 0 or abs(sum(self.share) - 1) > 1e-6):
@@ -99,7 +106,8 @@ class SplitChooser:
         self._replanner = Replanner(margin=self.config.margin, patience=self.config.patience)
         self.split: int = self.manifest.split
         self._planned = -float("inf")
-        self._probed = -float("inf")  # the first batch after an offload may probe
+        # without a prior the first batch probes; with one, the plan starts from it
+        self._probed = time.monotonic() if self.config.prior is not None else -math.inf
         self._estimate: LinkEstimate | None = None
 
     # --- what the agent tells it ------------------------------------------------------
@@ -118,12 +126,20 @@ class SplitChooser:
         if now - self._planned >= self.config.every_s:
             self._planned = now
             self.replan()
-        if self._bytes and now - self._probed >= self.config.probe_s and not (
-                self.split in self._bytes and self.link.varied()):
+        interval = self.config.probe_s * (self.config.hopeless_backoff if self._hopeless() else 1.0)
+        if self._bytes and now - self._probed >= interval and not (self.split in self._bytes and self.link.varied()):
             self._probed = now
             return self._probe_split()
         return self.split
 
+    def _hopeless(self) -> bool:
+        """Does the plan keep every row on the device, and would it still with an
+        infinitely fast uplink at the RTT last known?"""
+        known = self._estimate or self.config.prior
+        if self.split in self._bytes or known is None:
+            return False
+        best = self.candidates(LinkEstimate(up_mbps=math.inf, rtt_ms=known.rtt_ms))[0]
+        return best.split not in self._bytes
     def _probe_split(self) -> int:
         """A cut whose offloads measure what the current one's cannot: any that crosses
         the link when nothing does, else the one whose feature differs most in size."""
@@ -148,15 +164,18 @@ class SplitChooser:
         return rank(out)
 
     def replan(self) -> int:
-        """Re-plan on the current link estimate; the split to use."""
-        estimate = self.link.estimate()
+        """Re-plan on the current link estimate (the prior until there is one); the split to use."""
+        measured = self.link.estimate()
+        if measured is not None:
+            self._estimate = measured  # the last measured (the prior is not a measurement)
+        estimate = measured or self.config.prior
         if estimate is None:
             return self.split
-        self._estimate = estimate
         chosen = self._replanner.update(self.candidates(estimate))
         assert chosen.split is not None
         self.history.append(PlanEvent(t=time.time(), split=chosen.split,
-                                      up_mbps=estimate.up_mbps, rtt_ms=estimate.rtt_ms,
+                                      up_mbps=measured.up_mbps if measured else None,
+                                      rtt_ms=measured.rtt_ms if measured else None,
                                       expected_ms=chosen.expected_ms))
         self.split = chosen.split
         return self.split

@@ -202,6 +202,24 @@ def test_the_chooser_probes_the_link_while_everything_stays_on_the_device() -> N
     assert chooser.link.varied() and chooser.split_for_batch() == chooser.split  # no probe needed now
 
 
+def test_the_prior_sets_the_start_and_a_hopeless_link_is_probed_rarely() -> None:
+    from splitexit.plan import LinkEstimate
+
+    def chooser(rtt_ms: float) -> SplitChooser:
+        prior = LinkEstimate(up_mbps=100.0, rtt_ms=rtt_ms)
+        return SplitChooser(_Manifest(), ReplanConfig(device=DEVICE, every_s=0.0, probe_s=0.05, prior=prior), "fp32")
+
+    fast = chooser(1.0)
+    assert fast.replan() == 1  # the prior's best: ship early
+    far = chooser(500.0)  # no uplink however fast pays for a 500 ms round trip: the device keeps all
+    assert far.split_for_batch() == ON_DEVICE
+    time.sleep(0.06)
+    assert far.split_for_batch() == ON_DEVICE  # a probe is due every 0.05 s, but 10x rarer here
+    time.sleep(0.5)
+    assert far.split_for_batch() == 3 and far.split_for_batch() == ON_DEVICE
+    assert all(e.up_mbps is None for e in far.history)  # the prior is not a measurement
+
+
 def test_a_device_profile_of_another_network_is_refused() -> None:
     with pytest.raises(ValueError, match="the device profile has 4 stages, the bundle's network 6"):
         SplitChooser(_Manifest(), ReplanConfig(device=DeviceTimes(stage_ms=(1.0,) * 4, exit_ms={}, head_ms=1.0)), "fp32")

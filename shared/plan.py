@@ -29,6 +29,7 @@ from typing import Literal, Mapping, Sequence
 __all__ = [
     "Candidate",
     "DeviceTimes",
+    "EnergyModel",
     "ExitBehaviour",
     "LinkEstimate",
     "LinkEstimator",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 Route = Literal["edge_only", "edge_exits", "cloud_only", "split", "adaptive"]
+Objective = Literal["latency", "energy"]
 ANSWER_BYTES = 64  # one row's answer on the wire (label, confidence, ids): small, but not zero
 
 
@@ -84,11 +86,45 @@ class LinkEstimate:
         """One request's bytes up, its answer down, and a round trip."""
         if not self.usable:
             return math.inf
+        return self.send_ms(up_bytes) + self.rtt_ms + self.receive_ms(down_bytes)
+
+    def send_ms(self, up_bytes: float) -> float:
+        """The time the radio sends `up_bytes` (inf without a link)."""
+        if not self.usable:
+            return math.inf
         assert self.up_mbps is not None
-        ms = up_bytes * 8 / (self.up_mbps * 1e3) + self.rtt_ms
-        if self.down_mbps:
-            ms += down_bytes * 8 / (self.down_mbps * 1e3)
-        return ms
+        return up_bytes * 8 / (self.up_mbps * 1e3)
+
+    def receive_ms(self, down_bytes: float = ANSWER_BYTES) -> float:
+        return down_bytes * 8 / (self.down_mbps * 1e3) if self.down_mbps else 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnergyModel:
+    """The device's power, for the energy objective (mJ per input = W x ms): it draws
+    `busy_w` while it computes, `idle_w` while it waits for an answer (the RTT and the
+    worker's time), and its radio `radio_beta_mw + radio_alpha_mw_per_mbps * rate` while
+    it sends (the linear power-throughput model of Huang et al., MobiSys 2012), without
+    the radio's tail after a transfer (inputs taken to follow each other closely)."""
+
+    busy_w: float
+    idle_w: float
+    radio_alpha_mw_per_mbps: float
+    radio_beta_mw: float
+    source: str = ""  # where the figures come from
+
+    def __post_init__(self) -> None:
+        if min(self.busy_w, self.idle_w, self.radio_alpha_mw_per_mbps, self.radio_beta_mw) < 0:
+            raise ValueError("powers must be >= 0")
+
+    def radio_w(self, up_mbps: float | None) -> float:
+        rate = up_mbps if up_mbps is not None and math.isfinite(up_mbps) else 0.0
+        return (self.radio_beta_mw + self.radio_alpha_mw_per_mbps * rate) / 1e3
+
+    def mj(self, device_ms: float, send_ms: float, wait_ms: float, up_mbps: float | None) -> float:
+        if send_ms == 0 and wait_ms == 0:
+            return device_ms * self.busy_w
+        return device_ms * self.busy_w + send_ms * self.radio_w(up_mbps) + wait_ms * self.idle_w
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +153,7 @@ class Candidate:
     acc: float
     bytes_up: float  # expected bytes sent per input
     on_device: float  # share of inputs answered on the device
+    energy_mj: float | None = None  # expected device energy per input (with an EnergyModel)
 
     def describe(self) -> str:
         """e.g. "adaptive: split after stage 3, maxprob q=0.9"."""
@@ -148,56 +185,82 @@ def _exit_costs(times: DeviceTimes, exits: Sequence[int], start: int, end: int, 
     return out
 
 
-def expected_ms(device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: Sequence[int],
-                behaviour: ExitBehaviour, split: int, feature_bytes: float) -> tuple[float, float]:
-    """(expected ms per input, share answered on the device) of cutting after `split` under
-    `behaviour`. `exits` are the stages of the exit heads, ascending (the final head is
+def exit_parts(device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: Sequence[int],
+               behaviour: ExitBehaviour, split: int, feature_bytes: float) -> tuple[list[tuple[float, ...]], float]:
+    """What an input answered at each ladder exit costs when cut after `split`: (share,
+    device ms, ms sending, ms waiting for the answer) per exit, and the share answered
+    on the device. `exits` are the stages of the exit heads, ascending (the final head is
     after the last stage); a split after the last stage keeps everything on the device."""
     last = device.num_stages - 1
     if len(behaviour.share) != len(exits) + 1:
         raise ValueError(f"{behaviour.setting}: {len(behaviour.share)} shares for {len(exits) + 1} exits")
     if split >= last:
         costs = _exit_costs(device, exits, 0, last, final=True)
-        return sum(p * c for p, c in zip(behaviour.share, costs)), 1.0
+        return [(p, c, 0.0, 0.0) for p, c in zip(behaviour.share, costs)], 1.0
     edge = _exit_costs(device, exits, 0, split, final=False)
     edge_part = sum(device.stage_ms[: split + 1]) + sum(device.exit_ms[k] for k in exits if k <= split)
     tail = _exit_costs(cloud, exits, split + 1, last, final=True)
-    offload = edge_part + link.transfer_ms(feature_bytes)
-    costs = edge + [offload + c for c in tail]
-    on_device = sum(behaviour.share[: len(edge)])
-    total = 0.0
-    for p, c in zip(behaviour.share, costs):
-        if p > 0:  # an unreachable cloud costs nothing when no input goes there
-            total += p * c
-    return total, on_device
+    send, wait = link.send_ms(feature_bytes), link.rtt_ms + link.receive_ms()
+    parts = [(p, c, 0.0, 0.0) for p, c in zip(behaviour.share, edge)]
+    parts += [(p, edge_part, send, wait + c) for p, c in zip(behaviour.share[len(edge):], tail)]
+    return parts, float(sum(behaviour.share[: len(edge)]))
+
+
+def expected_ms(device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: Sequence[int],
+                behaviour: ExitBehaviour, split: int, feature_bytes: float) -> tuple[float, float]:
+    """(expected ms per input, share answered on the device) of cutting after `split` under
+    `behaviour` (see `exit_parts`)."""
+    parts, on_device = exit_parts(device, cloud, link, exits, behaviour, split, feature_bytes)
+    # an unreachable cloud costs nothing when no input goes there
+    return sum(p * (d + s + w) for p, d, s, w in parts if p > 0), on_device
+
+
+def expected_mj(energy: EnergyModel, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate,
+                exits: Sequence[int], behaviour: ExitBehaviour, split: int, feature_bytes: float) -> float:
+    """Expected device energy per input (mJ) of cutting after `split` under `behaviour`."""
+    parts, _ = exit_parts(device, cloud, link, exits, behaviour, split, feature_bytes)
+    return sum(p * energy.mj(d, s, w, link.up_mbps) for p, d, s, w in parts if p > 0)
 
 
 def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: Sequence[int],
          behaviours: Sequence[ExitBehaviour], full_acc: float, feature_bytes: Sequence[float],
          input_bytes: float, splits: Sequence[int] | None = None, cloud_only_acc: float | None = None,
-         accuracy_floor: float | None = None, latency_target_ms: float | None = None) -> list[Candidate]:
+         accuracy_floor: float | None = None, latency_target_ms: float | None = None,
+         energy: EnergyModel | None = None, objective: Objective = "latency") -> list[Candidate]:
     """Every candidate, best first.
 
     Best: with `latency_target_ms`, the most accurate candidate that meets it (Edgent), then
-    the fastest; otherwise the fastest among those at or above `accuracy_floor` (default:
-    no floor). Candidates that break the constraint follow, fastest first. `feature_bytes[s]`
+    the fastest; otherwise the fastest (the least energy with `objective="energy"`, which
+    needs `energy`) among those at or above `accuracy_floor` (default: no floor).
+    Candidates that break the constraint follow, fastest first. `feature_bytes[s]`
     is what crosses the link per input when cut after stage s (in the codec used);
     `input_bytes` the compressed input of cloud-only; `splits` the allowed cut points
     (default: every stage but the last).
     """
     if device.num_stages != cloud.num_stages or len(feature_bytes) < device.num_stages - 1:
         raise ValueError("device and cloud times, and feature bytes, must describe the same network")
+    if objective == "energy" and energy is None:
+        raise ValueError("the energy objective needs an EnergyModel")
     last = device.num_stages - 1
     allowed = [s for s in (range(last) if splits is None else splits) if 0 <= s < last]
     no_exits = ExitBehaviour(setting="no exits", share=(0.0,) * len(exits) + (1.0,), acc=full_acc)
+
+    def mj(behaviour: ExitBehaviour, split: int, nbytes: float) -> float | None:
+        if energy is None:
+            return None
+        return expected_mj(energy, device, cloud, link, exits, behaviour, split, nbytes)
+
     out = [Candidate(route="edge_only", split=None, setting=None, expected_ms=device.backbone_ms(), acc=full_acc,
-                     bytes_up=0.0, on_device=1.0)]
+                     bytes_up=0.0, on_device=1.0, energy_mj=mj(no_exits, last, 0.0))]
     cloud_ms = link.transfer_ms(input_bytes) + cloud.backbone_ms()
+    cloud_mj = None if energy is None else energy.mj(
+        0.0, link.send_ms(input_bytes), link.rtt_ms + link.receive_ms() + cloud.backbone_ms(), link.up_mbps)
     out.append(Candidate(route="cloud_only", split=None, setting=None, expected_ms=cloud_ms,
                          acc=full_acc if cloud_only_acc is None else cloud_only_acc,
-                         bytes_up=input_bytes, on_device=0.0))
+                         bytes_up=input_bytes, on_device=0.0, energy_mj=cloud_mj))
     plain = [Candidate(route="split", split=s, setting=None, acc=full_acc, bytes_up=feature_bytes[s], on_device=0.0,
-                       expected_ms=expected_ms(device, cloud, link, exits, no_exits, s, feature_bytes[s])[0])
+                       expected_ms=expected_ms(device, cloud, link, exits, no_exits, s, feature_bytes[s])[0],
+                       energy_mj=mj(no_exits, s, feature_bytes[s]))
              for s in allowed]
     if plain:
         out.append(min(plain, key=lambda c: c.expected_ms))  # Neurosurgeon's cut
@@ -205,24 +268,30 @@ def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: 
     for b in behaviours:
         ms, _ = expected_ms(device, cloud, link, exits, b, last, 0.0)
         out.append(Candidate(route="edge_exits", split=None, setting=b.setting, expected_ms=ms, acc=b.acc,
-                             bytes_up=0.0, on_device=1.0))
+                             bytes_up=0.0, on_device=1.0, energy_mj=mj(b, last, 0.0)))
         for s in allowed:
             ms, local = expected_ms(device, cloud, link, exits, b, s, feature_bytes[s])
             with_exits.append(Candidate(route="adaptive", split=s, setting=b.setting, expected_ms=ms, acc=b.acc,
-                                        bytes_up=(1 - local) * feature_bytes[s], on_device=local))
+                                        bytes_up=(1 - local) * feature_bytes[s], on_device=local,
+                                        energy_mj=mj(b, s, feature_bytes[s])))
     out.extend(with_exits)
-    return rank(out, accuracy_floor=accuracy_floor, latency_target_ms=latency_target_ms)
+    return rank(out, accuracy_floor=accuracy_floor, latency_target_ms=latency_target_ms, objective=objective)
 
 
 def rank(candidates: Sequence[Candidate], *, accuracy_floor: float | None = None,
-         latency_target_ms: float | None = None) -> list[Candidate]:
+         latency_target_ms: float | None = None, objective: Objective = "latency") -> list[Candidate]:
     """Best first (see `plan`)."""
+    def cost(c: Candidate) -> float:
+        if objective == "energy":
+            return math.inf if c.energy_mj is None else c.energy_mj
+        return c.expected_ms
+
     if latency_target_ms is not None:
         meets = [c for c in candidates if c.expected_ms <= latency_target_ms]
-        first = sorted(meets, key=lambda c: (-c.acc, c.expected_ms))
+        first = sorted(meets, key=lambda c: (-c.acc, cost(c)))
     else:
         floor = -math.inf if accuracy_floor is None else accuracy_floor
-        first = sorted((c for c in candidates if c.acc >= floor), key=lambda c: (c.expected_ms, -c.acc))
+        first = sorted((c for c in candidates if c.acc >= floor), key=lambda c: (cost(c), -c.acc))
     rest = sorted((c for c in candidates if c not in first), key=lambda c: c.expected_ms)
     return first + rest
 

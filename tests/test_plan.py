@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from splitexit.plan import (Candidate, DeviceTimes, ExitBehaviour, LinkEstimate, LinkEstimator, Replanner,
-                            expected_ms, plan)
+from splitexit.plan import (Candidate, DeviceTimes, EnergyModel, ExitBehaviour, LinkEstimate, LinkEstimator,
+                            Replanner, expected_mj, expected_ms, plan)
 
 # four stages, exits after stages 0 and 2; the device is 10x slower than the cloud
 DEVICE = DeviceTimes(stage_ms=(10.0, 10.0, 10.0, 10.0), exit_ms={0: 1.0, 2: 1.0}, head_ms=1.0)
@@ -35,6 +35,29 @@ def test_the_expected_latency_is_the_formula_by_hand() -> None:
     offload = 21 + 8 + 20
     want = 0.5 * 11 + 0.25 * (offload + 1.1) + 0.25 * (offload + 2.2)
     assert ms == pytest.approx(want) and local == 0.5
+
+
+def test_the_expected_energy_is_the_formula_by_hand() -> None:
+    link = LinkEstimate(up_mbps=8.0, rtt_ms=20.0)
+    energy = EnergyModel(busy_w=5.0, idle_w=1.0, radio_alpha_mw_per_mbps=100.0, radio_beta_mw=1000.0)
+    mj = expected_mj(energy, DEVICE, CLOUD, link, EXITS, HALF_EARLY, 1, FEATURES[1])
+    # computing at 5 W; sending 8 ms at 1 W + 0.1 W/Mbit/s x 8 = 1.8 W; waiting (RTT, the worker) at 1 W
+    want = 0.5 * 11 * 5 + 0.25 * (21 * 5 + 8 * 1.8 + (20 + 1.1) * 1) + 0.25 * (21 * 5 + 8 * 1.8 + (20 + 2.2) * 1)
+    assert mj == pytest.approx(want)
+
+
+def test_the_energy_objective_can_choose_otherwise_than_latency() -> None:
+    # a fast link and a worker 10x faster: latency favours the cloud (7.5 ms against the
+    # device's 24); but a frugal processor (0.5 W) and a radio that draws 20 W while sending
+    # make the device's own exits cheaper in energy (12 mJ against 48)
+    link = LinkEstimate(up_mbps=10.0, rtt_ms=1.0)
+    hungry = EnergyModel(busy_w=0.5, idle_w=0.1, radio_alpha_mw_per_mbps=0.0, radio_beta_mw=20000.0)
+    fastest = _plan(link)[0]
+    frugal = _plan(link, energy=hungry, objective="energy")[0]
+    assert fastest.on_device < 1 and frugal.on_device == 1.0
+    assert frugal.energy_mj == min(c.energy_mj for c in _plan(link, energy=hungry))
+    with pytest.raises(ValueError, match="needs an EnergyModel"):
+        _plan(link, objective="energy")
 
 
 def test_an_infinitely_fast_free_link_sends_everything_to_the_cloud() -> None:

@@ -58,6 +58,19 @@ def test_a_device_far_slower_than_the_worker_on_a_fast_link_sends_to_the_cloud(b
     assert result["device"]["name"] == "very-slow-board"
 
 
+def test_plan_for_energy_names_its_figures(bundle: Path, tmp_path: Path, capsys) -> None:
+    code, result = _plan(bundle, tmp_path, "--link", "lte", "--objective", "energy", "--device-power", "6.4,2.7")
+    assert code == 0 and result is not None and result["objective"] == "energy"
+    energies = [c["energy_mj"] for c in result["candidates"]]
+    assert all(e is not None and e > 0 for e in energies) and energies[0] == min(energies)
+    assert "lte radio of Huang et al., MobiSys 2012" in result["energy"]
+    assert "the least energy plan" in capsys.readouterr().out
+    assert _plan(bundle, tmp_path, "--link", "lte", "--objective", "energy")[0] == 2
+    assert "--objective energy needs --device-power" in capsys.readouterr().err
+    assert _plan(bundle, tmp_path, "--link", "cable", "--objective", "energy", "--device-power", "6,2")[0] == 2
+    assert "no radio power known for the link 'cable'" in capsys.readouterr().err
+
+
 def test_bad_plan_requests_are_refused(bundle: Path, tmp_path: Path, capsys) -> None:
     assert _plan(bundle, tmp_path, "--link", "carrier-pigeon")[0] == 2
     assert "not a link profile" in capsys.readouterr().err

@@ -186,7 +186,8 @@ def _exit_costs(times: DeviceTimes, exits: Sequence[int], start: int, end: int, 
 
 
 def exit_parts(device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: Sequence[int],
-               behaviour: ExitBehaviour, split: int, feature_bytes: float) -> tuple[list[tuple[float, ...]], float]:
+               behaviour: ExitBehaviour, split: int,
+               feature_bytes: float) -> tuple[list[tuple[float, float, float, float]], float]:
     """What an input answered at each ladder exit costs when cut after `split`: (share,
     device ms, ms sending, ms waiting for the answer) per exit, and the share answered
     on the device. `exits` are the stages of the exit heads, ascending (the final head is

@@ -151,7 +151,7 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     from splitexit.edge.transport.base import OffloadError
     from splitexit.sim.link import Direction, LinkProfile, LinkProxy, Outage
     from splitexit.sim.live import WorkerProcess
-    from splitexit.sim.virtual import requests
+    from splitexit.sim.virtual import load_link_trace, requests, trace_offsets_ms
 
     fleet, edge_model, link, cloud = scenario.fleet, scenario.edge, scenario.link, scenario.cloud
     edge = load_bundle(bundle, "edge")
@@ -159,27 +159,37 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     sent, decided, correct = requests(scenario)  # the virtual run's own requests
     shape = (fleet.devices, fleet.requests)
     sent_ms, on_device = sent.reshape(shape), decided.reshape(shape)
-    profile = LinkProfile(up=Direction(rate_mbps=link.up_mbps, delay_ms=link.rtt_ms / 2),
-                          down=Direction(delay_ms=link.rtt_ms / 2))
+    trace = load_link_trace(link.trace) if link.trace else None
+    up = (Direction(trace=trace, delay_ms=link.rtt_ms / 2) if trace is not None
+          else Direction(rate_mbps=link.up_mbps, delay_ms=link.rtt_ms / 2))
+    profile = LinkProfile(up=up, down=Direction(delay_ms=link.rtt_ms / 2))
+    # each device's emulators replay its trace from where the simulator has it start
+    offsets_s = (trace_offsets_ms(link, fleet.devices, scenario.seed, trace.period_ms) / 1e3 if trace is not None
+                 else np.zeros(fleet.devices))
     workers = [WorkerProcess([bundle], extra=_worker_args(scenario)) for _ in range(cloud.workers)]
     for w in workers:
         await w.start()
     proxies: list[LinkProxy] = []
     loop = asyncio.get_running_loop()
-    # every device starts its schedule together, once every proxy is up; the scenario's
-    # outages (from the first send) are placed on each proxy's own clock
+    # every device starts its schedule together, once every proxy is up; each proxy's clock
+    # (its outages, its trace) starts at the scenario's time 0, a trace where the simulator
+    # has it; a device's emulators to its workers share one link (one radio)
     setup_s = 1.0 + 0.05 * fleet.devices * len(workers)
     start = loop.time() + setup_s
     try:
         routes: list[list[Any]] = []  # per device: one proxy's transport per worker
         for d in range(fleet.devices):
             mine = []
+            first: LinkProxy | None = None
             for w in workers:
                 host, port = w.address.rsplit(":", 1)
-                offset = start - loop.time()
-                outages = [Outage(o.start_s + offset, o.duration_s, o.mode) for o in link.outages]
-                proxy = LinkProxy((host, int(port)), profile, seed=d, outages=outages)
+                shift = float(offsets_s[d])  # the proxy's clock runs this far ahead of the scenario's
+                outages = [Outage(o.start_s + shift, o.duration_s, o.mode) for o in link.outages]
+                proxy = LinkProxy((host, int(port)), profile, seed=d, outages=outages, clock_start=start - shift)
+                if first is not None:
+                    proxy.share_link_with(first)
                 await proxy.start()
+                first = first or proxy
                 proxies.append(proxy)
                 mine.append(GrpcTransport(proxy.address))
             routes.append(mine)

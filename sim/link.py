@@ -298,7 +298,10 @@ class LinkProxy:
     """
 
     def __init__(self, target: tuple[str, int], profile: LinkProfile | None = None, *,
-                 listen: tuple[str, int] = ("127.0.0.1", 0), outages: Sequence[Outage] = (), seed: int = 0) -> None:
+                 listen: tuple[str, int] = ("127.0.0.1", 0), outages: Sequence[Outage] = (), seed: int = 0,
+                 clock_start: float | None = None) -> None:
+        """`clock_start`: the event loop time of the proxy's time 0 (of its outages and its
+        traces); default: when it starts. Proxies given one clock replay a trace in step."""
         self.target = target
         self.profile = profile or LinkProfile()
         self.listen = listen
@@ -308,6 +311,7 @@ class LinkProxy:
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start = 0.0
+        self._clock_start = clock_start
         self._up: _Bottleneck | None = None
         self._down: _Bottleneck | None = None
         self._connections: set[_Connection] = set()
@@ -318,10 +322,18 @@ class LinkProxy:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._start = self._loop.time()
-        self._up, self._down = _Bottleneck(self._start), _Bottleneck(self._start)
+        self._start = self._loop.time() if self._clock_start is None else self._clock_start
+        if self._up is None or self._down is None:  # not sharing another proxy's (`share_link_with`)
+            self._up, self._down = _Bottleneck(self._start), _Bottleneck(self._start)
         self._server = await asyncio.start_server(self._accept, *self.listen)
         self._spawn(self._outage_clock())
+
+    def share_link_with(self, other: "LinkProxy") -> None:
+        """Carry this proxy's bytes through `other`'s bottlenecks (call before `start`): one
+        device's link to several workers is one radio, not one per worker."""
+        if other._up is None or other._down is None:
+            raise RuntimeError("start the proxy whose link is shared first")
+        self._up, self._down = other._up, other._down
 
     @property
     def address(self) -> str:

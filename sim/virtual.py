@@ -34,13 +34,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from splitexit.sim.link import Outage
 
-__all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkModel", "Scenario", "VirtualResult",
+__all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkModel", "Scenario", "VirtualResult", "WorkerEvent",
            "fewest_workers", "load_scenario", "requests", "simulate_fleet"]
 
 
@@ -80,6 +80,12 @@ class EdgeModel:
 class LinkModel:
     rtt_ms: float = 0.0
     up_mbps: float | None = None  # None: no rate limit
+    # or the uplink's capacity replayed from a Mahimahi trace (as the link emulator does): a
+    # file, or NAME of ../shared/data/cellular-traces.tar.gz (e.g. "TMobile-LTE-short.up");
+    # each device replays it from a random point of its period ("random"), or all from its
+    # start at the scenario's time 0 ("aligned", as the live harness's emulators do)
+    trace: str = ""
+    trace_phase: str = "random"
     # outages of every device's link at once (a region), the link emulator's own kind
     # (seconds from the first send): `blackhole` holds what crosses until it ends (as TCP
     # would retransmit), `refuse` fails a request sent meanwhile at once
@@ -88,6 +94,10 @@ class LinkModel:
     def __post_init__(self) -> None:
         if self.rtt_ms < 0 or (self.up_mbps is not None and self.up_mbps <= 0):
             raise ValueError("rtt_ms must be >= 0 and up_mbps > 0")
+        if self.trace and self.up_mbps is not None:
+            raise ValueError("[link] has up_mbps or a trace, not both")
+        if self.trace_phase not in ("random", "aligned"):
+            raise ValueError(f"trace_phase must be random or aligned, got {self.trace_phase!r}")
         outages = tuple(o if isinstance(o, Outage) else Outage(**o) for o in self.outages)
         if any(o.mode == "reset" for o in outages):
             raise ValueError("the simulator models blackhole and refuse outages, not reset")
@@ -118,6 +128,22 @@ class Autoscale:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorkerEvent:
+    """[[cloud.events]]: at `at_s` (from the first send), `count` workers `fail` (killed: the
+    batch each is computing is lost, its requests answered on the device, degraded, as
+    the edge does on UNAVAILABLE), `drain` (they finish their batch, then leave: nothing
+    is lost) or `start` (they serve from then on)."""
+
+    at_s: float
+    kind: str
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.at_s < 0 or self.count < 1 or self.kind not in ("fail", "drain", "start"):
+            raise ValueError("[[cloud.events]] needs at_s >= 0, count >= 1 and kind fail, drain or start")
+
+
+@dataclass(frozen=True, kw_only=True)
 class CloudModel:
     workers: int = 1
     max_batch: int = 32
@@ -129,10 +155,13 @@ class CloudModel:
     timeout_ms: float = 5000.0  # the edge's request deadline
     rpc_ms: float = 0.0  # per request, outside its batch: gRPC both ways, decoding (measured: fleet_live)
     autoscale: Autoscale | None = None  # None: `workers` workers throughout
+    events: tuple[WorkerEvent, ...] = ()  # workers failing, draining, starting
 
     def __post_init__(self) -> None:
         if isinstance(self.autoscale, Mapping):  # a TOML table
             object.__setattr__(self, "autoscale", Autoscale(**self.autoscale))
+        events = tuple(e if isinstance(e, WorkerEvent) else WorkerEvent(**e) for e in self.events)
+        object.__setattr__(self, "events", tuple(sorted(events, key=lambda e: e.at_s)))
         self._check()
 
     def _check(self) -> None:
@@ -256,7 +285,8 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
     offloaded = np.flatnonzero(~on_device)
     leaves = sent[offloaded] + edge.split_ms  # when each offload is sent
     refused = _in_outage(leaves, link.outages, "refuse")
-    crossed = _held(_uplink(sent + edge.split_ms, ~on_device, fleet, edge, link)[offloaded], link.outages)
+    crossed = _held(_uplink(sent + edge.split_ms, ~on_device, fleet, edge, link, scenario.seed)[offloaded],
+                    link.outages)
     deadline = leaves + cloud.timeout_ms
     sending = np.flatnonzero(~refused)
     at_cloud = crossed[sending] + half
@@ -320,23 +350,89 @@ def _held(t_ms: np.ndarray, outages: tuple[Outage, ...]) -> np.ndarray:
     return out
 
 
-def _uplink(ready: np.ndarray, sends: np.ndarray, fleet: FleetModel, edge: EdgeModel, link: LinkModel) -> np.ndarray:
+TRACES = Path("../shared/data/cellular-traces.tar.gz")
+
+
+def load_link_trace(name: str) -> Any:
+    """A trace file, or NAME of the traces archive beside the project."""
+    from splitexit.sim.link import load_trace
+
+    return load_trace(name) if Path(name).is_file() else load_trace(TRACES, name)
+
+
+def _uplink(ready: np.ndarray, sends: np.ndarray, fleet: FleetModel, edge: EdgeModel, link: LinkModel,
+            seed: int) -> np.ndarray:
     """When each request's feature has left its device: each device's uplink is its own
-    queue, one feature after another at the link's rate (a device sending faster than
-    its uplink carries waits, as the link emulator makes it). Per request of `ready`
-    (flat, devices in rows); only entries where `sends` is true are meaningful."""
-    if link.up_mbps is None or edge.feature_bytes == 0:
+    queue, one feature after another at the link's rate, or in the trace's delivery
+    opportunities (a device sending faster than its uplink carries waits, as the link
+    emulator makes it). Per request of `ready` (flat, devices in rows); only entries where
+    `sends` is true are meaningful."""
+    if (link.up_mbps is None and not link.trace) or edge.feature_bytes == 0:
         return ready
-    up_ms = edge.feature_bytes * 8 / (link.up_mbps * 1000.0)
     shape = (fleet.devices, fleet.requests)
     ready2, sends2 = ready.reshape(shape), sends.reshape(shape)
     left = np.empty(shape)
     free = np.full(fleet.devices, -np.inf)  # when each device's uplink is next idle
+    send: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    if link.trace:
+        send = _TraceSender(link, edge.feature_bytes, fleet.devices, seed)
+    else:
+        up_ms = edge.feature_bytes * 8 / (link.up_mbps * 1000.0)  # type: ignore[operator]
+
+        def send(start: np.ndarray, sending: np.ndarray) -> np.ndarray:
+            return start + up_ms
     for r in range(fleet.requests):  # vectorized over devices, in each device's order of sending
-        start = np.maximum(free, ready2[:, r])
-        left[:, r] = start + up_ms
+        left[:, r] = send(np.maximum(free, ready2[:, r]), sends2[:, r])
         free = np.where(sends2[:, r], left[:, r], free)
     return left.ravel()
+
+
+def trace_offsets_ms(link: LinkModel, devices: int, seed: int, period_ms: float) -> np.ndarray:
+    """Where in its trace each device is at the scenario's time 0 (ms); the live harness
+    starts its emulators' traces there too."""
+    if link.trace_phase == "aligned":
+        return np.zeros(devices)
+    # its own generator: the requests' draws (`requests`) are the same with or without a trace
+    return np.random.default_rng([seed, 7]).uniform(0, period_ms, devices)
+
+
+class _TraceSender:
+    """When a feature of `nbytes` has crossed each device's uplink, in the trace's delivery
+    opportunities of 1,500 bytes, step for step as the link emulator's `_Bottleneck` does
+    it (vectorized over devices): a link idle when a feature starts has lost the
+    opportunities before; a busy one goes on from the first it has not used, and the
+    room left in a packet carries the next feature's first bytes."""
+
+    def __init__(self, link: LinkModel, nbytes: int, devices: int, seed: int) -> None:
+        from splitexit.sim.link import PACKET_BYTES
+
+        trace = load_link_trace(link.trace)
+        self.times = np.asarray(trace.times_ms, dtype=np.float64)
+        self.period, self.per = float(trace.period_ms), len(self.times)
+        self.nbytes, self.packet = nbytes, PACKET_BYTES
+        self.offset = trace_offsets_ms(link, devices, seed, self.period)
+        self.next = np.zeros(devices)  # per device: the first opportunity not used yet
+        self.left = np.zeros(devices)  # bytes still free in the one before it
+        self.free = np.full(devices, -np.inf)  # when its last feature finished crossing (trace time)
+
+    def _time(self, index: np.ndarray) -> np.ndarray:
+        return (index // self.per) * self.period + self.times[(index % self.per).astype(np.int64)]
+
+    def __call__(self, start: np.ndarray, sending: np.ndarray) -> np.ndarray:
+        now = start + self.offset  # each device's time in its trace
+        cycle = np.floor(np.maximum(now, 0) / self.period)
+        first = cycle * self.per + np.searchsorted(self.times, now - cycle * self.period, side="left")
+        reset = (now > self.free) & (first >= self.next)
+        nxt, left = np.where(reset, first, self.next), np.where(reset, 0.0, self.left)
+        rest = self.nbytes - np.minimum(self.nbytes, left)
+        packets = np.ceil(rest / self.packet)
+        last = np.where(rest > 0, nxt + packets - 1, nxt - 1)
+        left = np.where(rest > 0, packets * self.packet - rest, left - self.nbytes)
+        done = np.maximum(now, self._time(np.maximum(last, 0)))
+        self.next = np.where(sending, nxt + packets, self.next)
+        self.left = np.where(sending, left, self.left)
+        self.free = np.where(sending, np.maximum(self.free, done), self.free)
+        return done - self.offset
 
 
 def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
@@ -344,9 +440,11 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
     """The workers' shared queue, one row per request, requests in arrival order.
 
     Returns when each request's answer (or refusal) leaves the cloud, how it ended (1
-    answered, 2 refused, 3 late: its deadline passed before its batch would end), and the
-    batches' count, rows and summed compute time, and the worker count over time ((s,
-    count) at the start and at each change: with `cloud.autoscale` it follows its rules)."""
+    answered, 2 refused or lost with a failed worker, 3 late: its deadline passed before
+    its batch would end), and the batches' count, rows and summed compute time, and the
+    worker count over time ((s, count) at the start and at each change: with
+    `cloud.autoscale` it follows its rules, and `cloud.events` fail, drain and start
+    workers)."""
     n = len(arrive)
     out = np.empty(n)
     how = np.ones(n, dtype=np.int8)
@@ -361,6 +459,8 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
     batches = rows_total = 0
     busy = 0.0
     running: list[tuple[float, float]] = []  # (start, end) of recent batches: admission, utilisation
+    members_at: dict[float, list[int]] = {}  # a worker's busy-until time -> the requests of its batch
+    events = list(cloud.events)
     i = 0
     arrive_l, deadline_l = arrive.tolist(), deadline.tolist()
     # autoscaling state
@@ -373,7 +473,7 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
     def start_batches(until: float) -> None:
         """Start every batch the rules would start before time `until`."""
         nonlocal head, batches, rows_total, busy
-        while head < len(queue):
+        while head < len(queue) and free:
             worker_free = free[0]
             oldest = arrive_l[queue[head]]
             waiting = len(queue) - head
@@ -387,7 +487,11 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
             head += take
             compute = cloud.batch_time_ms(take)
             ends = ready + compute
+            while ends in members_at:  # the key names one batch
+                ends = math.nextafter(ends, math.inf)
             heapq.heapreplace(free, ends)
+            if events:
+                members_at[ends] = members
             live = 0
             for j in members:
                 if deadline_l[j] < ends:  # would be answered too late: dropped, not computed
@@ -428,15 +532,39 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
                 timeline.append((next_sync / 1e3, len(free)))
             next_sync += sync_ms
 
+    def worker_events(now: float) -> None:
+        """The scenario's worker failures, drains and starts up to `now`."""
+        while events and 1e3 * events[0].at_s <= now:
+            event = events.pop(0)
+            at = 1e3 * event.at_s
+            start_batches(at)
+            for _ in range(event.count):
+                if event.kind == "start":
+                    heapq.heappush(free, at)
+                elif not free:
+                    break
+                elif event.kind == "drain":  # the first to be free leaves once its batch is done
+                    heapq.heappop(free)
+                else:  # fail: the busiest worker dies, its batch with it
+                    worst = max(free)
+                    free.remove(worst)
+                    heapq.heapify(free)
+                    for j in members_at.pop(worst, []) if worst > at else []:
+                        if how[j] == 1:
+                            how[j], out[j] = 2, at
+            timeline.append((event.at_s, len(free)))
+
     while i < n:
         t = arrive_l[i]
+        if events:
+            worker_events(t)
         if scale is not None:
             autoscale(t)
         start_batches(t)
         # admission, as cloud.batcher decides it: by count, then by the work ahead (full
         # batches, waiting and computing; a request's own batch is not waiting)
         waiting = len(queue) - head
-        if waiting + 1 > cloud.queue_limit_rows:
+        if waiting + 1 > cloud.queue_limit_rows or not free:  # no worker at all: UNAVAILABLE
             how[i], out[i] = 2, t
             i += 1
             continue
@@ -453,7 +581,13 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
             head = 0
         if len(running) > 8192 and scale is None:  # admission looks at the last few only
             del running[:4096]
+        if len(members_at) > 8192:  # only batches still computing can be lost
+            members_at = {e: m for e, m in members_at.items() if e > t}
+    if events:
+        worker_events(math.inf)
     start_batches(float("inf"))
+    for j in queue[head:]:  # no worker left to take them: the edge gives up at the deadline
+        how[j], out[j] = 3, deadline_l[j]
     return out, how, batches, rows_total, busy, timeline
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from splitexit.policies import MaxProb
-from splitexit.sim.virtual import CloudModel, EdgeModel, FleetModel, LinkModel, Scenario, simulate_fleet
+from splitexit.sim.virtual import CloudModel, EdgeModel, FleetModel, LinkModel, Scenario, VirtualResult, simulate_fleet
 
 UNBOUNDED = dict(queue_limit_rows=10**9, max_queue_wait_ms=1e12, timeout_ms=1e12)
 
@@ -299,3 +299,74 @@ def test_the_autoscaler_adds_workers_under_load_and_removes_them_after_its_stabi
                                     cloud=replace(cloud, workers=6)))
     assert light.workers[0] == (0.0, 6) and light.workers[-1][1] == 1, light.workers
     assert light.workers[1][0] >= 60, light.workers  # none left before the 60 s window
+
+
+def test_a_trace_uplink_carries_features_as_the_link_emulator_does(tmp_path) -> None:
+    """One device's features through a trace: the simulator's departure times equal the
+    link emulator's bottleneck's, send after send (idle gaps lose opportunities, a backlog
+    goes on from the first unused one, opportunities sharing a millisecond included)."""
+    from splitexit.sim.link import Direction, _Bottleneck, parse_trace
+    from splitexit.sim.virtual import _uplink
+
+    rng = np.random.default_rng(0)
+    times = np.sort(rng.integers(0, 400, size=300))  # bursts: several opportunities per ms
+    path = tmp_path / "bursty.up"
+    path.write_text("\n".join(map(str, [*times, 400])) + "\n")
+    fleet = FleetModel(devices=1, requests=200, rate_hz=50.0)
+    edge = EdgeModel(feature_bytes=5000)
+    link = LinkModel(trace=str(path), trace_phase="aligned")
+    ready = np.cumsum(rng.exponential(20.0, 200))
+    sends = rng.random(200) < 0.7
+    got = _uplink(ready, sends, fleet, edge, link, seed=0)
+    neck, direction = _Bottleneck(0.0), Direction(trace=parse_trace(path.read_text(), "bursty"))
+    free = -np.inf
+    for t, s, g in zip(ready, sends, got):
+        if not s:
+            continue
+        start = max(t, free)  # the simulator queues a device's features; the emulator gets them in turn
+        want = 1e3 * neck.depart(start / 1e3, 5000, direction)
+        assert g == pytest.approx(want, abs=1e-6), (t, start)
+        free = g
+
+
+def test_traces_in_scenarios_load_and_are_seeded() -> None:
+    base = {"fleet": {"devices": 50, "requests": 30, "rate_hz": 2.0},
+            "edge": {"on_device_share": 0.4, "edge_ms": 5, "split_ms": 3, "feature_bytes": 8192},
+            "link": {"rtt_ms": 70, "trace": "TMobile-LTE-short.up"}}
+    try:
+        one = simulate_fleet(Scenario.from_dict(base))
+    except (OSError, ValueError) as exc:
+        pytest.skip(f"the cellular traces beside the project are missing: {exc}")
+    again = simulate_fleet(Scenario.from_dict(base))
+    assert np.array_equal(one.done_ms, again.done_ms)
+    aligned = simulate_fleet(Scenario.from_dict({**base, "link": {**base["link"], "trace_phase": "aligned"}}))
+    assert not np.array_equal(one.done_ms, aligned.done_ms)  # devices at their own points of the trace
+    with pytest.raises(ValueError, match="up_mbps or a trace, not both"):
+        Scenario.from_dict({**base, "link": {"trace": "x", "up_mbps": 5}})
+
+
+def test_a_failed_worker_loses_its_batch_a_drained_one_nothing_and_a_started_one_serves() -> None:
+    base = Scenario(seed=1, fleet=FleetModel(devices=20, requests=100, rate_hz=5.0),
+                    edge=EdgeModel(split_ms=2.0), link=LinkModel(rtt_ms=10.0),
+                    cloud=CloudModel(workers=2, batch_ms=20.0, row_ms=1.0, max_batch=8))
+    steady = simulate_fleet(base)
+    assert steady.report(2)["degraded_share"] == 0
+
+    def run(*events: dict) -> tuple[VirtualResult, np.ndarray]:
+        result = simulate_fleet(replace(base, cloud=replace(base.cloud, events=events)))
+        sent_s = result.sent_ms / 1e3
+        return result, sent_s
+
+    # both workers fail at 5 s and one starts again at 10 s
+    failed, sent_s = run({"at_s": 5, "kind": "fail", "count": 2}, {"at_s": 10, "kind": "start"})
+    degraded = failed.route >= 2
+    assert degraded[(sent_s > 5.5) & (sent_s < 9.5)].all()  # nobody serves: answered on the device at once
+    assert not degraded[(sent_s > 11) & (sent_s < 15)].any()  # one worker is enough for this load
+    lost = degraded & (sent_s < 5)  # in the failed workers' batches
+    assert 0 < lost.sum() <= 16 and (failed.done_ms[lost] <= 5000 + base.link.rtt_ms + 1).all()
+    assert [w for _, w in failed.workers] == [2, 0, 1]
+    # a drain loses nothing
+    drained, _ = run({"at_s": 5, "kind": "drain"})
+    assert drained.report(2)["degraded_share"] == 0 and [w for _, w in drained.workers] == [2, 1]
+    with pytest.raises(ValueError, match="kind fail, drain or start"):
+        Scenario.from_dict({"cloud": {"events": [{"at_s": 1, "kind": "explode"}]}})

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from splitexit.cli import CliError
 from splitexit.sim.bench.common import BenchContext, log
 
 HELP = "the virtual-time fleet simulator's wall time for 10k and 100k devices x 100 requests"
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fidelity", action="store_true",
                         help="also run the fidelity scenarios live (worker processes, link emulators) and in virtual time "
                              "on the reference tail, and compare (a few minutes)")
+    parser.add_argument("--only", metavar="NAME,...", help="with --fidelity: just these scenarios")
 
 
 def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
@@ -56,7 +58,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
                               "runs": runs, "scenario": base.to_dict(), "fidelity": None,
                               "not_measured": ["sim capacity", "traces, outages and autoscaling in the simulator"]}
     if args.fidelity:
-        result["scenarios"] = _fidelity(ctx)
+        result["scenarios"] = _fidelity(ctx, args.only.split(",") if args.only else None)
         ratios = [r for f in result["scenarios"].values() for r in (f["ratio"]["mean_ms"],) if r is not None]
         result["fidelity"] = round(float(np.mean(ratios)), 3) if ratios else None
     else:
@@ -66,8 +68,9 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
 
 def fidelity_scenarios() -> dict[str, Any]:
     """The scenarios run both ways: devices on LTE with one worker, more devices on Wi-Fi
-    with two (and the same through a 2 s outage of every link), and one worker offered
-    more than it can serve (batches of one row)."""
+    with two (and the same through a 2 s outage of every link), devices on a real LTE
+    trace with two workers and an outage, and one worker offered more than it can serve
+    (batches of one row)."""
     from splitexit.sim.link import Outage
     from splitexit.sim.virtual import CloudModel, EdgeModel, FleetModel, LinkModel, Scenario
 
@@ -83,6 +86,10 @@ def fidelity_scenarios() -> dict[str, Any]:
             name="16-wifi-2-workers-outage", fleet=FleetModel(devices=16, requests=30, rate_hz=4.0), edge=edge,
             link=LinkModel(rtt_ms=28.0, up_mbps=18.88, outages=(Outage(2.0, 2.0, "blackhole"),)),
             cloud=replace(cloud, workers=2, timeout_ms=1000.0)),
+        "16-trace-2-workers-outage": Scenario(
+            name="16-trace-2-workers-outage", fleet=FleetModel(devices=16, requests=30, rate_hz=4.0), edge=edge,
+            link=LinkModel(rtt_ms=70.0, trace="TMobile-LTE-short.up", outages=(Outage(3.0, 2.0, "blackhole"),)),
+            cloud=replace(cloud, workers=2, timeout_ms=1000.0)),
         "overloaded-worker": Scenario(name="overloaded-worker", fleet=FleetModel(devices=12, requests=40, rate_hz=25.0),
                                       edge=EdgeModel(on_device_share=0.0, split_ms=2.0),
                                       link=LinkModel(rtt_ms=10.0, up_mbps=100.0),
@@ -91,7 +98,7 @@ def fidelity_scenarios() -> dict[str, Any]:
     }
 
 
-def _fidelity(ctx: BenchContext) -> dict[str, Any]:
+def _fidelity(ctx: BenchContext, only: list[str] | None = None) -> dict[str, Any]:
     """Each scenario live and virtual on the reference tail (the serve bench's split)."""
     from splitexit.bundle import export_bundle
     from splitexit.policies import MaxProb
@@ -103,6 +110,11 @@ def _fidelity(ctx: BenchContext) -> dict[str, Any]:
                            split=last_stages_split(trained), policy=MaxProb(2.0, fallback=False),
                            input_shape=ctx.input_shape, name=trained.meta.model.arch)
     scenarios = fidelity_scenarios()
+    if only:
+        unknown = sorted(set(only) - set(scenarios))
+        if unknown:
+            raise CliError(f"--only: unknown scenario {unknown[0]!r}; known: {', '.join(scenarios)}")
+        scenarios = {name: scenarios[name] for name in only}
     costs = calibrate_cloud(bundle, next(iter(scenarios.values())))
     log(f"worker costs measured: {costs}")
     out = {}

@@ -90,19 +90,27 @@ def calibrate_cloud(bundle: Path, scenario: Scenario, *, repeats: int = 30) -> d
             "one_row_throughput": round(saturated, 1), "request_bytes": len(payload)}
 
 
-async def _one_row_throughput(bundle: Path, scenario: Scenario, *, lanes: int = 16, seconds: float = 3.0) -> float:
-    """Requests/s a worker answers in batches of one row, kept busy by `lanes` requests
-    in flight from this process."""
+async def _one_row_throughput(bundle: Path, scenario: Scenario, *, seconds: float = 3.0) -> float:
+    """Requests/s a worker answers in batches of one row, kept busy by one request in
+    flight per device of the scenario, each through a link emulator of its own (without
+    impairments): the live run's clients and emulators share the cores with the worker,
+    so they are in the measurement too."""
     from splitexit.bundle import load_bundle
     from splitexit.edge import GrpcTransport
+    from splitexit.sim.link import LinkProfile, LinkProxy
     from splitexit.sim.live import WorkerProcess
 
     edge = load_bundle(bundle, "edge")
     feature = np.zeros((1, *edge.feature_shape), dtype=np.float32)
     one_row = replace(scenario, cloud=replace(scenario.cloud, max_batch=1, max_delay_ms=0.0,
                                               max_queue_wait_ms=60_000.0))
+    lanes = scenario.fleet.devices
     async with WorkerProcess([bundle], extra=_worker_args(one_row)) as worker:
-        transport = GrpcTransport(worker.address)
+        host, port = worker.address.rsplit(":", 1)
+        proxies = [LinkProxy((host, int(port)), LinkProfile()) for _ in range(lanes)]
+        for proxy in proxies:
+            await proxy.start()
+        transports = [GrpcTransport(proxy.address) for proxy in proxies]
         loop = asyncio.get_running_loop()
         counted = 0
         measure_from = loop.time() + 1.0  # a second of warm-up
@@ -112,13 +120,18 @@ async def _one_row_throughput(bundle: Path, scenario: Scenario, *, lanes: int = 
             nonlocal counted
             i = 0
             while loop.time() < ends:
-                await transport.infer(_request(edge, feature, f"c{k}-{i}"), 10.0)
+                await transports[k].infer(_request(edge, feature, f"c{k}-{i}"), 10.0)
                 i += 1
                 if loop.time() >= measure_from:
                     counted += 1
 
-        await asyncio.gather(*(lane(k) for k in range(lanes)))
-        await transport.close()
+        try:
+            await asyncio.gather(*(lane(k) for k in range(lanes)))
+        finally:
+            for transport in transports:
+                await transport.close()
+            for proxy in proxies:
+                await proxy.close()
     return counted / seconds
 
 

@@ -90,7 +90,7 @@ def fidelity_scenarios() -> dict[str, Any]:
             name="16-trace-2-workers-outage", fleet=FleetModel(devices=16, requests=30, rate_hz=4.0), edge=edge,
             link=LinkModel(rtt_ms=70.0, trace="TMobile-LTE-short.up", outages=(Outage(3.0, 2.0, "blackhole"),)),
             cloud=replace(cloud, workers=2, timeout_ms=1000.0)),
-        "overloaded-worker": Scenario(name="overloaded-worker", fleet=FleetModel(devices=12, requests=40, rate_hz=25.0),
+        "overloaded-worker": Scenario(name="overloaded-worker", fleet=FleetModel(devices=12, requests=60, rate_hz=40.0),
                                       edge=EdgeModel(on_device_share=0.0, split_ms=2.0),
                                       link=LinkModel(rtt_ms=10.0, up_mbps=100.0),
                                       cloud=replace(cloud, max_batch=1, max_delay_ms=0.0, max_queue_wait_ms=50.0,
@@ -115,10 +115,11 @@ def _fidelity(ctx: BenchContext, only: list[str] | None = None) -> dict[str, Any
         if unknown:
             raise CliError(f"--only: unknown scenario {unknown[0]!r}; known: {', '.join(scenarios)}")
         scenarios = {name: scenarios[name] for name in only}
-    costs = calibrate_cloud(bundle, next(iter(scenarios.values())))
-    log(f"worker costs measured: {costs}")
     out = {}
     for name, scenario in scenarios.items():
+        # measured for each scenario: its devices' clients and link emulators share the cores
+        costs = calibrate_cloud(bundle, scenario)
+        log(f"{name}: worker costs measured: {costs}")
         result = fidelity(scenario, bundle, costs)
         log(f"{name}: live {result['live']}, virtual {result['virtual']}, virtual/live {result['ratio']}")
         out[name] = result

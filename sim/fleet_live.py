@@ -164,21 +164,24 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     from splitexit.edge.transport.base import OffloadError
     from splitexit.sim.link import Direction, LinkProfile, LinkProxy, Outage
     from splitexit.sim.live import WorkerProcess
-    from splitexit.sim.virtual import load_link_trace, requests, trace_offsets_ms
+    from splitexit.sim.virtual import device_links, load_link_trace, requests, trace_offsets_ms
 
-    fleet, edge_model, link, cloud = scenario.fleet, scenario.edge, scenario.link, scenario.cloud
+    fleet, edge_model, cloud = scenario.fleet, scenario.edge, scenario.cloud
     edge = load_bundle(bundle, "edge")
     feature = np.random.default_rng(1).standard_normal((1, *edge.feature_shape)).astype(np.float32)
     sent, decided, correct = requests(scenario)  # the virtual run's own requests
     shape = (fleet.devices, fleet.requests)
     sent_ms, on_device = sent.reshape(shape), decided.reshape(shape)
-    trace = load_link_trace(link.trace) if link.trace else None
-    up = (Direction(trace=trace, delay_ms=link.rtt_ms / 2) if trace is not None
-          else Direction(rate_mbps=link.up_mbps, delay_ms=link.rtt_ms / 2))
-    profile = LinkProfile(up=up, down=Direction(delay_ms=link.rtt_ms / 2))
-    # each device's emulators replay its trace from where the simulator has it start
-    offsets_s = (trace_offsets_ms(link, fleet.devices, scenario.seed, trace.period_ms) / 1e3 if trace is not None
-                 else np.zeros(fleet.devices))
+    # per device: its group's link, its outages, and where its trace starts (as the simulator has it)
+    links: list[tuple[Any, Any, float]] = []  # (profile, link model, trace offset in s)
+    for lo, hi, group, seed in device_links(scenario):
+        trace = load_link_trace(group.trace) if group.trace else None
+        up = (Direction(trace=trace, delay_ms=group.rtt_ms / 2) if trace is not None
+              else Direction(rate_mbps=group.up_mbps, delay_ms=group.rtt_ms / 2))
+        profile = LinkProfile(up=up, down=Direction(delay_ms=group.rtt_ms / 2))
+        offsets = (trace_offsets_ms(group, hi - lo, seed, trace.period_ms) / 1e3 if trace is not None
+                   else np.zeros(hi - lo))
+        links += [(profile, group, float(o)) for o in offsets]
     workers = [WorkerProcess([bundle], extra=_worker_args(scenario)) for _ in range(cloud.workers)]
     for w in workers:
         await w.start()
@@ -196,8 +199,8 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
             first: LinkProxy | None = None
             for w in workers:
                 host, port = w.address.rsplit(":", 1)
-                shift = float(offsets_s[d])  # the proxy's clock runs this far ahead of the scenario's
-                outages = [Outage(o.start_s + shift, o.duration_s, o.mode) for o in link.outages]
+                profile, group, shift = links[d]  # the proxy's clock runs `shift` ahead of the scenario's
+                outages = [Outage(o.start_s + shift, o.duration_s, o.mode) for o in group.outages]
                 proxy = LinkProxy((host, int(port)), profile, seed=d, outages=outages, clock_start=start - shift)
                 if first is not None:
                     proxy.share_link_with(first)

@@ -40,7 +40,7 @@ import numpy as np
 
 from splitexit.sim.link import Outage
 
-__all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkModel", "Scenario", "VirtualResult", "WorkerEvent",
+__all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkGroup", "LinkModel", "Scenario", "VirtualResult", "WorkerEvent",
            "fewest_workers", "load_scenario", "requests", "simulate_fleet"]
 
 
@@ -86,6 +86,10 @@ class LinkModel:
     # start at the scenario's time 0 ("aligned", as the live harness's emulators do)
     trace: str = ""
     trace_phase: str = "random"
+    # [[link.groups]]: the first `devices` devices on a link of their own, the next group's
+    # after them, and so on; devices left over use this link. A group's outages are its
+    # region's: they hit its devices only.
+    groups: tuple["LinkGroup", ...] = ()
     # outages of every device's link at once (a region), the link emulator's own kind
     # (seconds from the first send): `blackhole` holds what crosses until it ends (as TCP
     # would retransmit), `refuse` fails a request sent meanwhile at once
@@ -102,6 +106,35 @@ class LinkModel:
         if any(o.mode == "reset" for o in outages):
             raise ValueError("the simulator models blackhole and refuse outages, not reset")
         object.__setattr__(self, "outages", outages)  # TOML gives tables; keep Outage objects
+        groups = tuple(g if isinstance(g, LinkGroup) else LinkGroup(**g) for g in self.groups)
+        if any(g.groups for g in groups):
+            raise ValueError("a link group has no groups of its own")
+        object.__setattr__(self, "groups", groups)
+
+    def per_device(self, devices: int) -> list[tuple[int, int, "LinkModel"]]:
+        """(first device, end, link) of each group, then the rest on this link."""
+        out: list[tuple[int, int, LinkModel]] = []
+        lo = 0
+        for g in self.groups:
+            out.append((lo, lo + g.devices, g))
+            lo += g.devices
+        if lo > devices:
+            raise ValueError(f"[[link.groups]] hold {lo} devices, the fleet {devices}")
+        if lo < devices:
+            out.append((lo, devices, self))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkGroup(LinkModel):
+    """A group of devices (a region) on a link of its own."""
+
+    devices: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.devices < 1:
+            raise ValueError("[[link.groups]] devices must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,35 +305,56 @@ def requests(scenario: Scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
     return sent, decided[sample], right[sample]
 
 
+def device_links(scenario: Scenario) -> list[tuple[int, int, LinkModel, int]]:
+    """(first device, end, link, seed of its trace points) of each link group, then the
+    rest on [link] (with the scenario's seed); the live harness builds its emulators from it."""
+    groups = scenario.link.per_device(scenario.fleet.devices)
+    return [(lo, hi, link, scenario.seed if link is scenario.link else scenario.seed * 1000 + g + 1)
+            for g, (lo, hi, link) in enumerate(groups)]
+
+
 def simulate_fleet(scenario: Scenario) -> VirtualResult:
     """Run the scenario; the same scenario (seed included) gives the same result, bit for bit."""
-    edge, link, cloud = scenario.edge, scenario.link, scenario.cloud
+    edge, cloud = scenario.edge, scenario.cloud
     sent, on_device, correct = requests(scenario)
     fleet = scenario.fleet
     n = len(sent)
     done = np.empty(n)
     route = np.zeros(n, dtype=np.int8)
     done[on_device] = sent[on_device] + edge.edge_ms
-    half = link.rtt_ms / 2
+    ready = sent + edge.split_ms  # when each offload would be sent
+    # per request, from its device's link: half the RTT, refused by an outage, past the uplink
+    half, refused_all, crossed_all = np.empty(n), np.zeros(n, dtype=bool), np.empty(n)
+    groups = device_links(scenario)
+    for lo, hi, link, seed in groups:
+        rows = slice(lo * fleet.requests, hi * fleet.requests)
+        half[rows] = link.rtt_ms / 2
+        refused_all[rows] = _in_outage(ready[rows], link.outages, "refuse")
+        crossed_all[rows] = _held(_uplink(ready[rows], ~on_device[rows], replace(fleet, devices=hi - lo), edge,
+                                          link, seed), link.outages)
     offloaded = np.flatnonzero(~on_device)
-    leaves = sent[offloaded] + edge.split_ms  # when each offload is sent
-    refused = _in_outage(leaves, link.outages, "refuse")
-    crossed = _held(_uplink(sent + edge.split_ms, ~on_device, fleet, edge, link, scenario.seed)[offloaded],
-                    link.outages)
+    leaves = ready[offloaded]
+    refused = refused_all[offloaded]
     deadline = leaves + cloud.timeout_ms
     sending = np.flatnonzero(~refused)
-    at_cloud = crossed[sending] + half
+    back_half = half[offloaded[sending]]
+    at_cloud = crossed_all[offloaded[sending]] + back_half
     order = np.argsort(at_cloud, kind="stable")
-    answered, how, batches, batch_rows, busy, workers = _cloud(at_cloud[order], deadline[sending][order] - half,
-                                                              cloud)
-    # answers travel back (half an RTT, held by a blackhole); a refusal too; a late request
-    # ends at its deadline
-    back = _held(answered + cloud.rpc_ms, link.outages) + half
+    answered, how, batches, batch_rows, busy, workers = _cloud(at_cloud[order],
+                                                              deadline[sending][order] - back_half[order], cloud)
+    # answers travel back (half an RTT, held by a blackhole of their link); a refusal too;
+    # a late request ends at its deadline
+    who = offloaded[sending][order]
+    back = answered + cloud.rpc_ms
+    for lo, hi, link, _ in groups:
+        mine = (who >= lo * fleet.requests) & (who < hi * fleet.requests)
+        back[mine] = _held(back[mine], link.outages)
+    back += back_half[order]
     due = deadline[sending][order]
     how = np.where(back > due, 3, how).astype(np.int8)  # whatever the cloud did, the device gave up first
     back = np.where(how == 3, due, back)
-    done[offloaded[sending][order]] = back
-    route[offloaded[sending][order]] = how
+    done[who] = back
+    route[who] = how
     done[offloaded[refused]] = leaves[refused]  # the device answers at once, degraded
     route[offloaded[refused]] = 2
     span = float(done.max() - sent.min()) if n else 0.0

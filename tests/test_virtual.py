@@ -121,7 +121,9 @@ def test_a_scenario_runs_live_through_real_workers_and_links_beside_its_virtual_
     bundle = S.export(tmp_path, model, meta, MaxProb(2.0, fallback=False), split=2)
     scenario = Scenario(seed=2, fleet=FleetModel(devices=3, requests=12, rate_hz=8.0),
                         edge=EdgeModel(on_device_share=0.4, edge_ms=5.0, split_ms=2.0),
-                        link=LinkModel(rtt_ms=60.0, up_mbps=20.0), cloud=CloudModel(workers=1))
+                        link=LinkModel(rtt_ms=60.0, up_mbps=20.0,  # one device nearer, in a group of its own
+                                       groups=({"devices": 1, "rtt_ms": 20.0, "up_mbps": 20.0},)),
+                        cloud=CloudModel(workers=1))
     result = fidelity(scenario, bundle)
     live, virtual = result["live"], result["virtual"]
     assert result["requests"] == 36 and live["edge_share"] == virtual["edge_share"] > 0
@@ -370,3 +372,27 @@ def test_a_failed_worker_loses_its_batch_a_drained_one_nothing_and_a_started_one
     assert drained.report(2)["degraded_share"] == 0 and [w for _, w in drained.workers] == [2, 1]
     with pytest.raises(ValueError, match="kind fail, drain or start"):
         Scenario.from_dict({"cloud": {"events": [{"at_s": 1, "kind": "explode"}]}})
+
+
+def test_a_regional_outage_hits_its_group_only() -> None:
+    from splitexit.sim.link import Outage
+
+    scenario = Scenario.from_dict({
+        "fleet": {"devices": 30, "requests": 40, "rate_hz": 4.0},
+        "edge": {"on_device_share": 0.2, "edge_ms": 5, "split_ms": 2, "feature_bytes": 4000},
+        "link": {"rtt_ms": 40, "up_mbps": 10, "groups": [
+            {"devices": 10, "rtt_ms": 80, "up_mbps": 5, "outages": [{"start_s": 3, "duration_s": 3, "mode": "refuse"}]},
+            {"devices": 5, "rtt_ms": 10, "up_mbps": 50}]},
+        "cloud": {"workers": 2}})
+    result = simulate_fleet(scenario)
+    device = np.repeat(np.arange(30), 40)
+    degraded = result.route >= 2
+    region = device < 10
+    assert degraded[region].sum() > 0 and degraded[~region].sum() == 0
+    offloaded = result.route == 1
+    latency = result.latency_ms
+    near, far = (device >= 10) & (device < 15) & offloaded, region & offloaded
+    assert latency[near].mean() + 60 < latency[far].mean()  # 10 ms against 80 ms of RTT, slower uplink
+    assert isinstance(scenario.link.groups[0].outages[0], Outage)
+    with pytest.raises(ValueError, match=r"groups\]\] hold 40 devices, the fleet 30"):
+        simulate_fleet(Scenario.from_dict({"fleet": {"devices": 30}, "link": {"groups": [{"devices": 40}]}}))

@@ -164,7 +164,7 @@ class Candidate:
         return self.route + (": " + ", ".join(parts) if parts else "")
 
 
-def _exit_costs(times: DeviceTimes, exits: Sequence[int], start: int, end: int, *, final: bool) -> list[float]:
+def exit_costs(times: DeviceTimes, exits: Sequence[int], start: int, end: int, *, final: bool) -> list[float]:
     """Cumulative ms on one machine of running stages start..end and evaluating, on the
     way, the exit heads of `exits` within that range: the cost of reaching each of those
     exits, in order, then (with `final`) of the final head after stage `end`."""
@@ -196,11 +196,11 @@ def exit_parts(device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exit
     if len(behaviour.share) != len(exits) + 1:
         raise ValueError(f"{behaviour.setting}: {len(behaviour.share)} shares for {len(exits) + 1} exits")
     if split >= last:
-        costs = _exit_costs(device, exits, 0, last, final=True)
+        costs = exit_costs(device, exits, 0, last, final=True)
         return [(p, c, 0.0, 0.0) for p, c in zip(behaviour.share, costs)], 1.0
-    edge = _exit_costs(device, exits, 0, split, final=False)
+    edge = exit_costs(device, exits, 0, split, final=False)
     edge_part = sum(device.stage_ms[: split + 1]) + sum(device.exit_ms[k] for k in exits if k <= split)
-    tail = _exit_costs(cloud, exits, split + 1, last, final=True)
+    tail = exit_costs(cloud, exits, split + 1, last, final=True)
     send, wait = link.send_ms(feature_bytes), link.rtt_ms + link.receive_ms()
     parts = [(p, c, 0.0, 0.0) for p, c in zip(behaviour.share, edge)]
     parts += [(p, edge_part, send, wait + c) for p, c in zip(behaviour.share[len(edge):], tail)]

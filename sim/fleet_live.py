@@ -164,14 +164,15 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     from splitexit.edge.transport.base import OffloadError
     from splitexit.sim.link import Direction, LinkProfile, LinkProxy, Outage
     from splitexit.sim.live import WorkerProcess
-    from splitexit.sim.virtual import device_links, load_link_trace, requests, trace_offsets_ms
+    from splitexit.sim.virtual import device_links, device_times, load_link_trace, requests, trace_offsets_ms
 
-    fleet, edge_model, cloud = scenario.fleet, scenario.edge, scenario.cloud
+    fleet, cloud = scenario.fleet, scenario.cloud
     edge = load_bundle(bundle, "edge")
     feature = np.random.default_rng(1).standard_normal((1, *edge.feature_shape)).astype(np.float32)
     sent, decided, correct = requests(scenario)  # the virtual run's own requests
     shape = (fleet.devices, fleet.requests)
     sent_ms, on_device = sent.reshape(shape), decided.reshape(shape)
+    edge_ms, split_ms = (t.reshape(shape) for t in device_times(scenario, len(sent)))
     # per device: its group's link, its outages, and where its trace starts (as the simulator has it)
     links: list[tuple[Any, Any, float]] = []  # (profile, link model, trace offset in s)
     for lo, hi, group, seed in device_links(scenario):
@@ -218,9 +219,9 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
             at = start + sent_ms[d, r] / 1e3
             await asyncio.sleep(max(0.0, at - loop.time()))
             if on_device[d, r]:
-                done_ms[d, r], route[d, r] = sent_ms[d, r] + edge_model.edge_ms, 0
+                done_ms[d, r], route[d, r] = sent_ms[d, r] + edge_ms[d, r], 0
                 return
-            await asyncio.sleep(edge_model.split_ms / 1e3)
+            await asyncio.sleep(split_ms[d, r] / 1e3)
             transport = routes[d][(d + r) % len(workers)]  # each device round robin over the workers
             try:
                 await transport.infer(_request(edge, feature, f"d{d}r{r}"), cloud.timeout_ms / 1e3)

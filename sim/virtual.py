@@ -29,6 +29,7 @@ What it reports has the live harness's keys: `mean_ms`, `p95_ms`, `edge_share`,
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import time
@@ -70,10 +71,31 @@ class EdgeModel:
     # the answers' accuracy. Replaces on_device_share.
     bundle: str = ""
     data: str = "digits"
+    # With `bundle`: a device profile of its network (`splitexit profile`, e.g. `--as rpi4`):
+    # each input's device time is then the profile's time of the stages and exit heads it
+    # runs (to its exit, or to the split), not edge_ms / split_ms.
+    profile: str = ""
+    # [edge.energy]: the device's power (`splitexit.plan.EnergyModel`'s fields: busy_w,
+    # idle_w, radio_alpha_mw_per_mbps, radio_beta_mw); the report gains the mean mJ per request
+    energy: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.on_device_share <= 1 or min(self.edge_ms, self.split_ms, self.feature_bytes) < 0:
             raise ValueError("on_device_share must be in [0, 1] and times and bytes >= 0")
+        if self.profile and not self.bundle:
+            raise ValueError("[edge] profile times a bundle's network: give bundle too")
+        if self.energy is not None:
+            self.energy_model()  # checked here: a bad table fails on load
+
+    def energy_model(self) -> Any:
+        from splitexit.plan import EnergyModel
+
+        if self.energy is None:
+            return None
+        try:
+            return EnergyModel(**{str(k): v for k, v in self.energy.items()})  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ValueError(f"[edge.energy]: {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,6 +275,7 @@ class VirtualResult:
     span_ms: float  # first arrival to last answer
     correct: np.ndarray | None = None  # bool [N]: the answer is right (when the network decides)
     workers: tuple[tuple[float, int], ...] = ()  # (s, count) at the start and each autoscaling change
+    energy_mj: np.ndarray | None = None  # per request, the device's (with [edge.energy])
 
     ROUTES = ("edge", "cloud", "refused", "late")
 
@@ -274,6 +297,7 @@ class VirtualResult:
             "mean_batch": round(self.batch_rows / self.batches, 3) if self.batches else None,
             "utilisation": round(self.busy_ms / (workers * self.span_ms), 4) if self.span_ms > 0 else None,
             **({} if self.correct is None else {"acc": round(float(self.correct.mean()), 5)}),
+            **({} if self.energy_mj is None else {"energy_mj": round(float(self.energy_mj.mean()), 4)}),
             **({"workers_over_time": [list(w) for w in self.workers], "max_workers": max(c for _, c in self.workers)}
                if len(self.workers) > 1 else {}),
         }
@@ -321,8 +345,9 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
     n = len(sent)
     done = np.empty(n)
     route = np.zeros(n, dtype=np.int8)
-    done[on_device] = sent[on_device] + edge.edge_ms
-    ready = sent + edge.split_ms  # when each offload would be sent
+    edge_ms, split_ms = device_times(scenario, n)
+    done[on_device] = sent[on_device] + edge_ms[on_device]
+    ready = sent + split_ms  # when each offload would be sent
     # per request, from its device's link: half the RTT, refused by an outage, past the uplink
     half, refused_all, crossed_all = np.empty(n), np.zeros(n, dtype=bool), np.empty(n)
     groups = device_links(scenario)
@@ -358,7 +383,16 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
     done[offloaded[refused]] = leaves[refused]  # the device answers at once, degraded
     route[offloaded[refused]] = 2
     span = float(done.max() - sent.min()) if n else 0.0
-    return VirtualResult(sent, done, route, batches, batch_rows, busy, span, correct, tuple(workers))
+    energy = edge.energy_model()
+    energy_mj = None
+    if energy is not None:  # computing, then (offloaded) sending and waiting for the answer
+        energy_mj = np.where(on_device, edge_ms * energy.busy_w, split_ms * energy.busy_w)
+        sending_ms = crossed_all - ready
+        up_mbps = np.where(sending_ms > 0, edge.feature_bytes * 8 / np.maximum(sending_ms, 1e-9) / 1e3, 0.0)
+        radio_w = (energy.radio_beta_mw + energy.radio_alpha_mw_per_mbps * up_mbps) / 1e3
+        waiting_ms = np.maximum(done - crossed_all, 0.0)
+        energy_mj = np.where(on_device, energy_mj, energy_mj + sending_ms * radio_w + waiting_ms * energy.idle_w)
+    return VirtualResult(sent, done, route, batches, batch_rows, busy, span, correct, tuple(workers), energy_mj)
 
 
 def network_decisions(bundle: str | Path, data: str) -> tuple[np.ndarray, np.ndarray]:
@@ -366,6 +400,14 @@ def network_decisions(bundle: str | Path, data: str) -> tuple[np.ndarray, np.nda
     exit at or before its split), and whether the answer is right; from the network's
     cached exit outputs. A degraded answer (the cloud unreachable) is not modelled
     here: it counts as the policy's answer."""
+    stages, split, right = _network_exits(str(bundle), data)
+    return stages <= split, right
+
+
+@functools.lru_cache(maxsize=4)
+def _network_exits(bundle: str, data: str) -> tuple[np.ndarray, int, np.ndarray]:
+    """Per test input of `data`: the stage of the exit the bundle's policy answers at, the
+    bundle's split, and whether the answer is right."""
     from splitexit.bundle import load_whole
     from splitexit.cost import cost_model
     from splitexit.data import Normalize, load_dataset
@@ -382,7 +424,30 @@ def network_decisions(bundle: str | Path, data: str) -> tuple[np.ndarray, np.nda
     out = simulate(whole.policy, outputs.probs, ladder, outputs.labels)
     stages = np.asarray(list(whole.model.exit_points) + [whole.model.num_stages - 1])
     assert out.correct is not None
-    return stages[out.exit_index] <= whole.split, out.correct
+    return stages[out.exit_index], whole.split, out.correct
+
+
+def device_times(scenario: Scenario, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per request: the device's ms when it answers it, and its ms up to the split when it
+    offloads it: the scenario's edge_ms and split_ms, or with a device profile and a
+    bundle the profile's time of what each input runs (its stages and the exit heads on
+    the way, to its exit or to the split)."""
+    edge = scenario.edge
+    if not edge.profile:
+        return np.full(n, edge.edge_ms), np.full(n, edge.split_ms)
+    from splitexit.plan import exit_costs
+    from splitexit.profile import load_profile
+
+    stages, split, _ = _network_exits(edge.bundle, edge.data)
+    times = load_profile(edge.profile).at(1)
+    exits = sorted(times.exit_ms)
+    if times.num_stages - 1 < split or not set(np.unique(stages)) <= {*exits, times.num_stages - 1}:
+        raise ValueError(f"{edge.profile}: not a profile of {edge.bundle}'s network")
+    ladder = [*exits, times.num_stages - 1]
+    reach = dict(zip(ladder, exit_costs(times, exits, 0, times.num_stages - 1, final=True)))
+    to_split = sum(times.stage_ms[: split + 1]) + sum(times.exit_ms[k] for k in exits if k <= split)
+    sample = np.arange(n) % len(stages)
+    return np.asarray([reach[int(s)] for s in stages])[sample], np.full(n, to_split)
 
 
 def _in_outage(t_ms: np.ndarray, outages: tuple[Outage, ...], mode: str) -> np.ndarray:

@@ -396,3 +396,42 @@ def test_a_regional_outage_hits_its_group_only() -> None:
     assert isinstance(scenario.link.groups[0].outages[0], Outage)
     with pytest.raises(ValueError, match=r"groups\]\] hold 40 devices, the fleet 30"):
         simulate_fleet(Scenario.from_dict({"fleet": {"devices": 30}, "link": {"groups": [{"devices": 40}]}}))
+
+
+def test_device_times_come_from_a_device_profile_and_energy_is_counted(tmp_path, monkeypatch) -> None:
+    """[edge] profile: each input's device time is the profile's time of the stages and
+    heads it runs (so inputs leaving early are quick); [edge.energy]: the mean mJ per
+    request, computing at the busy power, sending at the radio's, waiting at idle."""
+    import splitexit_tests_edge_support as S
+    from splitexit.plan import DeviceTimes
+    from splitexit.profile import DeviceProfile
+    from splitexit.sim.virtual import _network_exits, device_times
+
+    monkeypatch.setenv("SPLITEXIT_CACHE", str(tmp_path / "cache"))
+    model, meta = S.tiny_model()
+    _, x = S.batch(meta, 64)
+    bundle = S.export(tmp_path, model, meta, MaxProb(S.exit_thresholds(model, x)), split=2)
+    # stages of 10 ms, exit heads of 1 ms: an input answered at stage k took 10 (k + 1) + its heads
+    times = DeviceTimes(stage_ms=(10.0,) * 7, exit_ms={k: 1.0 for k in range(1, 6)}, head_ms=2.0)
+    profile = DeviceProfile(name="hand-made", source="a test", arch="resnet14_tiny", threads=1, times={1: times})
+    profile.save(tmp_path / "device.json")
+    edge = EdgeModel(bundle=str(bundle), profile=str(tmp_path / "device.json"), feature_bytes=2000)
+    scenario = Scenario(fleet=FleetModel(devices=36, requests=10), edge=edge, link=LinkModel(rtt_ms=20.0, up_mbps=8))
+    edge_ms, split_ms = device_times(scenario, 360)
+    stages, split, _ = _network_exits(str(bundle), "digits")
+    heads = np.asarray([len([k for k in range(1, 6) if k <= s]) for s in stages]) * 1.0
+    want = 10.0 * (stages + 1) + heads + np.where(stages == 6, 2.0, 0.0)
+    assert np.allclose(edge_ms, want) and np.allclose(split_ms, 30.0 + 2.0)  # stages 0-2, heads 1 and 2
+    plain = simulate_fleet(scenario).report(1)
+    assert "energy_mj" not in plain
+    powered = replace(scenario, edge=replace(edge, energy={"busy_w": 2.0, "idle_w": 0.5, "radio_alpha_mw_per_mbps": 0.0,
+                                                           "radio_beta_mw": 1000.0}))
+    result = simulate_fleet(powered)
+    on = result.route == 0
+    assert np.allclose(result.energy_mj[on], 2.0 * edge_ms[on])
+    # offloaded: 32 ms computing (64 mJ), 2 ms sending 2,000 B at 8 Mbit/s (2 mJ), the rest waiting
+    off = result.route == 1
+    waited = result.done_ms[off] - (result.sent_ms[off] + 32.0 + 2.0)
+    assert np.allclose(result.energy_mj[off], 64.0 + 2.0 + 0.5 * waited)
+    with pytest.raises(ValueError, match=r"\[edge.energy\]"):
+        EdgeModel(energy={"busy": 1.0})

@@ -301,3 +301,90 @@ def test_the_link_command_runs_and_takes_control_commands(tmp_path: Path, capsys
     asyncio.run(asyncio.wait_for(echo_server(), 90))
     answer = json.loads(capsys.readouterr().out)
     assert answer["ok"] and answer["up"]["rate_mbps"] == 2.0 and answer["up"]["delay_ms"] == 35.0
+
+
+# --- cross-check against the kernel's shaping -------------------------------------------
+_SINK = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); first = last = None; total = 0
+while data := c.recv(1 << 16):
+    now = time.monotonic(); first = first or now; last = now; total += len(data)
+print(total, last - first, flush=True)
+"""
+
+
+def _kernel_throughput(rate_mbps: float, nbytes: int) -> float:
+    """Mbit/s of one TCP transfer between two network namespaces whose veth link is
+    shaped by the kernel's token bucket filter (tbf) at `rate_mbps`."""
+    import os
+    import subprocess
+    import sys
+
+    tag = f"sx{os.getpid() % 100000}"
+    a, b = f"{tag}a", f"{tag}b"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", a)
+    ip("netns", "add", b)
+    try:
+        ip("link", "add", f"{tag}va", "type", "veth", "peer", "name", f"{tag}vb")
+        ip("link", "set", f"{tag}va", "netns", a)
+        ip("link", "set", f"{tag}vb", "netns", b)
+        for ns, dev, addr in ((a, f"{tag}va", "10.77.0.1/24"), (b, f"{tag}vb", "10.77.0.2/24")):
+            ip("-n", ns, "addr", "add", addr, "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        subprocess.run(["tc", "-n", a, "qdisc", "add", "dev", f"{tag}va", "root", "tbf", "rate", f"{rate_mbps}mbit",
+                        "burst", "4kb", "latency", "200ms"], check=True, capture_output=True)
+        sink = subprocess.Popen(["ip", "netns", "exec", b, sys.executable, "-c", _SINK, "10.77.0.2"],
+                                stdout=subprocess.PIPE, text=True)
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        send = f"import socket; c = socket.create_connection(('10.77.0.2', {port})); c.sendall(b'x' * {nbytes}); c.close()"
+        subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c", send], check=True, timeout=60)
+        total, seconds = sink.stdout.readline().split()
+        sink.wait(10)
+        sink.stdout.close()
+        return int(total) * 8 / float(seconds) / 1e6
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _can_shape() -> str | None:
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        return "needs root, ip and tc (network namespaces and tbf)"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_can_shape() is not None, reason=str(_can_shape()))
+@pytest.mark.parametrize("rate_mbps", [4.0, 16.0])
+def test_the_proxys_rate_agrees_with_the_kernels_token_bucket(rate_mbps: float) -> None:
+    """The same transfer through the emulator on loopback and through a tbf-shaped veth
+    pair between two namespaces: throughputs within 10% of each other (and of the rate)."""
+    nbytes = int(rate_mbps * 1e6 / 8 * 1.5)  # a second and a half's worth
+    kernel = _kernel_throughput(rate_mbps, nbytes)
+    sink = Sink()
+
+    async def body() -> float:
+        async with _link(LinkProfile(up=Direction(rate_mbps=rate_mbps, burst_bytes=4096)), handler=sink) as proxy:
+            _, writer = await _connect(proxy)
+            writer.write(b"x" * nbytes)
+            await writer.drain()
+            writer.close()
+            while sum(n for _, n in sink.arrivals) < nbytes:
+                await asyncio.sleep(0.01)
+            first, last = sink.arrivals[0][0], sink.arrivals[-1][0]
+            return (nbytes - sink.arrivals[0][1]) * 8 / (last - first) / 1e6
+
+    emulated = _run(body())
+    assert abs(emulated / kernel - 1) <= 0.10, (emulated, kernel)
+    assert abs(kernel / rate_mbps - 1) <= 0.10, kernel

@@ -177,8 +177,8 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     links: list[tuple[Any, Any, float]] = []  # (profile, link model, trace offset in s)
     for lo, hi, group, seed in device_links(scenario):
         trace = load_link_trace(group.trace) if group.trace else None
-        up = (Direction(trace=trace, delay_ms=group.rtt_ms / 2) if trace is not None
-              else Direction(rate_mbps=group.up_mbps, delay_ms=group.rtt_ms / 2))
+        up = Direction(trace=trace, rate_mbps=None if trace is not None else group.up_mbps,
+                       delay_ms=group.rtt_ms / 2, loss=group.loss, rto_ms=group.rto_ms)
         profile = LinkProfile(up=up, down=Direction(delay_ms=group.rtt_ms / 2))
         offsets = (trace_offsets_ms(group, hi - lo, seed, trace.period_ms) / 1e3 if trace is not None
                    else np.zeros(hi - lo))

@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from splitexit.sim.link import Outage
+from splitexit.sim.link import SEGMENT_BYTES, Outage
 
 __all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkGroup", "LinkModel", "Scenario", "VirtualResult", "WorkerEvent",
            "fewest_workers", "load_scenario", "requests", "simulate_fleet"]
@@ -49,14 +49,17 @@ __all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkGroup", "L
 class FleetModel:
     devices: int = 100
     requests: int = 100  # per device
-    arrival: str = "poisson"  # or "periodic" (each device at a random phase)
+    # "poisson", "periodic" (each device at a random phase), or "bursts": `burst` requests
+    # at once, the bursts' starts a Poisson process (the same mean rate)
+    arrival: str = "poisson"
     rate_hz: float = 1.0  # requests per second per device
+    burst: int = 1  # requests per burst (arrival "bursts")
 
     def __post_init__(self) -> None:
-        if self.devices < 1 or self.requests < 1 or self.rate_hz <= 0:
-            raise ValueError("a fleet needs devices >= 1, requests >= 1 and rate_hz > 0")
-        if self.arrival not in ("poisson", "periodic"):
-            raise ValueError(f"arrival must be poisson or periodic, got {self.arrival!r}")
+        if self.devices < 1 or self.requests < 1 or self.rate_hz <= 0 or self.burst < 1:
+            raise ValueError("a fleet needs devices >= 1, requests >= 1, rate_hz > 0 and burst >= 1")
+        if self.arrival not in ("poisson", "periodic", "bursts"):
+            raise ValueError(f"arrival must be poisson, periodic or bursts, got {self.arrival!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +111,10 @@ class LinkModel:
     # start at the scenario's time 0 ("aligned", as the live harness's emulators do)
     trace: str = ""
     trace_phase: str = "random"
+    # the link emulator's loss model: per TCP segment of the uplink, the probability of a
+    # retransmission stall of rto_ms (a request stalls once when any of its segments does)
+    loss: float = 0.0
+    rto_ms: float = 200.0
     # [[link.groups]]: the first `devices` devices on a link of their own, the next group's
     # after them, and so on; devices left over use this link. A group's outages are its
     # region's: they hit its devices only.
@@ -124,6 +131,8 @@ class LinkModel:
             raise ValueError("[link] has up_mbps or a trace, not both")
         if self.trace_phase not in ("random", "aligned"):
             raise ValueError(f"trace_phase must be random or aligned, got {self.trace_phase!r}")
+        if not 0 <= self.loss < 1 or self.rto_ms < 0:
+            raise ValueError("loss must be in [0, 1) and rto_ms >= 0")
         outages = tuple(o if isinstance(o, Outage) else Outage(**o) for o in self.outages)
         if any(o.mode == "reset" for o in outages):
             raise ValueError("the simulator models blackhole and refuse outages, not reset")
@@ -308,6 +317,10 @@ def _arrivals(fleet: FleetModel, rng: np.random.Generator) -> np.ndarray:
     gap_ms = 1000.0 / fleet.rate_hz
     if fleet.arrival == "poisson":
         gaps = rng.exponential(gap_ms, size=(fleet.devices, fleet.requests))
+    elif fleet.arrival == "bursts":
+        starts = rng.exponential(gap_ms * fleet.burst, size=(fleet.devices, -(-fleet.requests // fleet.burst)))
+        gaps = np.zeros((fleet.devices, fleet.requests))
+        gaps[:, ::fleet.burst] = starts  # the first of each burst waits; the rest go with it
     else:
         gaps = np.full((fleet.devices, fleet.requests), gap_ms)
         gaps[:, 0] = rng.uniform(0, gap_ms, size=fleet.devices)  # each device its own phase
@@ -355,8 +368,12 @@ def simulate_fleet(scenario: Scenario) -> VirtualResult:
         rows = slice(lo * fleet.requests, hi * fleet.requests)
         half[rows] = link.rtt_ms / 2
         refused_all[rows] = _in_outage(ready[rows], link.outages, "refuse")
-        crossed_all[rows] = _held(_uplink(ready[rows], ~on_device[rows], replace(fleet, devices=hi - lo), edge,
-                                          link, seed), link.outages)
+        crossed = _uplink(ready[rows], ~on_device[rows], replace(fleet, devices=hi - lo), edge, link, seed)
+        if link.loss > 0:  # its own generator: the requests' draws are the same with or without loss
+            segments = max(1, -(-edge.feature_bytes // SEGMENT_BYTES))
+            stalled = np.random.default_rng([seed, 11]).random(len(crossed)) < 1 - (1 - link.loss) ** segments
+            crossed = crossed + np.where(stalled, link.rto_ms, 0.0)
+        crossed_all[rows] = _held(crossed, link.outages)
     offloaded = np.flatnonzero(~on_device)
     leaves = ready[offloaded]
     refused = refused_all[offloaded]

@@ -435,3 +435,26 @@ def test_device_times_come_from_a_device_profile_and_energy_is_counted(tmp_path,
     assert np.allclose(result.energy_mj[off], 64.0 + 2.0 + 0.5 * waited)
     with pytest.raises(ValueError, match=r"\[edge.energy\]"):
         EdgeModel(energy={"busy": 1.0})
+
+
+def test_loss_stalls_a_request_once_with_the_tcp_segment_probability() -> None:
+    base = Scenario(seed=4, fleet=FleetModel(devices=200, requests=100, rate_hz=1.0),
+                    edge=EdgeModel(split_ms=1.0, feature_bytes=14600), link=LinkModel(rtt_ms=20.0),
+                    cloud=CloudModel(workers=8, batch_ms=1.0, row_ms=0.1))
+    clean = simulate_fleet(base)
+    lossy = simulate_fleet(replace(base, link=LinkModel(rtt_ms=20.0, loss=0.01, rto_ms=200.0)))
+    extra = lossy.latency_ms - clean.latency_ms
+    stalled = extra > 150
+    want = 1 - 0.99 ** 10  # ten segments of 1,460 bytes
+    assert abs(stalled.mean() - want) < 0.01, (stalled.mean(), want)
+    assert np.allclose(extra[stalled], 200.0, atol=5.0) and np.allclose(extra[~stalled], 0.0, atol=5.0)
+
+
+def test_bursts_send_several_requests_at_once_at_the_same_mean_rate() -> None:
+    from splitexit.sim.virtual import requests
+
+    scenario = Scenario(seed=5, fleet=FleetModel(devices=100, requests=400, rate_hz=2.0, arrival="bursts", burst=4))
+    sent = requests(scenario)[0].reshape(100, 400)
+    assert (sent[:, 1::4] == sent[:, 0::4]).all() and (sent[:, 3::4] == sent[:, 0::4]).all()
+    rate = 400 / (sent[:, -1] / 1e3)
+    assert abs(rate.mean() / 2.0 - 1) < 0.05, rate.mean()

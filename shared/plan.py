@@ -227,8 +227,15 @@ def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: 
          behaviours: Sequence[ExitBehaviour], full_acc: float, feature_bytes: Sequence[float],
          input_bytes: float, splits: Sequence[int] | None = None, cloud_only_acc: float | None = None,
          accuracy_floor: float | None = None, latency_target_ms: float | None = None,
-         energy: EnergyModel | None = None, objective: Objective = "latency") -> list[Candidate]:
+         energy: EnergyModel | None = None, objective: Objective = "latency",
+         overhead_ms: Mapping[str, float] | None = None) -> list[Candidate]:
     """Every candidate, best first.
+
+    `overhead_ms`: what each kind of route costs per input beyond the cost model (the
+    software's own time: the runner, encoding, gRPC, the worker's handling), keyed "edge"
+    (the device answers), "cloud_only" and "split" (every row offloaded); measured on an
+    ideal link as the measured time less the model's (`sim.e2e.calibrate_overheads`). A cut
+    with exits pays the edge's for the rows it answers and the split's for the rest.
 
     Best: with `latency_target_ms`, the most accurate candidate that meets it (Edgent), then
     the fastest; otherwise the fastest (the least energy with `objective="energy"`, which
@@ -251,28 +258,34 @@ def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: 
             return None
         return expected_mj(energy, device, cloud, link, exits, behaviour, split, nbytes)
 
-    out = [Candidate(route="edge_only", split=None, setting=None, expected_ms=device.backbone_ms(), acc=full_acc,
-                     bytes_up=0.0, on_device=1.0, energy_mj=mj(no_exits, last, 0.0))]
-    cloud_ms = link.transfer_ms(input_bytes) + cloud.backbone_ms()
+    over = {"edge": 0.0, "cloud_only": 0.0, "split": 0.0, **(overhead_ms or {})}
+
+    def beyond(on_device: float) -> float:
+        return on_device * over["edge"] + (1 - on_device) * over["split"]
+
+    out = [Candidate(route="edge_only", split=None, setting=None, expected_ms=device.backbone_ms() + over["edge"],
+                     acc=full_acc, bytes_up=0.0, on_device=1.0, energy_mj=mj(no_exits, last, 0.0))]
+    cloud_ms = link.transfer_ms(input_bytes) + cloud.backbone_ms() + over["cloud_only"]
     cloud_mj = None if energy is None else energy.mj(
         0.0, link.send_ms(input_bytes), link.rtt_ms + link.receive_ms() + cloud.backbone_ms(), link.up_mbps)
     out.append(Candidate(route="cloud_only", split=None, setting=None, expected_ms=cloud_ms,
                          acc=full_acc if cloud_only_acc is None else cloud_only_acc,
                          bytes_up=input_bytes, on_device=0.0, energy_mj=cloud_mj))
     plain = [Candidate(route="split", split=s, setting=None, acc=full_acc, bytes_up=feature_bytes[s], on_device=0.0,
-                       expected_ms=expected_ms(device, cloud, link, exits, no_exits, s, feature_bytes[s])[0],
-                       energy_mj=mj(no_exits, s, feature_bytes[s]))
+                       expected_ms=expected_ms(device, cloud, link, exits, no_exits, s, feature_bytes[s])[0]
+                       + over["split"], energy_mj=mj(no_exits, s, feature_bytes[s]))
              for s in allowed]
     if plain:
         out.append(min(plain, key=lambda c: c.expected_ms))  # Neurosurgeon's cut
     with_exits = []
     for b in behaviours:
         ms, _ = expected_ms(device, cloud, link, exits, b, last, 0.0)
-        out.append(Candidate(route="edge_exits", split=None, setting=b.setting, expected_ms=ms, acc=b.acc,
+        out.append(Candidate(route="edge_exits", split=None, setting=b.setting, expected_ms=ms + over["edge"], acc=b.acc,
                              bytes_up=0.0, on_device=1.0, energy_mj=mj(b, last, 0.0)))
         for s in allowed:
             ms, local = expected_ms(device, cloud, link, exits, b, s, feature_bytes[s])
-            with_exits.append(Candidate(route="adaptive", split=s, setting=b.setting, expected_ms=ms, acc=b.acc,
+            with_exits.append(Candidate(route="adaptive", split=s, setting=b.setting, expected_ms=ms + beyond(local),
+                                        acc=b.acc,
                                         bytes_up=(1 - local) * feature_bytes[s], on_device=local,
                                         energy_mj=mj(b, s, feature_bytes[s])))
     out.extend(with_exits)

@@ -83,16 +83,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
     val = cached_exit_outputs(model, dataset.val, normalize, cache_dir=args.cache_dir, tag="demo-val")
     measured = measure_profile(model, shape, name="this machine", arch=meta.model.arch, threads=1)
     profile = measured if args.device == "here" else device_class(measured, args.device)
-    chosen = e2e.make_plan(model, shape, val, measured, profile, link_profile, jpeg_bytes(dataset.val.images[:100]))
+    test = dataset.test if not args.inputs else dataset.test.subset(np.arange(min(args.inputs, len(dataset.test))))
+    args.out.mkdir(parents=True, exist_ok=True)
+    overheads = asyncio.run(e2e.calibrate_overheads(model, meta, shape, test.images,
+                                                    normalize(torch.from_numpy(test.images)), measured, profile,
+                                                    args.out / "bundles", inputs=20))
+    chosen = e2e.make_plan(model, shape, val, measured, profile, link_profile, jpeg_bytes(dataset.val.images[:100]),
+                           overheads)
     link = link_estimate(link_profile)
     print(f"2. device: {profile.name} ({profile.source}); worker: this machine")
     print(f"   plan for link {args.link} (up {link.up_mbps} Mbit/s, RTT {link.rtt_ms:.0f} ms): best overall "
           f"{chosen.adaptive.describe()} ({chosen.adaptive.expected_ms:.2f} ms expected: the adaptive strategy); "
-          f"best cut without exits: stage {chosen.fixed_split.split}")
+          f"best cut without exits: stage {chosen.fixed_split.split}; each route's own ms beyond the cost model, "
+          f"measured on an ideal link: {overheads}")
 
     # -- 3. the strategies: on the device, then through a worker and an emulated link ----------
-    args.out.mkdir(parents=True, exist_ok=True)
-    test = dataset.test if not args.inputs else dataset.test.subset(np.arange(min(args.inputs, len(dataset.test))))
     print("3. the device's own strategies, then a worker process and an emulated link per strategy")
     results = e2e.run_local(model, normalize(torch.from_numpy(test.images)), test.labels, chosen, profile, 10)
     results = e2e.ordered(results + asyncio.run(e2e.run_linked(model, meta, shape, test.images, test.labels, chosen,

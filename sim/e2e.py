@@ -57,10 +57,11 @@ def trace_link(archive: Path, name: str, rtt_ms: float) -> Any:
 
 
 def make_plan(model: Any, input_shape: tuple[int, int, int], val: Any, measured: Any, device: Any,
-              link_profile: Any, input_bytes: float) -> E2EPlan:
+              link_profile: Any, input_bytes: float, overhead_ms: dict[str, float] | None = None) -> E2EPlan:
     """The planner's choice for this device and link. `val`: the network's exit outputs on
     validation data; `measured`: this machine's profile (the worker's times); `device`:
-    the device's profile; `input_bytes`: an input's mean size as the JPEG cloud-only sends."""
+    the device's profile; `input_bytes`: an input's mean size as the JPEG cloud-only sends;
+    `overhead_ms`: each route's own cost beyond the model (`calibrate_overheads`)."""
     from splitexit.cost import cost_model
     from splitexit.plan import plan
     from splitexit.policies import MaxProb
@@ -72,12 +73,57 @@ def make_plan(model: Any, input_shape: tuple[int, int, int], val: Any, measured:
     full_acc = float(val.correct()[-1].mean())
     ranked = plan(device=device.at(1), cloud=measured.at(1), link=link_estimate(link_profile), exits=model.exit_points,
                   behaviours=behaviours, full_acc=full_acc, feature_bytes=cut_bytes(model, input_shape, "fp32"),
-                  input_bytes=input_bytes, accuracy_floor=full_acc - 0.005)
+                  input_bytes=input_bytes, accuracy_floor=full_acc - 0.005, overhead_ms=overhead_ms)
     split = next(c for c in ranked if c.route == "split")
     exits_setting = next(c.setting for c in ranked if c.setting is not None)
     chosen = ranked[0]
     policy = settings[chosen.setting] if chosen.setting is not None else MaxProb(2.0, fallback=False)
     return E2EPlan(ranked, split, chosen, policy, settings[exits_setting], full_acc)
+
+
+async def calibrate_overheads(model: Any, meta: Any, input_shape: tuple[int, int, int], images: np.ndarray,
+                              x: Any, measured: Any, device: Any, workdir: Path, *, inputs: int = 30) -> dict[str, float]:
+    """What each kind of route costs per input beyond the planner's cost model, measured
+    here as each strategy runs (the device padded to its profile, a real worker process,
+    a link emulator without impairments): the mean time less the model's for an ideal
+    link. "edge": the network on the device (the runner, no exits); "cloud_only": the input
+    as JPEG to the worker (encoding, gRPC, decoding); "split": every row cut after a
+    middle stage and offloaded through the edge agent. Measured before any link's figure
+    and never fitted to one."""
+    import math
+
+    from splitexit.bundle import export_bundle, load_bundle, load_whole
+    from splitexit.edge import AgentConfig
+    from splitexit.plan import ExitBehaviour, LinkEstimate, expected_ms
+    from splitexit.policies import MaxProb
+    from splitexit.runtime import ExitRunner
+    from splitexit.sim import live
+    from splitexit.sim.link import LinkProfile, LinkProxy
+
+    never = MaxProb(2.0, fallback=False)
+    n = min(inputs, len(images))
+    times, cloud = device.at(1), measured.at(1)
+    middle = model.num_stages // 2
+    ideal = LinkEstimate(up_mbps=math.inf, rtt_ms=0.0)
+    no_exits = ExitBehaviour(setting="no exits", share=(0.0,) * len(model.exit_points) + (1.0,), acc=0.0)
+    padded = live.pad_to_profile(model, device)
+    local = live.run_local(ExitRunner(padded, never, num_classes=len(meta.classes)), x[:n], exits=False)
+    over = {"edge": float(np.mean([r.latency_ms for r in local])) - times.backbone_ms()}
+    paths = {"cloud_only": export_bundle(workdir / "calibrate-cloud", model, meta, split=model.num_stages - 2,
+                                         policy=never, input_shape=input_shape, name=f"{meta.model.arch}-calibrate-c"),
+             "split": export_bundle(workdir / "calibrate-split", model, meta, split=middle, policy=never,
+                                    input_shape=input_shape, name=f"{meta.model.arch}-calibrate-s")}
+    async with live.WorkerProcess(list(paths.values())) as worker:
+        host, port = worker.address.rsplit(":", 1)
+        async with LinkProxy((host, int(port)), LinkProfile()) as proxy:
+            records = await live.run_cloud_only(load_whole(paths["cloud_only"]), proxy.address, images[:n])
+            over["cloud_only"] = float(np.mean([r.latency_ms for r in records])) - cloud.backbone_ms()
+            edge = load_bundle(paths["split"], "edge")
+            edge = replace(edge, model=live.pad_to_profile(edge.model, device))
+            records = await live.run_edge_agent(edge, proxy.address, images[:n], config=AgentConfig())
+            model_ms = expected_ms(times, cloud, ideal, model.exit_points, no_exits, middle, 0.0)[0]
+            over["split"] = float(np.mean([r.latency_ms for r in records])) - model_ms
+    return {k: round(max(0.0, v), 3) for k, v in over.items()}
 
 
 def run_local(model: Any, x: Any, labels: np.ndarray, chosen: E2EPlan, device: Any, num_classes: int) -> list[Any]:

@@ -91,13 +91,18 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
         full_acc = float((model(x).argmax(-1).numpy() == test.labels).mean())
     profiles: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    overheads: dict[str, dict[str, float]] = {}
     for device_name in devices:
         device = device_class(measured, device_name)
         sources[device_name] = device.source
         local: dict[str, list[Any]] = {}  # by the exit setting the plan chose: the device's runs need no link
+        overheads[device_name] = asyncio.run(e2e.calibrate_overheads(model, meta, shape, test.images, x, measured,
+                                                                     device, ctx.out / "e2e" / "calibrate"))
+        log(f"{device_name}: each route's own ms per input beyond the cost model, on an ideal link: "
+            f"{overheads[device_name]}")
         for link_name, link in links.items():
             key = f"{link_name}/{device_name}"
-            chosen = e2e.make_plan(model, shape, val, measured, device, link, input_bytes)
+            chosen = e2e.make_plan(model, shape, val, measured, device, link, input_bytes, overheads[device_name])
             log(f"{key}: the plan {chosen.adaptive.describe()}; fixed split after stage {chosen.fixed_split.split}; "
                 f"{len(test)} inputs per strategy")
             setting = f"{chosen.adaptive.describe()} | {chosen.exits_policy.threshold}"  # what the device runs
@@ -113,7 +118,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
                                      for c in chosen.ranked[:5]]
     result = {"profiles": profiles, "full_acc": full_acc, "inputs": len(test),
               "base_profile_ms": round(measured.at(1).backbone_ms(), 3),
-              "devices": sources, "links": list(links), "trace_rtt_ms": TRACE_RTT_MS}
+              "devices": sources, "links": list(links), "trace_rtt_ms": TRACE_RTT_MS, "overhead_ms": overheads}
     _plot(profiles, ctx.out / "e2e.png", meta.model.arch)
     (ctx.out / "e2e_table.txt").write_text(_markdown(profiles))
     return result

@@ -25,7 +25,6 @@ histogram and the bytes sent.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -196,22 +195,9 @@ def _build(kind: Any, table: dict[str, Any], where: str) -> Any:
 
 def load_live_scenario(path: str | Path) -> LiveScenario:
     """A live scenario TOML file; ValueError naming the file and what is wrong."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # the same parser, before it joined the standard library
-        import tomli as tomllib
+    from splitexit.sim.virtual import read_scenario_file
 
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a TOML file ({exc})") from None
-    try:
-        return LiveScenario.from_dict({"name": path.stem, **data})
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    return read_scenario_file(path, LiveScenario.from_dict)
 
 
 # --- what every strategy shares -----------------------------------------------------------

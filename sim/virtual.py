@@ -35,11 +35,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 
 from splitexit.sim.link import SEGMENT_BYTES, Outage
+
+T = TypeVar("T")
 
 __all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkGroup", "LinkModel", "Scenario", "VirtualResult", "WorkerEvent",
            "fewest_workers", "load_scenario", "requests", "simulate_fleet"]
@@ -737,6 +739,12 @@ def run_timed(scenario: Scenario) -> tuple[VirtualResult, float]:
 def load_scenario(path: str | Path) -> Scenario:
     """A scenario TOML file ([fleet], [edge], [link], [cloud] tables; `name`, `seed`).
     Raises ValueError naming the file and what is wrong."""
+    return read_scenario_file(path, Scenario.from_dict)
+
+
+def read_scenario_file(path: str | Path, build: Callable[[Mapping[str, Any]], T]) -> T:
+    """`build` on a TOML file's tables (with `name` defaulting to the file's stem); any
+    error a ValueError naming the file and what is wrong."""
     import sys
 
     if sys.version_info >= (3, 11):
@@ -752,7 +760,7 @@ def load_scenario(path: str | Path) -> Scenario:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not a TOML file ({exc})") from None
     try:
-        return Scenario.from_dict({"name": path.stem, **data})
+        return build({"name": path.stem, **data})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
 

@@ -7,7 +7,9 @@ skipping): rows the policy lets exit are answered at once; the pending rows' fea
 the cloud cannot answer in time (unreachable, overloaded, draining, mismatched, too slow,
 a malformed answer) is answered with the row's most confident local exit, flagged
 `degraded` with the reason, and may be spooled to refine later. Every input gets exactly
-one final answer; `refine` yields later updates to degraded ones.
+one final answer; `refine` yields later updates to degraded ones. Each batch is cut at
+`split` (one of the bundle's split points), or where the `SplitChooser` re-plans it from
+the agent's own offloads and answers (`AgentConfig.replan`, `splitexit.edge.replan`).
 
 `EdgeAgent` is asyncio-based; `SyncEdgeAgent` runs one in a private event loop thread.
 """

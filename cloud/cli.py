@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     serve_p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=1024,
                          help="RPCs the worker holds at once; beyond, gRPC refuses (RESOURCE_EXHAUSTED) before "
                               "the worker reads them, which bounds its memory under a flood (default: %(default)s)")
+    serve_p.add_argument("--trim-idle-s", type=float, default=1.0, metavar="SECONDS",
+                         help="give freed memory back to the OS once idle this long after serving; 0 = never "
+                              "(default: %(default)s)")
     serve_p.add_argument("--max-connection-age", type=_positive(float), default=None, metavar="SECONDS",
                          help="close each client connection after this many seconds (calls in flight may finish), "
                               "so clients re-resolve and spread to workers added since, e.g. behind a headless "
@@ -121,6 +124,7 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
                                max_queue_wait_ms=args.max_queue_wait_ms),
         drain_grace_s=args.grace, metrics_port=args.metrics_port, worker_id=args.worker_id,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_connection_age_s=args.max_connection_age,
+        trim_idle_s=args.trim_idle_s,
     )
 
 
@@ -188,33 +192,10 @@ async def _report_stats(server: "CloudServer", interval: float) -> None:
 
 
 # glibc's mallopt parameter for the number of malloc arenas (malloc.h: M_ARENA_MAX)
-_M_ARENA_MAX = -8
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """At most `arenas` glibc malloc arenas for the threads this process starts from now on
-    (gRPC's, the compute threads'), unless MALLOC_ARENA_MAX is set. glibc gives threads up
-    to 8 arenas per core, and a flood of large requests scattered over them is never given
-    back. Measured under 8x overload (bench faults, reference tail, 16-row requests of
-    512 KB), the worker's peak RSS (from about 325 MB idle) reached 552, 772 and 1,130 MB
-    in three runs with glibc's default, and 540, 565 and 573 MB in three with 2 arenas.
-    True when the limit was set (a glibc Linux), False otherwise."""
-    import ctypes
-    import ctypes.util
-    import os
-
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     """BundleError and ServerError are ValueErrors: `splitexit.cli.main` prints them as
     one line and exits 2."""
+    from splitexit.cloud.memory import limit_malloc_arenas
     from splitexit.cloud.served import load_models
 
     limit_malloc_arenas()

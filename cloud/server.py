@@ -61,6 +61,7 @@ from splitexit import __version__
 from splitexit.cloud import kserve
 from splitexit.cloud.batcher import Batcher, BatcherConfig
 from splitexit.cloud.metrics import Metrics
+from splitexit.cloud.memory import trim_when_idle
 from splitexit.cloud.requests import ServiceLimits
 from splitexit.cloud.served import ServedModel
 from splitexit.cloud.servicer import SERVICE_NAME, SplitInferenceServicer, add_to_server
@@ -124,12 +125,17 @@ class ServerConfig:
     # client keeps its first connections forever and a new pod gets none. None = never.
     max_connection_age_s: float | None = None
     max_connection_age_grace_s: float = 30.0
+    # Give freed heap memory back to the OS once the worker has been idle this long after
+    # serving (`cloud.memory.trim_when_idle`); 0 = never.
+    trim_idle_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ServerError(f"ports must be in 0..65535, got {self.port} and {self.metrics_port}")
         if self.max_message_bytes < 1024:
             raise ServerError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.trim_idle_s < 0:
+            raise ServerError(f"trim_idle_s must be >= 0, got {self.trim_idle_s}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ServerError("TLS needs both a certificate and a key")
         if self.client_ca is not None and self.tls_cert is None:
@@ -293,6 +299,7 @@ class CloudServer:
         self._executor = executor
         self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
         self._drain_task: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         self._started = False
 
     @property
@@ -336,6 +343,9 @@ class CloudServer:
             except Exception as exc:
                 raise ServerError(f"warm-up of {model.name} failed: {type(exc).__name__}: {exc}") from exc
         self.servicer.phase = "serving"
+        if self.config.trim_idle_s > 0:
+            self._trimmer = asyncio.ensure_future(trim_when_idle(
+                lambda: self.servicer.calls, self.servicer.is_idle, interval_s=self.config.trim_idle_s))
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", ", ".join(f"{m.name}@{m.hash[:12]}" for m in self.models.values()), self.address)
@@ -372,6 +382,9 @@ class CloudServer:
         await self._close()
 
     async def _close(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            await asyncio.gather(self._trimmer, return_exceptions=True)
         await self.batcher.close()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
         self.metrics.close()

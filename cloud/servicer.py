@@ -99,11 +99,16 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.calls = 0  # InferRequests handled, refused ones included
+
+    def is_idle(self) -> bool:
+        return self._inflight == 0
 
     # -- plain async API (no gRPC) --------------------------------------------------------
     async def handle(self, request: "pb.InferRequest | Undecodable", deadline: float | None = None) -> pb.InferResponse:
         """Answer one InferRequest or raise RequestError. deadline: time.monotonic()."""
         arrival = time.monotonic()
+        self.calls += 1
         if isinstance(request, Undecodable):
             raise request.error()
         if self.phase != "serving":

@@ -125,7 +125,7 @@ def test_the_worker_limits_its_malloc_arenas_unless_told_otherwise() -> None:
     import subprocess
     import sys
 
-    code = "from splitexit.cloud.cli import limit_malloc_arenas; print(limit_malloc_arenas())"
+    code = "from splitexit.cloud.memory import limit_malloc_arenas; print(limit_malloc_arenas())"
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     told = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -588,3 +588,35 @@ def test_a_failed_warm_up_or_metrics_port_stops_the_server(monkeypatch, models, 
             assert await _code(call) == grpc.StatusCode.UNAVAILABLE
 
     _run(body())
+
+
+def test_the_heap_is_trimmed_once_the_worker_is_idle_after_serving(monkeypatch, models, served) -> None:
+    """Not while requests are in flight, once after they end, not again while nothing
+    new arrives; and the real malloc_trim runs (this is glibc Linux)."""
+    from splitexit.cloud import memory
+
+    trims: list[float] = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(time.monotonic()) or True)
+    gate, _ = _block_compute(monkeypatch, served)
+
+    async def body() -> None:
+        async with serving(models, trim_idle_s=0.05) as (server, stub):
+            await asyncio.sleep(0.2)
+            assert trims == []  # nothing served yet
+            call = stub.Infer(_feature_request(served, 4, "big"), timeout=T)
+            await asyncio.sleep(0.3)
+            assert trims == []  # busy: the request waits on the gate
+            gate.set()
+            await call
+            await _until(lambda: len(trims) == 1)
+            await asyncio.sleep(0.3)
+            assert len(trims) == 1  # idle, but nothing served since
+
+    _run(body())
+    monkeypatch.undo()
+    assert memory.trim_heap() in (True, False)  # the real call returns
+
+
+def test_a_negative_trim_interval_is_refused() -> None:
+    with pytest.raises(ServerError, match="trim_idle_s must be >= 0"):
+        ServerConfig(trim_idle_s=-1)

@@ -458,3 +458,21 @@ def test_bursts_send_several_requests_at_once_at_the_same_mean_rate() -> None:
     assert (sent[:, 1::4] == sent[:, 0::4]).all() and (sent[:, 3::4] == sent[:, 0::4]).all()
     rate = 400 / (sent[:, -1] / 1e3)
     assert abs(rate.mean() / 2.0 - 1) < 0.05, rate.mean()
+
+
+def test_the_shipped_fleet_scenarios_load_and_run_small() -> None:
+    """Every sim/scenarios/fleet-*.toml loads and runs, cut to 5 requests per device and
+    few devices (its groups' and a few more; the regions scenario's traces are read from
+    beside the project)."""
+    from pathlib import Path
+
+    from splitexit.sim.virtual import load_scenario
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "sim" / "scenarios").glob("fleet-*.toml"))
+    assert len(paths) >= 3
+    for path in paths:
+        scenario = load_scenario(path)
+        groups = sum(g.devices for g in scenario.link.groups)
+        small = replace(scenario, fleet=replace(scenario.fleet, devices=max(groups + 5, 10), requests=5))
+        report = simulate_fleet(small).report(small.cloud.workers)
+        assert report["requests"] == small.fleet.devices * 5, path

@@ -171,7 +171,7 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     feature = np.random.default_rng(1).standard_normal((1, *edge.feature_shape)).astype(np.float32)
     sent, decided, correct = requests(scenario)  # the virtual run's own requests
     shape = (fleet.devices, fleet.requests)
-    sent_ms, on_device = sent.reshape(shape), decided.reshape(shape)
+    sent_ms, on_device = sent.reshape(shape).copy(), decided.reshape(shape)
     edge_ms, split_ms = (t.reshape(shape) for t in device_times(scenario, len(sent)))
     # per device: its group's link, its outages, and where its trace starts (as the simulator has it)
     links: list[tuple[Any, Any, float]] = []  # (profile, link model, trace offset in s)
@@ -218,6 +218,8 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
         async def one(d: int, r: int) -> None:
             at = start + sent_ms[d, r] / 1e3
             await asyncio.sleep(max(0.0, at - loop.time()))
+            if fleet.arrival == "closed":  # sent when it really was (the simulator finds the same times)
+                sent_ms[d, r] = max(sent_ms[d, r], (loop.time() - start) * 1e3)
             if on_device[d, r]:
                 done_ms[d, r], route[d, r] = sent_ms[d, r] + edge_ms[d, r], 0
                 return
@@ -230,7 +232,16 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
                 route[d, r] = 2 if exc.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else 3
             done_ms[d, r] = (loop.time() - start) * 1e3
 
-        await asyncio.gather(*(one(d, r) for d in range(fleet.devices) for r in range(fleet.requests)))
+        async def closed_loop(d: int) -> None:  # each request `think` after the last one's answer
+            for r in range(fleet.requests):
+                if r:
+                    sent_ms[d, r] = done_ms[d, r - 1] + fleet.think
+                await one(d, r)
+
+        if fleet.arrival == "closed":
+            await asyncio.gather(*(closed_loop(d) for d in range(fleet.devices)))
+        else:
+            await asyncio.gather(*(one(d, r) for d in range(fleet.devices) for r in range(fleet.requests)))
         for mine in routes:
             for transport in mine:
                 await transport.close()
@@ -239,7 +250,7 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
             await proxy.close()
         for w in workers:
             await w.stop()
-    done = done_ms.ravel()
+    done, sent = done_ms.ravel(), sent_ms.ravel()
     return VirtualResult(sent, done, route.ravel(), 0, 0, 0.0, float(done.max() - sent.min()), correct)
 
 

@@ -51,17 +51,27 @@ __all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkGroup", "L
 class FleetModel:
     devices: int = 100
     requests: int = 100  # per device
-    # "poisson", "periodic" (each device at a random phase), or "bursts": `burst` requests
-    # at once, the bursts' starts a Poisson process (the same mean rate)
+    # "poisson", "periodic" (each device at a random phase), "bursts": `burst` requests at
+    # once, the bursts' starts a Poisson process (the same mean rate), or "closed": each
+    # device sends its next request `think_ms` after the answer to its last (1000 /
+    # rate_hz by default; the first at a random phase)
     arrival: str = "poisson"
     rate_hz: float = 1.0  # requests per second per device
     burst: int = 1  # requests per burst (arrival "bursts")
+    think_ms: float | None = None  # arrival "closed"
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.requests < 1 or self.rate_hz <= 0 or self.burst < 1:
             raise ValueError("a fleet needs devices >= 1, requests >= 1, rate_hz > 0 and burst >= 1")
-        if self.arrival not in ("poisson", "periodic", "bursts"):
-            raise ValueError(f"arrival must be poisson, periodic or bursts, got {self.arrival!r}")
+        if self.arrival not in ("poisson", "periodic", "bursts", "closed"):
+            raise ValueError(f"arrival must be poisson, periodic, bursts or closed, got {self.arrival!r}")
+        if self.think_ms is not None and self.think_ms < 0:
+            raise ValueError("think_ms must be >= 0")
+
+    @property
+    def think(self) -> float:
+        """A closed loop's ms between an answer and the next request."""
+        return 1000.0 / self.rate_hz if self.think_ms is None else self.think_ms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -319,6 +329,9 @@ def _arrivals(fleet: FleetModel, rng: np.random.Generator) -> np.ndarray:
     gap_ms = 1000.0 / fleet.rate_hz
     if fleet.arrival == "poisson":
         gaps = rng.exponential(gap_ms, size=(fleet.devices, fleet.requests))
+    elif fleet.arrival == "closed":  # a first guess, as if every answer were instant (see simulate_fleet)
+        gaps = np.full((fleet.devices, fleet.requests), fleet.think)
+        gaps[:, 0] = rng.uniform(0, gap_ms, size=fleet.devices)
     elif fleet.arrival == "bursts":
         starts = rng.exponential(gap_ms * fleet.burst, size=(fleet.devices, -(-fleet.requests // fleet.burst)))
         gaps = np.zeros((fleet.devices, fleet.requests))
@@ -353,9 +366,30 @@ def device_links(scenario: Scenario) -> list[tuple[int, int, LinkModel, int]]:
 
 
 def simulate_fleet(scenario: Scenario) -> VirtualResult:
-    """Run the scenario; the same scenario (seed included) gives the same result, bit for bit."""
-    edge, cloud = scenario.edge, scenario.cloud
+    """Run the scenario; the same scenario (seed included) gives the same result, bit for bit.
+
+    Closed-loop arrivals depend on the answers: the run is repeated with each request sent
+    `think` after the previous one's answer in the last run, until the send times no
+    longer change (a fixed point: the closed loop's own times). Each repeat fixes at least
+    one more request of every device, so it takes at most about `requests` repeats."""
     sent, on_device, correct = requests(scenario)
+    fleet = scenario.fleet
+    if fleet.arrival != "closed":
+        return _simulate(scenario, sent, on_device, correct)
+    shape = (fleet.devices, fleet.requests)
+    for _ in range(2 * fleet.requests + 10):
+        result = _simulate(scenario, sent, on_device, correct)
+        following = sent.reshape(shape).copy()
+        following[:, 1:] = result.done_ms.reshape(shape)[:, :-1] + fleet.think
+        if np.array_equal(following.ravel(), sent):
+            return result
+        sent = following.ravel()
+    raise RuntimeError(f"{scenario.name}: the closed loop's send times did not settle")
+
+
+def _simulate(scenario: Scenario, sent: np.ndarray, on_device: np.ndarray, correct: np.ndarray | None) -> VirtualResult:
+    """One run with these send times (flat, devices in rows)."""
+    edge, cloud = scenario.edge, scenario.cloud
     fleet = scenario.fleet
     n = len(sent)
     done = np.empty(n)

@@ -476,3 +476,38 @@ def test_the_shipped_fleet_scenarios_load_and_run_small() -> None:
         small = replace(scenario, fleet=replace(scenario.fleet, devices=max(groups + 5, 10), requests=5))
         report = simulate_fleet(small).report(small.cloud.workers)
         assert report["requests"] == small.fleet.devices * 5, path
+
+
+def test_a_closed_loop_sends_each_request_think_ms_after_the_last_answer() -> None:
+    """Every request but a device's first leaves exactly think_ms after the previous
+    answer; with one worker serving one row at a time and no think time, N devices keep
+    it busy (the machine-repairman model at N = 3: throughput one per service time)."""
+    scenario = Scenario(seed=6, fleet=FleetModel(devices=3, requests=200, arrival="closed", think_ms=0.0),
+                        edge=EdgeModel(split_ms=0.0), link=LinkModel(rtt_ms=0.0),
+                        cloud=CloudModel(workers=1, max_batch=1, max_delay_ms=0.0, batch_ms=10.0, row_ms=0.0,
+                                         **UNBOUNDED))
+    result = simulate_fleet(scenario)
+    sent, done = result.sent_ms.reshape(3, 200), result.done_ms.reshape(3, 200)
+    assert np.array_equal(sent[:, 1:], done[:, :-1])
+    span = done.max() - sent[:, 1].min()
+    assert abs(3 * 199 * 10.0 / span - 1) < 0.01  # the worker never idles
+    thinking = replace(scenario, fleet=replace(scenario.fleet, think_ms=25.0))
+    result = simulate_fleet(thinking)
+    sent, done = result.sent_ms.reshape(3, 200), result.done_ms.reshape(3, 200)
+    assert np.allclose(sent[:, 1:] - done[:, :-1], 25.0)
+
+
+def test_a_closed_loop_runs_live_as_in_virtual_time(tmp_path) -> None:
+    """fleet_live in a closed loop: each device's next request leaves think_ms after its
+    last answer, live as in the simulator, and the two agree on the mean latency."""
+    import splitexit_tests_edge_support as S
+    from splitexit.sim.fleet_live import fidelity
+
+    model, meta = S.tiny_model()
+    bundle = S.export(tmp_path, model, meta, MaxProb(2.0, fallback=False), split=2)
+    scenario = Scenario(seed=3, fleet=FleetModel(devices=3, requests=10, arrival="closed", think_ms=50.0),
+                        edge=EdgeModel(on_device_share=0.3, edge_ms=5.0, split_ms=2.0),
+                        link=LinkModel(rtt_ms=40.0, up_mbps=20.0), cloud=CloudModel(workers=1))
+    result = fidelity(scenario, bundle)
+    assert result["requests"] == 30 and result["live"]["degraded_share"] == 0
+    assert 0.7 < result["ratio"]["mean_ms"] < 1.4, result

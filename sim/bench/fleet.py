@@ -67,10 +67,10 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
 
 
 def fidelity_scenarios() -> dict[str, Any]:
-    """The scenarios run both ways: devices on LTE with one worker, more devices on Wi-Fi
-    with two (and the same through a 2 s outage of every link), devices on a real LTE
-    trace with two workers and an outage, and one worker offered more than it can serve
-    (batches of one row)."""
+    """The scenarios run both ways: devices on LTE with one worker (open and closed loop),
+    more devices on Wi-Fi with two (and the same through a 2 s outage of every link),
+    devices on a real LTE trace with two workers and an outage, and one worker offered
+    more than it can serve (batches of one row)."""
     from splitexit.sim.link import Outage
     from splitexit.sim.virtual import CloudModel, EdgeModel, FleetModel, LinkModel, Scenario
 
@@ -79,6 +79,9 @@ def fidelity_scenarios() -> dict[str, Any]:
     return {
         "8-lte-1-worker": Scenario(name="8-lte-1-worker", fleet=FleetModel(devices=8, requests=40, rate_hz=5.0),
                                    edge=edge, link=LinkModel(rtt_ms=70.0, up_mbps=5.85), cloud=cloud),
+        "8-lte-closed-loop": Scenario(name="8-lte-closed-loop",
+                                      fleet=FleetModel(devices=8, requests=30, arrival="closed", think_ms=150.0),
+                                      edge=edge, link=LinkModel(rtt_ms=70.0, up_mbps=5.85), cloud=cloud),
         "16-wifi-2-workers": Scenario(name="16-wifi-2-workers", fleet=FleetModel(devices=16, requests=30, rate_hz=4.0),
                                       edge=edge, link=LinkModel(rtt_ms=28.0, up_mbps=18.88),
                                       cloud=replace(cloud, workers=2)),

@@ -103,13 +103,22 @@ class EdgeModel:
             self.energy_model()  # checked here: a bad table fails on load
 
     def energy_model(self) -> Any:
+        """The device's EnergyModel from [edge.energy]: its fields, or `board = NAME`, a board
+        of `splitexit.energy` at its top clock (busy: its power there; idle: its idle power),
+        with the radio's fields beside it."""
+        from splitexit.energy import get_board
         from splitexit.plan import EnergyModel
 
         if self.energy is None:
             return None
+        fields: dict[str, Any] = {str(k): v for k, v in self.energy.items()}
         try:
-            return EnergyModel(**{str(k): v for k, v in self.energy.items()})  # type: ignore[arg-type]
-        except TypeError as exc:
+            if "board" in fields:
+                board = get_board(str(fields.pop("board")))
+                fields.update(busy_w=board.power(board.f_max), idle_w=board.p_idle_w,
+                              source=f"board {board.name} at {board.f_max:g} MHz (splitexit.energy)")
+            return EnergyModel(**fields)
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"[edge.energy]: {exc}") from None
 
 

@@ -435,6 +435,16 @@ def test_device_times_come_from_a_device_profile_and_energy_is_counted(tmp_path,
     assert np.allclose(result.energy_mj[off], 64.0 + 2.0 + 0.5 * waited)
     with pytest.raises(ValueError, match=r"\[edge.energy\]"):
         EdgeModel(energy={"busy": 1.0})
+    # a board of splitexit.energy at its top clock stands for the device's processor
+    from splitexit.energy import get_board
+
+    board = get_board("rk3399-a72")
+    on_board = simulate_fleet(replace(scenario, edge=replace(edge, energy={
+        "board": "rk3399-a72", "radio_alpha_mw_per_mbps": 0.0, "radio_beta_mw": 1000.0})))
+    on = on_board.route == 0
+    assert np.allclose(on_board.energy_mj[on], board.power(board.f_max) * edge_ms[on])
+    with pytest.raises(ValueError, match=r"\[edge.energy\]: unknown board 'abacus'"):
+        EdgeModel(energy={"board": "abacus", "radio_alpha_mw_per_mbps": 0.0, "radio_beta_mw": 0.0})
 
 
 def test_loss_stalls_a_request_once_with_the_tcp_segment_probability() -> None:

@@ -63,6 +63,8 @@ class ServedModel:
         self.spec = state_spec(self.runner)
         self.own_exits = len(self.runner.exit_stages)  # ladder exits of this network, final head included
         self.splits = self.bundle.manifest.cloud_splits  # the cuts whose features this worker takes
+        # per split (-1: raw input), the ladder index of the first exit on this side
+        self._first_cloud = {s: len(self.bundle.manifest.exits_through(s)) for s in (-1, *self.splits)}
         self.num_classes = len(self.bundle.classes)
         self._mean = torch.tensor(self.bundle.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(self.bundle.std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -108,7 +110,7 @@ class ServedModel:
 
     def first_cloud(self, split: int) -> int:
         """Ladder index of the first exit after `split` (-1: raw input, the first exit)."""
-        return len(self.bundle.manifest.exits_through(split))
+        return self._first_cloud[split]
 
     def fresh_state(self, rows: int, *, split: int) -> RowState:
         """State of rows that arrive after stage `split` (-1: raw input) without any: the
@@ -173,11 +175,10 @@ class ServedModel:
     @torch.inference_mode()
     def _run(self, items: Sequence[Parsed]) -> list["list[pb.RowResult] | RequestError"]:
         results: list[list[pb.RowResult] | RequestError | None] = [None] * len(items)
-        raw_start = items[0].feature is None  # one key: all of a batch start alike
         inputs: dict[int, torch.Tensor] = {}
         images: dict[int, np.ndarray] = {}  # decoded raw input, reused for escalation
         for i, item in enumerate(items):
-            if item.feature is not None:  # all of a batch alike (raw_start)
+            if item.feature is not None:  # one key: all of a batch start alike
                 inputs[i] = item.feature
                 continue
             try:
@@ -230,7 +231,7 @@ class ServedModel:
                 return np.empty(0, dtype=np.int64), torch.empty(0)
             return np.concatenate(have), torch.cat(xs)
 
-        start = 0 if raw_start else items[0].split + 1
+        start = items[0].split + 1  # one key, one split; a raw input's is -1
         result = self.runner.run(x, start=start, state=state, rows=np.arange(n), larger_input=larger_input)
         merged = result.merged()
         if merged is not None:

@@ -109,15 +109,13 @@ class SplitChooser:
         # without a prior the first batch probes; with one, the plan starts from it
         self._probed = time.monotonic() if self.config.prior is not None else -math.inf
         self._estimate: LinkEstimate | None = None
+        self._hopeless = False  # no cut crossing the link could win (set by `replan`)
 
     # --- what the agent tells it ------------------------------------------------------
     def observe_answer(self, stage: int, own_network: bool = True) -> None:
         """An answer from the exit after `stage` (the larger network's: the ladder's end)."""
         i = self._index.get(stage, len(self._counts) - 1) if own_network else len(self._counts) - 1
         self._counts[i] += 1
-
-    def observe_offload(self, bytes_up: int, seconds: float, server_ms: float) -> None:
-        self.link.observe(bytes_up, seconds, server_ms=server_ms)
 
     # --- what it tells the agent ------------------------------------------------------
     def split_for_batch(self) -> int:
@@ -126,20 +124,19 @@ class SplitChooser:
         if now - self._planned >= self.config.every_s:
             self._planned = now
             self.replan()
-        interval = self.config.probe_s * (self.config.hopeless_backoff if self._hopeless() else 1.0)
+        interval = self.config.probe_s * (self.config.hopeless_backoff if self._hopeless else 1.0)
         if self._bytes and now - self._probed >= interval and not (self.split in self._bytes and self.link.varied()):
             self._probed = now
             return self._probe_split()
         return self.split
 
-    def _hopeless(self) -> bool:
+    def _no_cut_could_win(self, rtt_ms: float) -> bool:
         """Does the plan keep every row on the device, and would it still with an
-        infinitely fast uplink at the RTT last known?"""
-        known = self._estimate or self.config.prior
-        if self.split in self._bytes or known is None:
+        infinitely fast uplink at this RTT?"""
+        if self.split in self._bytes:
             return False
-        best = self.candidates(LinkEstimate(up_mbps=math.inf, rtt_ms=known.rtt_ms))[0]
-        return best.split not in self._bytes
+        return self.candidates(LinkEstimate(up_mbps=math.inf, rtt_ms=rtt_ms))[0].split not in self._bytes
+
     def _probe_split(self) -> int:
         """A cut whose offloads measure what the current one's cannot: any that crosses
         the link when nothing does, else the one whose feature differs most in size."""
@@ -178,6 +175,8 @@ class SplitChooser:
                                       rtt_ms=measured.rtt_ms if measured else None,
                                       expected_ms=chosen.expected_ms))
         self.split = chosen.split
+        # judged here, once a re-plan, not at every batch: it ranks every split again
+        self._hopeless = self._no_cut_could_win(estimate.rtt_ms)
         return self.split
 
     def record(self) -> dict[str, Any]:

@@ -29,11 +29,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["LiveScenario", "load_live_scenario", "prepare", "run_live_scenario"]
+__all__ = ["LiveScenario", "export_planned", "load_live_scenario", "prepare", "run_live_scenario"]
 
 STRATEGIES = ("fixed", "adaptive", "edge_exits")
 EVENT_KINDS = ("link", "outage", "kill_worker", "restart_worker")
@@ -222,10 +222,10 @@ def prepare(scenario: LiveScenario, cache_dir: Path, out: Path, *, log: Callable
     device, export the bundle of every split, and plan the first cut offline."""
     import torch
 
-    from splitexit.bundle import export_bundle, load_bundle
+    from splitexit.bundle import load_bundle
     from splitexit.cost import cost_model
     from splitexit.data import Normalize
-    from splitexit.edge.replan import ReplanConfig, SplitChooser
+    from splitexit.edge.replan import ReplanConfig
     from splitexit.evaluate import cached_exit_outputs
     from splitexit.plan import LinkEstimate
     from splitexit.policies import MaxProb
@@ -252,25 +252,41 @@ def prepare(scenario: LiveScenario, cache_dir: Path, out: Path, *, log: Callable
     val = cached_exit_outputs(model, dataset.val, Normalize(meta.mean, meta.std), cache_dir=cache_dir, tag="val")
     policy = MaxProb(scenario.model.threshold, fallback=False)
     share = exit_behaviour(policy, "validation", val, cost_model(model, shape).exit_ladder()).share
-    splits = sorted({*model.exit_points, model.num_stages - 1})
-    path = export_bundle(out / "bundle", model, meta, split=splits[0], splits=splits, policy=policy,
-                         input_shape=shape, codec=scenario.model.codec, name=meta.model.arch)
-    chooser = SplitChooser(load_bundle(path, "edge").manifest, ReplanConfig(device=device.at(1),
-                                                                            cloud=measured.at(1), share=share),
-                           scenario.model.codec)
+    replan = ReplanConfig(device=device.at(1), cloud=measured.at(1), share=share)
     up = scenario.link.up_mbps if not scenario.link.trace else _trace(scenario.link.trace).mean_mbps
-    planned = chooser.candidates(LinkEstimate(up_mbps=up, rtt_ms=scenario.link.rtt_ms))
+    path, (planned,) = export_planned(out / "bundle", model, meta, shape, policy, scenario.model.codec, replan,
+                                      [LinkEstimate(up_mbps=up, rtt_ms=scenario.link.rtt_ms)])
     start = planned[0].split
     assert start is not None
-    if start != splits[0]:
-        path = export_bundle(out / "bundle", model, meta, split=start, splits=splits, policy=policy,
-                             input_shape=shape, codec=scenario.model.codec, name=meta.model.arch)
     log("the offline plan for the first link: " + ", ".join(f"split {c.split} {c.expected_ms:.1f} ms"
                                                             for c in planned))
     test = dataset.test
     return Prepared(bundle=path, edge=load_bundle(path, "edge"), device=device, worker_profile=measured,
                     share=share, start_split=start, planned=planned, images=test.images, labels=test.labels,
                     arch=meta.model.arch)
+
+
+def export_planned(out: Path, model: Any, meta: Any, shape: tuple[int, int, int], policy: Any, codec: str,
+                   replan: Any, links: Sequence[Any]) -> tuple[Path, list[list[Any]]]:
+    """The network exported with every exit's stage and the last stage as split points,
+    cut first where the offline plan for `links[0]` says; and the plan (every split,
+    ranked by `SplitChooser` with `replan`'s profiles and shares) for each of `links`."""
+    from splitexit.bundle import export_bundle
+    from splitexit.edge.replan import SplitChooser
+    from splitexit.manifest import read_manifest
+
+    splits = sorted({*model.exit_points, model.num_stages - 1})
+
+    def export(split: int) -> Path:
+        return export_bundle(out, model, meta, split=split, splits=splits, policy=policy, input_shape=shape,
+                             codec=codec, name=meta.model.arch)
+
+    path = export(splits[0])
+    chooser = SplitChooser(read_manifest(path), replan, codec)
+    planned = [chooser.candidates(link) for link in links]
+    start = planned[0][0].split
+    assert start is not None
+    return (path if start == splits[0] else export(start)), planned
 
 
 def _trace(name: str) -> Any:
@@ -297,7 +313,6 @@ def _direction(link: LinkPart, *, up_mbps: float | None = None, trace: str = "",
 class Answered:
     agent: int
     seq: int  # the agent's n-th input
-    index: int  # the input's index in the test set
     t: float  # seconds since the start, when sent
     ms: float
     route: str
@@ -367,7 +382,7 @@ async def run_strategy(scenario: LiveScenario, prep: Prepared, strategy: str, ou
             for proxy in mine:
                 await proxy.close()
         await asyncio.gather(*(w.stop() for w in workers))
-    return _report(strategy, scenario, prep, answers, sum(sent), bytes_up, history, out)
+    return _report(strategy, scenario, answers, sum(sent), bytes_up, history, out)
 
 
 async def _feed(scenario: LiveScenario, prep: Prepared, a: int, agent: Any, t0: float, answers: list[Answered],
@@ -383,7 +398,7 @@ async def _feed(scenario: LiveScenario, prep: Prepared, a: int, agent: Any, t0: 
         index = (offset + i) % n
         start = time.monotonic()
         answer = (await agent.infer(prep.images[index: index + 1], [f"{a}:{i}"]))[0]
-        answers.append(Answered(agent=a, seq=i, index=index, t=t, ms=(time.monotonic() - start) * 1e3, route=answer.route,
+        answers.append(Answered(agent=a, seq=i, t=t, ms=(time.monotonic() - start) * 1e3, route=answer.route,
                                 reason=answer.reason, exit=answer.exit, correct=answer.label == int(prep.labels[index])))
 
     i, due = 0, rng.uniform(0, 1 / scenario.agents.rate_hz)
@@ -442,7 +457,7 @@ async def _progress(strategy: str, scenario: LiveScenario, answers: list[Answere
             f"{len(answers)} answered ({', '.join(f'{k} {v}' for k, v in sorted(routes.items()))})")
 
 
-def _report(strategy: str, scenario: LiveScenario, prep: Prepared, answers: list[Answered], sent: int,
+def _report(strategy: str, scenario: LiveScenario, answers: list[Answered], sent: int,
             bytes_up: int, history: list[list[dict[str, Any]]], out: Path) -> dict[str, Any]:
     from splitexit.edge.trace import read_trace
 

@@ -158,7 +158,7 @@ def _feed(chooser: SplitChooser, mbps: float, rtt_ms: float, n: int, rng: random
     for i in range(n):
         size = (4000, 1000)[i % 2]
         ms = (rtt_ms + size * 8 / (mbps * 1e3)) * (1 + noise * rng.uniform(-1, 1))
-        chooser.observe_offload(size, ms / 1e3, 0.0)
+        chooser.link.observe(size, ms / 1e3)
         chosen.append(chooser.replan())
     return chosen
 
@@ -193,11 +193,11 @@ def test_the_chooser_probes_the_link_while_everything_stays_on_the_device() -> N
     # cut where the offloads are all of one size, it probes the cut whose size differs most
     chooser.split = 3
     for _ in range(5):
-        chooser.observe_offload(1000, 0.01, 0.0)
+        chooser.link.observe(1000, 0.01)
     time.sleep(0.06)
     assert not chooser.link.varied() and chooser.link.estimate() is None  # RTT and bandwidth not told apart
     assert chooser.split_for_batch() == 1 and chooser.split_for_batch() == 3
-    chooser.observe_offload(4000, 0.02, 0.0)
+    chooser.link.observe(4000, 0.02)
     time.sleep(0.06)
     assert chooser.link.varied() and chooser.split_for_batch() == chooser.split  # no probe needed now
 

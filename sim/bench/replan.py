@@ -50,12 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
     import torch
 
-    from splitexit.bundle import export_bundle, load_bundle
-    from splitexit.edge.replan import ReplanConfig, SplitChooser
+    from splitexit.bundle import load_bundle
+    from splitexit.edge.replan import ReplanConfig
     from splitexit.plan import LinkEstimate
     from splitexit.policies import MaxProb
     from splitexit.profile import device_class, load_profile, measure_profile
     from splitexit.sim import live
+    from splitexit.sim.harness import export_planned
     from splitexit.sim.planning import exit_behaviour
 
     torch.set_num_threads(1)  # the device and the worker each get one core of the two
@@ -66,8 +67,6 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
                 measure_profile(model, shape, name="this machine", arch=meta.model.arch, threads=1, repeats=50))
     measured.save(ctx.out / "replan_base_profile.json")
     device = device_class(measured, args.device)
-    last = model.num_stages - 1
-    splits = sorted({*model.exit_points, last})
     policy = MaxProb(args.threshold, fallback=False)
     val = ctx.outputs(trained, "val")
     share = exit_behaviour(policy, "validation", val, ctx.costs(trained).exit_ladder()).share
@@ -75,19 +74,16 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
     replan = ReplanConfig(device=device.at(1), cloud=measured.at(1), share=share)
 
     # the offline plan for the link before the drop: where `fixed` cuts, and where both start
-    probe = export_bundle(ctx.out / "replan" / "probe", model, meta, split=splits[0], splits=splits, policy=policy,
-                          input_shape=shape, codec=args.codec, name=meta.model.arch)
-    chooser = SplitChooser(load_bundle(probe, "edge").manifest, replan, args.codec)
     links = {"before": LinkEstimate(up_mbps=args.before_mbps, rtt_ms=args.rtt_ms),
              "after": LinkEstimate(up_mbps=args.after_mbps, rtt_ms=args.rtt_ms)}
-    planned = {name: chooser.candidates(link) for name, link in links.items()}
+    path, ranked_per_link = export_planned(ctx.out / "replan" / "bundle", model, meta, shape, policy, args.codec,
+                                           replan, list(links.values()))
+    planned = dict(zip(links, ranked_per_link))
     for name, ranked in planned.items():
         log(f"planned for the link {name} the drop ({links[name].up_mbps} Mbit/s, RTT {args.rtt_ms} ms): "
             + ", ".join(f"split {c.split} {c.expected_ms:.1f} ms" for c in ranked))
     start = planned["before"][0].split
-    assert start is not None
-    path = export_bundle(ctx.out / "replan" / "bundle", model, meta, split=start, splits=splits, policy=policy,
-                         input_shape=shape, codec=args.codec, name=meta.model.arch)
+    splits = sorted({*model.exit_points, model.num_stages - 1})
     edge = load_bundle(path, "edge")
     padded = replace(edge, model=live.pad_to_profile(edge.model, device))  # this machine as the device
     test = ctx.dataset.test

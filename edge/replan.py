@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class ReplanConfig:
 class PlanEvent:
     """One re-plan: when, the link estimate it used, and the split chosen."""
 
-    t: float
+    t: float  # the chooser's clock (seconds)
     split: int
     up_mbps: float | None
     rtt_ms: float | None
@@ -81,6 +81,8 @@ class SplitChooser:
     manifest: Any  # splitexit.manifest.Manifest
     config: ReplanConfig
     codec: str
+    # seconds, monotonic: the wall clock in the agent, simulated time in the fleet simulator
+    clock: Callable[[], float] = time.monotonic
     link: LinkEstimator = field(init=False)  # the uplink, from the agent's offloads
     history: list[PlanEvent] = field(default_factory=list)
 
@@ -107,9 +109,10 @@ class SplitChooser:
         self.split: int = self.manifest.split
         self._planned = -float("inf")
         # without a prior the first batch probes; with one, the plan starts from it
-        self._probed = time.monotonic() if self.config.prior is not None else -math.inf
+        self._probed = self.clock() if self.config.prior is not None else -math.inf
         self._estimate: LinkEstimate | None = None
         self._hopeless = False  # no cut crossing the link could win (set by `replan`)
+        self._probe_last = False  # the last batch was a probe
 
     # --- what the agent tells it ------------------------------------------------------
     def observe_answer(self, stage: int, own_network: bool = True) -> None:
@@ -118,16 +121,24 @@ class SplitChooser:
         self._counts[i] += 1
 
     # --- what it tells the agent ------------------------------------------------------
+    def offload_bytes(self, split: int) -> float:
+        """The feature's bytes per row when cut after `split` (0 for the last stage: nothing leaves)."""
+        return self._bytes.get(split, 0.0)
+
     def split_for_batch(self) -> int:
         """The split to cut the next batch at (re-planning first when it is time)."""
-        now = time.monotonic()
+        now = self.clock()
         if now - self._planned >= self.config.every_s:
             self._planned = now
             self.replan()
         interval = self.config.probe_s * (self.config.hopeless_backoff if self._hopeless else 1.0)
-        if self._bytes and now - self._probed >= interval and not (self.split in self._bytes and self.link.varied()):
-            self._probed = now
+        # never two probes in a row: with batches rarer than probe_s every batch would be a
+        # probe, and the plan's own split would never be measured
+        if (self._bytes and now - self._probed >= interval and not self._probe_last
+                and not (self.split in self._bytes and self.link.varied())):
+            self._probed, self._probe_last = now, True
             return self._probe_split()
+        self._probe_last = False
         return self.split
 
     def _no_cut_could_win(self, rtt_ms: float) -> bool:
@@ -170,7 +181,7 @@ class SplitChooser:
             return self.split
         chosen = self._replanner.update(self.candidates(estimate))
         assert chosen.split is not None
-        self.history.append(PlanEvent(t=time.time(), split=chosen.split,
+        self.history.append(PlanEvent(t=self.clock(), split=chosen.split,
                                       up_mbps=measured.up_mbps if measured else None,
                                       rtt_ms=measured.rtt_ms if measured else None,
                                       expected_ms=chosen.expected_ms))
@@ -179,9 +190,14 @@ class SplitChooser:
         self._hopeless = self._no_cut_could_win(estimate.rtt_ms)
         return self.split
 
+    @property
+    def changes(self) -> int:
+        """Plans made that differed from the one before (the first plan counts as one)."""
+        return self._replanner.changes
+
     def record(self) -> dict[str, Any]:
         """For the agent's trace: the split and the estimate it was chosen on."""
-        out: dict[str, Any] = {"split": self.split, "changes": self._replanner.changes}
+        out: dict[str, Any] = {"split": self.split, "changes": self.changes}
         if self._estimate is not None and self._estimate.up_mbps is not None:
             out.update(up_mbps=round(self._estimate.up_mbps, 3), rtt_ms=round(self._estimate.rtt_ms, 3))
         return out

@@ -363,7 +363,7 @@ async def run_strategy(scenario: LiveScenario, prep: Prepared, strategy: str, ou
             agents.append(agent)
         answers: list[Answered] = []
         sent = [0] * len(agents)
-        t0, wall0 = time.monotonic(), time.time()
+        t0 = time.monotonic()
         tasks = [asyncio.ensure_future(_feed(scenario, prep, i, agent, t0, answers, sent))
                  for i, agent in enumerate(agents)]
         timeline = asyncio.ensure_future(_timeline(scenario, workers, proxies, t0, log))
@@ -373,7 +373,7 @@ async def run_strategy(scenario: LiveScenario, prep: Prepared, strategy: str, ou
         progress.cancel()
         await asyncio.gather(timeline, progress, return_exceptions=True)
         bytes_up = sum(p.counters.bytes_up for mine in proxies for p in mine)
-        history = [[{"t": round(e.t - wall0, 3), "split": e.split, "up_mbps": e.up_mbps}
+        history = [[{"t": round(e.t - t0, 3), "split": e.split, "up_mbps": e.up_mbps}
                     for e in agent.chooser.history] if agent.chooser is not None else [] for agent in agents]
     finally:
         for agent in agents:

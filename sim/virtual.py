@@ -93,8 +93,22 @@ class EdgeModel:
     # [edge.energy]: the device's power (`splitexit.plan.EnergyModel`'s fields: busy_w,
     # idle_w, radio_alpha_mw_per_mbps, radio_beta_mw); the report gains the mean mJ per request
     energy: Mapping[str, float] | None = None
+    # [edge.replan]: each device re-plans its split online as the agent's `--replan` does
+    # (`splitexit.edge.replan`), among the bundle's splits (`export --splits`), from its own
+    # answered offloads; needs bundle and profile. Keys: ReplanConfig's margin, patience,
+    # every_s, probe_s, window, hopeless_backoff (its defaults for those not given). An
+    # offload then carries the bundle's codec's bytes at its split, not feature_bytes.
+    replan: Mapping[str, float] | None = None
+
+    REPLAN_KEYS = ("margin", "patience", "every_s", "probe_s", "window", "hopeless_backoff")
 
     def __post_init__(self) -> None:
+        if self.replan is not None:
+            unknown = sorted(set(self.replan) - set(self.REPLAN_KEYS))
+            if unknown:
+                raise ValueError(f"[edge.replan]: unknown keys {unknown}; known: {', '.join(self.REPLAN_KEYS)}")
+            if not (self.bundle and self.profile):
+                raise ValueError("[edge.replan] plans on a bundle's network and a device profile: give bundle and profile")
         if not 0 <= self.on_device_share <= 1 or min(self.edge_ms, self.split_ms, self.feature_bytes) < 0:
             raise ValueError("on_device_share must be in [0, 1] and times and bytes >= 0")
         if self.profile and not self.bundle:
@@ -306,6 +320,13 @@ class VirtualResult:
     correct: np.ndarray | None = None  # bool [N]: the answer is right (when the network decides)
     workers: tuple[tuple[float, int], ...] = ()  # (s, count) at the start and each autoscaling change
     energy_mj: np.ndarray | None = None  # per request, the device's (with [edge.energy])
+    # per request: when its offload left the device (after its compute to the split), the
+    # worker's queue and compute time (NaN when no worker answered), its bytes up
+    ready: np.ndarray | None = None
+    server_ms: np.ndarray | None = None
+    nbytes: np.ndarray | None = None
+    split: np.ndarray | None = None  # int [N]: the split each request was cut at (re-planning)
+    plans: int = 0  # with re-planning: split changes over every device
 
     ROUTES = ("edge", "cloud", "refused", "late")
 
@@ -330,6 +351,8 @@ class VirtualResult:
             **({} if self.energy_mj is None else {"energy_mj": round(float(self.energy_mj.mean()), 4)}),
             **({"workers_over_time": [list(w) for w in self.workers], "max_workers": max(c for _, c in self.workers)}
                if len(self.workers) > 1 else {}),
+            **({} if self.split is None else {"plan_changes": self.plans, "split_shares": {
+                str(s): round(float(c / n), 5) for s, c in zip(*np.unique(self.split, return_counts=True))}}),
         }
 
 
@@ -374,36 +397,78 @@ def device_links(scenario: Scenario) -> list[tuple[int, int, LinkModel, int]]:
             for g, (lo, hi, link) in enumerate(groups)]
 
 
-def simulate_fleet(scenario: Scenario) -> VirtualResult:
+@dataclass(frozen=True)
+class Cuts:
+    """Per request (flat, devices in rows), what its device does with it: answers it
+    (`on_device`) after `edge_ms`, or offloads `nbytes` after `split_ms` (its stages and
+    exits up to the split it is cut at)."""
+
+    on_device: np.ndarray  # bool
+    edge_ms: np.ndarray
+    split_ms: np.ndarray
+    nbytes: np.ndarray
+    split: np.ndarray | None = None  # int: the split each was cut at, when the device re-plans
+
+    def same(self, other: "Cuts") -> bool:
+        return bool(np.array_equal(self.on_device, other.on_device) and np.array_equal(self.split_ms, other.split_ms)
+                    and np.array_equal(self.nbytes, other.nbytes))
+
+
+def fixed_cuts(scenario: Scenario, on_device: np.ndarray) -> Cuts:
+    """Every request cut where the scenario (or its bundle) says."""
+    n = len(on_device)
+    edge_ms, split_ms = device_times(scenario, n)
+    return Cuts(on_device, edge_ms, split_ms, np.full(n, float(scenario.edge.feature_bytes)))
+
+
+def simulate_fleet(scenario: Scenario, progress: Callable[[str], None] | None = None) -> VirtualResult:
     """Run the scenario; the same scenario (seed included) gives the same result, bit for bit.
 
-    Closed-loop arrivals depend on the answers: the run is repeated with each request sent
-    `think` after the previous one's answer in the last run, until the send times no
-    longer change (a fixed point: the closed loop's own times). Each repeat fixes at least
-    one more request of every device, so it takes at most about `requests` repeats."""
+    Two behaviours make what a device does depend on earlier answers: closed-loop
+    arrivals (each request sent `think` after the previous one's answer) and online
+    re-planning (`[edge.replan]`: the split of each request chosen from the link as the
+    device's earlier offloads measured it). Then the run is repeated, each time with the
+    send times and cuts that the last run's answers give, until they no longer change: a
+    fixed point, the devices' own behaviour. A device's choice at time t depends only on
+    answers before t, so each repeat settles at least the earliest choice still wrong,
+    and in practice a few repeats do."""
     sent, on_device, correct = requests(scenario)
     fleet = scenario.fleet
-    if fleet.arrival != "closed":
-        return _simulate(scenario, sent, on_device, correct)
+    cuts = fixed_cuts(scenario, on_device)
+    planner = None
+    if scenario.edge.replan is not None:
+        from splitexit.sim.virtual_replan import DevicePlanners
+
+        planner = DevicePlanners(scenario, sent)
+        cuts = planner.cuts(sent, None)
+    if fleet.arrival != "closed" and planner is None:
+        return _simulate(scenario, sent, cuts, correct)
     shape = (fleet.devices, fleet.requests)
-    for _ in range(2 * fleet.requests + 10):
-        result = _simulate(scenario, sent, on_device, correct)
-        following = sent.reshape(shape).copy()
-        following[:, 1:] = result.done_ms.reshape(shape)[:, :-1] + fleet.think
-        if np.array_equal(following.ravel(), sent):
-            return result
-        sent = following.ravel()
-    raise RuntimeError(f"{scenario.name}: the closed loop's send times did not settle")
+    for run in range(1, 2 * fleet.requests + 11):
+        result = _simulate(scenario, sent, cuts, correct)
+        following = sent
+        if fleet.arrival == "closed":
+            following = sent.reshape(shape).copy()
+            following[:, 1:] = result.done_ms.reshape(shape)[:, :-1] + fleet.think
+            following = following.ravel()
+        then = cuts if planner is None else planner.cuts(following, result)
+        if progress is not None:
+            moved = int(np.count_nonzero(following != sent) + np.count_nonzero(then.split_ms != cuts.split_ms))
+            progress(f"run {run}: {moved:,} send times and cuts changed" if moved else f"run {run}: settled")
+        if np.array_equal(following, sent) and then.same(cuts):
+            return result if planner is None else replace(result, split=cuts.split, plans=planner.changes)
+        sent, cuts = following, then
+    raise RuntimeError(f"{scenario.name}: the devices' send times and cuts did not settle")
 
 
-def _simulate(scenario: Scenario, sent: np.ndarray, on_device: np.ndarray, correct: np.ndarray | None) -> VirtualResult:
-    """One run with these send times (flat, devices in rows)."""
+def _simulate(scenario: Scenario, sent: np.ndarray, cuts: Cuts, correct: np.ndarray | None) -> VirtualResult:
+    """One run with these send times and cuts (flat, devices in rows)."""
     edge, cloud = scenario.edge, scenario.cloud
     fleet = scenario.fleet
     n = len(sent)
     done = np.empty(n)
     route = np.zeros(n, dtype=np.int8)
-    edge_ms, split_ms = device_times(scenario, n)
+    on_device, edge_ms, split_ms, nbytes = cuts.on_device, cuts.edge_ms, cuts.split_ms, cuts.nbytes
     done[on_device] = sent[on_device] + edge_ms[on_device]
     ready = sent + split_ms  # when each offload would be sent
     # per request, from its device's link: half the RTT, refused by an outage, past the uplink
@@ -413,9 +478,9 @@ def _simulate(scenario: Scenario, sent: np.ndarray, on_device: np.ndarray, corre
         rows = slice(lo * fleet.requests, hi * fleet.requests)
         half[rows] = link.rtt_ms / 2
         refused_all[rows] = _in_outage(ready[rows], link.outages, "refuse")
-        crossed = _uplink(ready[rows], ~on_device[rows], replace(fleet, devices=hi - lo), edge, link, seed)
+        crossed = _uplink(ready[rows], ~on_device[rows], nbytes[rows], replace(fleet, devices=hi - lo), link, seed)
         if link.loss > 0:  # its own generator: the requests' draws are the same with or without loss
-            segments = max(1, -(-edge.feature_bytes // SEGMENT_BYTES))
+            segments = np.maximum(1, np.ceil(nbytes[rows] / SEGMENT_BYTES))
             stalled = np.random.default_rng([seed, 11]).random(len(crossed)) < 1 - (1 - link.loss) ** segments
             crossed = crossed + np.where(stalled, link.rto_ms, 0.0)
         crossed_all[rows] = _held(crossed, link.outages)
@@ -432,6 +497,8 @@ def _simulate(scenario: Scenario, sent: np.ndarray, on_device: np.ndarray, corre
     # answers travel back (half an RTT, held by a blackhole of their link); a refusal too;
     # a late request ends at its deadline
     who = offloaded[sending][order]
+    server_ms = np.full(n, np.nan)  # queue and compute at the worker, as its answer reports them
+    server_ms[who] = answered - at_cloud[order]
     back = answered + cloud.rpc_ms
     for lo, hi, link, _ in groups:
         mine = (who >= lo * fleet.requests) & (who < hi * fleet.requests)
@@ -450,11 +517,12 @@ def _simulate(scenario: Scenario, sent: np.ndarray, on_device: np.ndarray, corre
     if energy is not None:  # computing, then (offloaded) sending and waiting for the answer
         energy_mj = np.where(on_device, edge_ms * energy.busy_w, split_ms * energy.busy_w)
         sending_ms = crossed_all - ready
-        up_mbps = np.where(sending_ms > 0, edge.feature_bytes * 8 / np.maximum(sending_ms, 1e-9) / 1e3, 0.0)
+        up_mbps = np.where(sending_ms > 0, nbytes * 8 / np.maximum(sending_ms, 1e-9) / 1e3, 0.0)
         radio_w = (energy.radio_beta_mw + energy.radio_alpha_mw_per_mbps * up_mbps) / 1e3
         waiting_ms = np.maximum(done - crossed_all, 0.0)
         energy_mj = np.where(on_device, energy_mj, energy_mj + sending_ms * radio_w + waiting_ms * energy.idle_w)
-    return VirtualResult(sent, done, route, batches, batch_rows, busy, span, correct, tuple(workers), energy_mj)
+    return VirtualResult(sent, done, route, batches, batch_rows, busy, span, correct, tuple(workers), energy_mj,
+                         ready=ready, server_ms=server_ms, nbytes=nbytes)
 
 
 def network_decisions(bundle: str | Path, data: str) -> tuple[np.ndarray, np.ndarray]:
@@ -497,6 +565,16 @@ def device_times(scenario: Scenario, n: int) -> tuple[np.ndarray, np.ndarray]:
     edge = scenario.edge
     if not edge.profile:
         return np.full(n, edge.edge_ms), np.full(n, edge.split_ms)
+    stages, split, _ = _network_exits(edge.bundle, edge.data)
+    reach, to_split = profile_costs(edge)
+    sample = np.arange(n) % len(stages)
+    return np.asarray([reach[int(s)] for s in stages])[sample], np.full(n, to_split(split))
+
+
+def profile_costs(edge: EdgeModel) -> tuple[dict[int, float], Callable[[int], float]]:
+    """From [edge]'s device profile of its bundle's network: the ms to reach each ladder
+    exit (stage -> ms, the final head's at the last stage), and the ms up to a split (its
+    stages and the exits on the way)."""
     from splitexit.plan import exit_costs
     from splitexit.profile import load_profile
 
@@ -507,9 +585,10 @@ def device_times(scenario: Scenario, n: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{edge.profile}: not a profile of {edge.bundle}'s network")
     ladder = [*exits, times.num_stages - 1]
     reach = dict(zip(ladder, exit_costs(times, exits, 0, times.num_stages - 1, final=True)))
-    to_split = sum(times.stage_ms[: split + 1]) + sum(times.exit_ms[k] for k in exits if k <= split)
-    sample = np.arange(n) % len(stages)
-    return np.asarray([reach[int(s)] for s in stages])[sample], np.full(n, to_split)
+
+    def to_split(at: int) -> float:
+        return sum(times.stage_ms[: at + 1]) + sum(times.exit_ms[k] for k in exits if k <= at)
+    return reach, to_split
 
 
 def _in_outage(t_ms: np.ndarray, outages: tuple[Outage, ...], mode: str) -> np.ndarray:
@@ -541,29 +620,29 @@ def load_link_trace(name: str) -> Any:
     return load_trace(name) if Path(name).is_file() else load_trace(TRACES, name)
 
 
-def _uplink(ready: np.ndarray, sends: np.ndarray, fleet: FleetModel, edge: EdgeModel, link: LinkModel,
+def _uplink(ready: np.ndarray, sends: np.ndarray, nbytes: np.ndarray, fleet: FleetModel, link: LinkModel,
             seed: int) -> np.ndarray:
     """When each request's feature has left its device: each device's uplink is its own
     queue, one feature after another at the link's rate, or in the trace's delivery
     opportunities (a device sending faster than its uplink carries waits, as the link
     emulator makes it). Per request of `ready` (flat, devices in rows); only entries where
-    `sends` is true are meaningful."""
-    if (link.up_mbps is None and not link.trace) or edge.feature_bytes == 0:
+    `sends` is true are meaningful; each sends `nbytes`."""
+    if (link.up_mbps is None and not link.trace) or not nbytes.any():
         return ready
     shape = (fleet.devices, fleet.requests)
-    ready2, sends2 = ready.reshape(shape), sends.reshape(shape)
+    ready2, sends2, bytes2 = ready.reshape(shape), sends.reshape(shape), nbytes.reshape(shape)
     left = np.empty(shape)
     free = np.full(fleet.devices, -np.inf)  # when each device's uplink is next idle
-    send: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    send: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
     if link.trace:
-        send = _TraceSender(link, edge.feature_bytes, fleet.devices, seed)
+        send = _TraceSender(link, fleet.devices, seed)
     else:
-        up_ms = edge.feature_bytes * 8 / (link.up_mbps * 1000.0)  # type: ignore[operator]
+        ms_per_byte = 8 / (link.up_mbps * 1000.0)  # type: ignore[operator]
 
-        def send(start: np.ndarray, sending: np.ndarray) -> np.ndarray:
-            return start + up_ms
+        def send(start: np.ndarray, sending: np.ndarray, size: np.ndarray) -> np.ndarray:
+            return start + size * ms_per_byte
     for r in range(fleet.requests):  # vectorized over devices, in each device's order of sending
-        left[:, r] = send(np.maximum(free, ready2[:, r]), sends2[:, r])
+        left[:, r] = send(np.maximum(free, ready2[:, r]), sends2[:, r], bytes2[:, r])
         free = np.where(sends2[:, r], left[:, r], free)
     return left.ravel()
 
@@ -578,19 +657,19 @@ def trace_offsets_ms(link: LinkModel, devices: int, seed: int, period_ms: float)
 
 
 class _TraceSender:
-    """When a feature of `nbytes` has crossed each device's uplink, in the trace's delivery
+    """When a feature (of its size) has crossed each device's uplink, in the trace's delivery
     opportunities of 1,500 bytes, step for step as the link emulator's `_Bottleneck` does
     it (vectorized over devices): a link idle when a feature starts has lost the
     opportunities before; a busy one goes on from the first it has not used, and the
     room left in a packet carries the next feature's first bytes."""
 
-    def __init__(self, link: LinkModel, nbytes: int, devices: int, seed: int) -> None:
+    def __init__(self, link: LinkModel, devices: int, seed: int) -> None:
         from splitexit.sim.link import PACKET_BYTES
 
         trace = load_link_trace(link.trace)
         self.times = np.asarray(trace.times_ms, dtype=np.float64)
         self.period, self.per = float(trace.period_ms), len(self.times)
-        self.nbytes, self.packet = nbytes, PACKET_BYTES
+        self.packet = PACKET_BYTES
         self.offset = trace_offsets_ms(link, devices, seed, self.period)
         self.next = np.zeros(devices)  # per device: the first opportunity not used yet
         self.left = np.zeros(devices)  # bytes still free in the one before it
@@ -599,16 +678,16 @@ class _TraceSender:
     def _time(self, index: np.ndarray) -> np.ndarray:
         return (index // self.per) * self.period + self.times[(index % self.per).astype(np.int64)]
 
-    def __call__(self, start: np.ndarray, sending: np.ndarray) -> np.ndarray:
+    def __call__(self, start: np.ndarray, sending: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
         now = start + self.offset  # each device's time in its trace
         cycle = np.floor(np.maximum(now, 0) / self.period)
         first = cycle * self.per + np.searchsorted(self.times, now - cycle * self.period, side="left")
         reset = (now > self.free) & (first >= self.next)
         nxt, left = np.where(reset, first, self.next), np.where(reset, 0.0, self.left)
-        rest = self.nbytes - np.minimum(self.nbytes, left)
+        rest = nbytes - np.minimum(nbytes, left)
         packets = np.ceil(rest / self.packet)
         last = np.where(rest > 0, nxt + packets - 1, nxt - 1)
-        left = np.where(rest > 0, packets * self.packet - rest, left - self.nbytes)
+        left = np.where(rest > 0, packets * self.packet - rest, left - nbytes)
         done = np.maximum(now, self._time(np.maximum(last, 0)))
         self.next = np.where(sending, nxt + packets, self.next)
         self.left = np.where(sending, left, self.left)
@@ -772,10 +851,10 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
     return out, how, batches, rows_total, busy, timeline
 
 
-def run_timed(scenario: Scenario) -> tuple[VirtualResult, float]:
+def run_timed(scenario: Scenario, progress: Callable[[str], None] | None = None) -> tuple[VirtualResult, float]:
     """The result and the wall time it took (s)."""
     started = time.perf_counter()
-    result = simulate_fleet(scenario)
+    result = simulate_fleet(scenario, progress)
     return result, time.perf_counter() - started
 
 
@@ -835,6 +914,36 @@ def plot_latency(result: VirtualResult, path: Path, *, title: str) -> Path:
     return _save(fig, path)
 
 
+def plot_splits(result: VirtualResult, path: Path, *, title: str, bins: int = 100) -> Path:
+    """Where the devices cut their requests over time (re-planning): per time slot, the
+    share of the requests sent then at each split, and the mean latency beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    assert result.split is not None
+    sent_s = result.sent_ms / 1e3
+    edges = np.linspace(sent_s.min(), sent_s.max(), bins + 1)
+    slot = np.clip(np.searchsorted(edges, sent_s, side="right") - 1, 0, bins - 1)
+    per_slot = np.maximum(np.bincount(slot, minlength=bins), 1)
+    middle = (edges[:-1] + edges[1:]) / 2
+    fig, (cuts, latency) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
+    splits = np.unique(result.split)
+    shares = [np.bincount(slot[result.split == s], minlength=bins) / per_slot for s in splits]
+    cuts.stackplot(middle, shares, labels=[f"cut after stage {s}" for s in splits], alpha=0.85)
+    cuts.set_ylabel("share of requests")
+    cuts.set_ylim(0, 1)
+    cuts.legend(loc="lower left", fontsize=8)
+    cuts.set_title(f"{title}: where the devices cut ({result.plans} plan changes)", fontsize=10)
+    mean = np.bincount(slot, weights=result.latency_ms, minlength=bins) / per_slot
+    latency.plot(middle, mean, color="black", linewidth=1.2)
+    latency.set_ylabel("mean latency (ms)")
+    latency.set_xlabel("time sent (s)")
+    latency.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -860,7 +969,7 @@ def cmd_virtual(args: Any) -> None:
     f = scenario.fleet
     print(f"{scenario.name}: {f.devices:,} devices x {f.requests} requests ({f.devices * f.requests:,}), "
           f"{scenario.cloud.workers} worker(s), seed {scenario.seed}")
-    result, wall = run_timed(scenario)
+    result, wall = run_timed(scenario, progress=lambda line: print(f"  {line}", flush=True))
     report = {**result.report(scenario.cloud.workers), "wall_s": round(wall, 3), "scenario": scenario.to_dict()}
     print(", ".join(f"{k} {v}" for k, v in report.items() if k != "scenario"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -868,7 +977,8 @@ def cmd_virtual(args: Any) -> None:
     png = plot_latency(result, args.out / "virtual.png",
                        title=f"{scenario.name}: {f.devices:,} devices, {scenario.cloud.workers} worker(s), "
                              f"p95 {report['p95_ms']} ms, degraded {report['degraded_share']:.1%}")
-    print(f"wrote {args.out / 'virtual.json'} and {png}")
+    plots = [png] if result.split is None else [png, plot_splits(result, args.out / "splits.png", title=scenario.name)]
+    print(f"wrote {args.out / 'virtual.json'} and {' and '.join(map(str, plots))}")
 
 
 def fewest_workers(scenario: Scenario, *, p99_ms: float, max_degraded: float = 0.01,

@@ -202,6 +202,20 @@ def test_the_chooser_probes_the_link_while_everything_stays_on_the_device() -> N
     assert chooser.link.varied() and chooser.split_for_batch() == chooser.split  # no probe needed now
 
 
+def test_batches_rarer_than_probes_still_measure_the_plans_own_split() -> None:
+    """A batch every 2 s with probes due every second: the batches alternate between a
+    probe and the plan's split (before, every one was a probe and the link was never
+    measured where the plan cuts). The chooser runs on the clock it is given."""
+    now = [0.0]
+    chooser = SplitChooser(_Manifest(), ReplanConfig(device=DEVICE, every_s=0.0, probe_s=1.0), "fp32",
+                           clock=lambda: now[0])
+    chosen = []
+    for i in range(6):
+        now[0] = 2.0 * i
+        chosen.append(chooser.split_for_batch())
+    assert chosen == [3, 1, 3, 1, 3, 1], chosen
+
+
 def test_the_prior_sets_the_start_and_a_hopeless_link_is_probed_rarely() -> None:
     from splitexit.plan import LinkEstimate
 

@@ -315,11 +315,10 @@ def test_a_trace_uplink_carries_features_as_the_link_emulator_does(tmp_path) -> 
     path = tmp_path / "bursty.up"
     path.write_text("\n".join(map(str, [*times, 400])) + "\n")
     fleet = FleetModel(devices=1, requests=200, rate_hz=50.0)
-    edge = EdgeModel(feature_bytes=5000)
     link = LinkModel(trace=str(path), trace_phase="aligned")
     ready = np.cumsum(rng.exponential(20.0, 200))
     sends = rng.random(200) < 0.7
-    got = _uplink(ready, sends, fleet, edge, link, seed=0)
+    got = _uplink(ready, sends, np.full(200, 5000.0), fleet, link, seed=0)
     neck, direction = _Bottleneck(0.0), Direction(trace=parse_trace(path.read_text(), "bursty"))
     free = -np.inf
     for t, s, g in zip(ready, sends, got):

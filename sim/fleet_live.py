@@ -167,6 +167,9 @@ async def run_live(scenario: Scenario, bundle: Path) -> VirtualResult:
     from splitexit.sim.virtual import device_links, device_times, load_link_trace, requests, trace_offsets_ms
 
     fleet, cloud = scenario.fleet, scenario.cloud
+    if scenario.edge.spool is not None or scenario.edge.replan is not None:  # `sim live` runs agents that do
+        raise ValueError(f"{scenario.name}: the live fleet runs fixed cuts without a spool; "
+                         "[edge.spool] and [edge.replan] are the simulator's (the live agent's are in `sim live`)")
     edge = load_bundle(bundle, "edge")
     feature = np.random.default_rng(1).standard_normal((1, *edge.feature_shape)).astype(np.float32)
     sent, decided, correct = requests(scenario)  # the virtual run's own requests

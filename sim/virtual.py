@@ -100,7 +100,13 @@ class EdgeModel:
     # offload then carries the bundle's codec's bytes at its split, not feature_bytes.
     replan: Mapping[str, float] | None = None
 
+    # [edge.spool]: failed offloads are kept and resent later, as the agent's spool and
+    # `edge refine` on the systemd timer do (`splitexit.sim.virtual_spool`). Keys:
+    # refine_every_s (60: the timer's period after a run ends), refine_timeout_ms (10,000).
+    spool: Mapping[str, float] | None = None
+
     REPLAN_KEYS = ("margin", "patience", "every_s", "probe_s", "window", "hopeless_backoff")
+    SPOOL_KEYS = ("refine_every_s", "refine_timeout_ms")
 
     def __post_init__(self) -> None:
         if self.replan is not None:
@@ -109,6 +115,12 @@ class EdgeModel:
                 raise ValueError(f"[edge.replan]: unknown keys {unknown}; known: {', '.join(self.REPLAN_KEYS)}")
             if not (self.bundle and self.profile):
                 raise ValueError("[edge.replan] plans on a bundle's network and a device profile: give bundle and profile")
+        if self.spool is not None:
+            unknown = sorted(set(self.spool) - set(self.SPOOL_KEYS))
+            if unknown:
+                raise ValueError(f"[edge.spool]: unknown keys {unknown}; known: {', '.join(self.SPOOL_KEYS)}")
+            if not all(float(v) > 0 for v in self.spool.values()):
+                raise ValueError("[edge.spool]: refine_every_s and refine_timeout_ms must be > 0")
         if not 0 <= self.on_device_share <= 1 or min(self.edge_ms, self.split_ms, self.feature_bytes) < 0:
             raise ValueError("on_device_share must be in [0, 1] and times and bytes >= 0")
         if self.profile and not self.bundle:
@@ -327,6 +339,10 @@ class VirtualResult:
     nbytes: np.ndarray | None = None
     split: np.ndarray | None = None  # int [N]: the split each request was cut at (re-planning)
     plans: int = 0  # with re-planning: split changes over every device
+    # the spool's resends (Resends, in their order): when each ended and how (route codes)
+    resent_done: np.ndarray | None = None
+    resent_route: np.ndarray | None = None
+    spool: Mapping[str, Any] | None = None  # with [edge.spool]: what it did (SpoolRefiner.report)
 
     ROUTES = ("edge", "cloud", "refused", "late")
 
@@ -351,6 +367,7 @@ class VirtualResult:
             **({} if self.energy_mj is None else {"energy_mj": round(float(self.energy_mj.mean()), 4)}),
             **({"workers_over_time": [list(w) for w in self.workers], "max_workers": max(c for _, c in self.workers)}
                if len(self.workers) > 1 else {}),
+            **(dict(self.spool) if self.spool is not None else {}),
             **({} if self.split is None else {"plan_changes": self.plans, "split_shares": {
                 str(s): round(float(c / n), 5) for s, c in zip(*np.unique(self.split, return_counts=True))}}),
         }
@@ -424,70 +441,134 @@ def fixed_cuts(scenario: Scenario, on_device: np.ndarray) -> Cuts:
 def simulate_fleet(scenario: Scenario, progress: Callable[[str], None] | None = None) -> VirtualResult:
     """Run the scenario; the same scenario (seed included) gives the same result, bit for bit.
 
-    Two behaviours make what a device does depend on earlier answers: closed-loop
-    arrivals (each request sent `think` after the previous one's answer) and online
+    Three behaviours make what a device does depend on earlier answers: closed-loop
+    arrivals (each request sent `think` after the previous one's answer), online
     re-planning (`[edge.replan]`: the split of each request chosen from the link as the
-    device's earlier offloads measured it). Then the run is repeated, each time with the
-    send times and cuts that the last run's answers give, until they no longer change: a
-    fixed point, the devices' own behaviour. A device's choice at time t depends only on
-    answers before t, so each repeat settles at least the earliest choice still wrong,
-    and in practice a few repeats do."""
+    device's earlier offloads measured it) and the spool (`[edge.spool]`: failed offloads
+    resent later, one after another). Then the run is repeated, each time with the send
+    times, cuts and resends that the last run's answers give, until they no longer
+    change: a fixed point, the devices' own behaviour. A device's choice at time t depends
+    only on answers before t, so each repeat settles at least the earliest choice still
+    wrong, and in practice a few repeats do."""
     sent, on_device, correct = requests(scenario)
     fleet = scenario.fleet
     cuts = fixed_cuts(scenario, on_device)
-    planner = None
+    planner = refiner = None
     if scenario.edge.replan is not None:
         from splitexit.sim.virtual_replan import DevicePlanners
 
         planner = DevicePlanners(scenario, sent)
         cuts = planner.cuts(sent, None)
-    if fleet.arrival != "closed" and planner is None:
+    if scenario.edge.spool is not None:
+        from splitexit.sim.virtual_spool import SpoolRefiner
+
+        refiner = SpoolRefiner(scenario)
+    if fleet.arrival != "closed" and planner is None and refiner is None:
         return _simulate(scenario, sent, cuts, correct)
     shape = (fleet.devices, fleet.requests)
-    for run in range(1, 2 * fleet.requests + 11):
-        result = _simulate(scenario, sent, cuts, correct)
+    resends = Resends.none()
+    for run in range(1, 4 * fleet.requests + 11):
+        result = _simulate(scenario, sent, cuts, correct, resends)
         following = sent
         if fleet.arrival == "closed":
             following = sent.reshape(shape).copy()
             following[:, 1:] = result.done_ms.reshape(shape)[:, :-1] + fleet.think
             following = following.ravel()
         then = cuts if planner is None else planner.cuts(following, result)
+        again = resends if refiner is None else refiner.resends(result)
+        settled = np.array_equal(following, sent) and then.same(cuts) and again.same(resends)
         if progress is not None:
             moved = int(np.count_nonzero(following != sent) + np.count_nonzero(then.split_ms != cuts.split_ms))
-            progress(f"run {run}: {moved:,} send times and cuts changed" if moved else f"run {run}: settled")
-        if np.array_equal(following, sent) and then.same(cuts):
-            return result if planner is None else replace(result, split=cuts.split, plans=planner.changes)
-        sent, cuts = following, then
-    raise RuntimeError(f"{scenario.name}: the devices' send times and cuts did not settle")
+            progress(f"run {run}: settled" if settled else
+                     f"run {run}: {moved:,} send times and cuts changed, {len(again.sent):,} resends")
+        if settled:
+            if planner is not None:
+                result = replace(result, split=cuts.split, plans=planner.changes)
+            return result if refiner is None else replace(result, spool=refiner.report(result))
+        sent, cuts, resends = following, then, again
+    raise RuntimeError(f"{scenario.name}: the devices' send times, cuts and resends did not settle")
 
 
-def _simulate(scenario: Scenario, sent: np.ndarray, cuts: Cuts, correct: np.ndarray | None) -> VirtualResult:
-    """One run with these send times and cuts (flat, devices in rows)."""
+@dataclass(frozen=True)
+class Resends:
+    """Requests a device sends again from its spool (`[edge.spool]`): stored features, so
+    no device time before they leave; per resend its device, send time (ms) and bytes."""
+
+    device: np.ndarray  # int
+    sent: np.ndarray
+    nbytes: np.ndarray
+    timeout_ms: float
+
+    @classmethod
+    def none(cls) -> "Resends":
+        return cls(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), 1.0)
+
+    def same(self, other: "Resends") -> bool:
+        return bool(np.array_equal(self.device, other.device) and np.array_equal(self.sent, other.sent)
+                    and np.array_equal(self.nbytes, other.nbytes))
+
+
+def _simulate(scenario: Scenario, sent: np.ndarray, cuts: Cuts, correct: np.ndarray | None,
+              resends: Resends | None = None) -> VirtualResult:
+    """One run with these send times and cuts (flat, devices in rows), and these resends
+    from the devices' spools sharing their uplinks and the workers."""
     edge, cloud = scenario.edge, scenario.cloud
     fleet = scenario.fleet
-    n = len(sent)
-    done = np.empty(n)
-    route = np.zeros(n, dtype=np.int8)
+    resends = resends or Resends.none()
+    n, m = len(sent), len(resends.sent)
     on_device, edge_ms, split_ms, nbytes = cuts.on_device, cuts.edge_ms, cuts.split_ms, cuts.nbytes
-    done[on_device] = sent[on_device] + edge_ms[on_device]
-    ready = sent + split_ms  # when each offload would be sent
-    # per request, from its device's link: half the RTT, refused by an outage, past the uplink
-    half, refused_all, crossed_all = np.empty(n), np.zeros(n, dtype=bool), np.empty(n)
+    # everything that may cross a link: the requests (when their offload would leave), then the resends
+    device = np.concatenate([np.repeat(np.arange(fleet.devices), fleet.requests), resends.device])
+    ready = np.concatenate([sent + split_ms, resends.sent])
+    offloading = np.concatenate([~on_device, np.ones(m, dtype=bool)])
+    size = np.concatenate([nbytes, resends.nbytes])
+    timeout = np.concatenate([np.full(n, cloud.timeout_ms), np.full(m, resends.timeout_ms)])
+    done, route, server_ms, crossed, (batches, batch_rows, busy, workers) = _network(
+        scenario, device, ready, offloading, size, timeout)
+    done[:n][on_device] = sent[on_device] + edge_ms[on_device]
+    route[:n][on_device] = 0
+    span = float(done.max() - min(sent.min(), ready.min())) if n else 0.0
+    energy = edge.energy_model()
+    energy_mj = None
+    if energy is not None:  # computing, then (offloaded) sending and waiting for the answer
+        ready, crossed, done_n = ready[:n], crossed[:n], done[:n]
+        energy_mj = np.where(on_device, edge_ms * energy.busy_w, split_ms * energy.busy_w)
+        sending_ms = crossed - ready
+        up_mbps = np.where(sending_ms > 0, nbytes * 8 / np.maximum(sending_ms, 1e-9) / 1e3, 0.0)
+        radio_w = (energy.radio_beta_mw + energy.radio_alpha_mw_per_mbps * up_mbps) / 1e3
+        waiting_ms = np.maximum(done_n - crossed, 0.0)
+        energy_mj = np.where(on_device, energy_mj, energy_mj + sending_ms * radio_w + waiting_ms * energy.idle_w)
+    return VirtualResult(sent, done[:n], route[:n], batches, batch_rows, busy, span, correct, tuple(workers), energy_mj,
+                         ready=ready[:n], server_ms=server_ms[:n], nbytes=nbytes,
+                         resent_done=done[n:], resent_route=route[n:])
+
+
+def _network(scenario: Scenario, device: np.ndarray, ready: np.ndarray, offloading: np.ndarray, size: np.ndarray,
+             timeout: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int, float, list[tuple[float, int]]]]:
+    """Every offload (where `offloading`) over its device's link to the workers and back:
+    when it is answered (a refusal at once, a late one at its deadline) and how (route
+    codes), the worker's queue and compute time, and when it had crossed the uplink;
+    and the cloud's batches, rows, busy ms and worker count over time."""
+    cloud = scenario.cloud
+    n = len(ready)
+    done, route = np.full(n, np.nan), np.zeros(n, dtype=np.int8)
+    # per offload, from its device's link: half the RTT, refused by an outage, past the uplink
+    half, refused_all, crossed_all = np.zeros(n), np.zeros(n, dtype=bool), ready.copy()
     groups = device_links(scenario)
     for lo, hi, link, seed in groups:
-        rows = slice(lo * fleet.requests, hi * fleet.requests)
+        rows = np.flatnonzero((device >= lo) & (device < hi))
         half[rows] = link.rtt_ms / 2
         refused_all[rows] = _in_outage(ready[rows], link.outages, "refuse")
-        crossed = _uplink(ready[rows], ~on_device[rows], nbytes[rows], replace(fleet, devices=hi - lo), link, seed)
+        crossed = _uplink(ready[rows], offloading[rows], size[rows], device[rows] - lo, hi - lo, link, seed)
         if link.loss > 0:  # its own generator: the requests' draws are the same with or without loss
-            segments = np.maximum(1, np.ceil(nbytes[rows] / SEGMENT_BYTES))
+            segments = np.maximum(1, np.ceil(size[rows] / SEGMENT_BYTES))
             stalled = np.random.default_rng([seed, 11]).random(len(crossed)) < 1 - (1 - link.loss) ** segments
             crossed = crossed + np.where(stalled, link.rto_ms, 0.0)
         crossed_all[rows] = _held(crossed, link.outages)
-    offloaded = np.flatnonzero(~on_device)
+    offloaded = np.flatnonzero(offloading)
     leaves = ready[offloaded]
     refused = refused_all[offloaded]
-    deadline = leaves + cloud.timeout_ms
+    deadline = leaves + timeout[offloaded]
     sending = np.flatnonzero(~refused)
     back_half = half[offloaded[sending]]
     at_cloud = crossed_all[offloaded[sending]] + back_half
@@ -501,7 +582,7 @@ def _simulate(scenario: Scenario, sent: np.ndarray, cuts: Cuts, correct: np.ndar
     server_ms[who] = answered - at_cloud[order]
     back = answered + cloud.rpc_ms
     for lo, hi, link, _ in groups:
-        mine = (who >= lo * fleet.requests) & (who < hi * fleet.requests)
+        mine = (device[who] >= lo) & (device[who] < hi)
         back[mine] = _held(back[mine], link.outages)
     back += back_half[order]
     due = deadline[sending][order]
@@ -511,18 +592,7 @@ def _simulate(scenario: Scenario, sent: np.ndarray, cuts: Cuts, correct: np.ndar
     route[who] = how
     done[offloaded[refused]] = leaves[refused]  # the device answers at once, degraded
     route[offloaded[refused]] = 2
-    span = float(done.max() - sent.min()) if n else 0.0
-    energy = edge.energy_model()
-    energy_mj = None
-    if energy is not None:  # computing, then (offloaded) sending and waiting for the answer
-        energy_mj = np.where(on_device, edge_ms * energy.busy_w, split_ms * energy.busy_w)
-        sending_ms = crossed_all - ready
-        up_mbps = np.where(sending_ms > 0, nbytes * 8 / np.maximum(sending_ms, 1e-9) / 1e3, 0.0)
-        radio_w = (energy.radio_beta_mw + energy.radio_alpha_mw_per_mbps * up_mbps) / 1e3
-        waiting_ms = np.maximum(done - crossed_all, 0.0)
-        energy_mj = np.where(on_device, energy_mj, energy_mj + sending_ms * radio_w + waiting_ms * energy.idle_w)
-    return VirtualResult(sent, done, route, batches, batch_rows, busy, span, correct, tuple(workers), energy_mj,
-                         ready=ready, server_ms=server_ms, nbytes=nbytes)
+    return done, route, server_ms, crossed_all, (batches, batch_rows, busy, workers)
 
 
 def network_decisions(bundle: str | Path, data: str) -> tuple[np.ndarray, np.ndarray]:
@@ -620,31 +690,38 @@ def load_link_trace(name: str) -> Any:
     return load_trace(name) if Path(name).is_file() else load_trace(TRACES, name)
 
 
-def _uplink(ready: np.ndarray, sends: np.ndarray, nbytes: np.ndarray, fleet: FleetModel, link: LinkModel,
-            seed: int) -> np.ndarray:
+def _uplink(ready: np.ndarray, sends: np.ndarray, nbytes: np.ndarray, device: np.ndarray, devices: int,
+            link: LinkModel, seed: int) -> np.ndarray:
     """When each request's feature has left its device: each device's uplink is its own
-    queue, one feature after another at the link's rate, or in the trace's delivery
-    opportunities (a device sending faster than its uplink carries waits, as the link
-    emulator makes it). Per request of `ready` (flat, devices in rows); only entries where
-    `sends` is true are meaningful; each sends `nbytes`."""
+    queue, one feature after another (in the order they are ready) at the link's rate, or
+    in the trace's delivery opportunities (a device sending faster than its uplink carries
+    waits, as the link emulator makes it). Per entry of `ready`, from device `device`
+    (0..devices-1); only entries where `sends` is true are meaningful; each sends `nbytes`."""
     if (link.up_mbps is None and not link.trace) or not nbytes.any():
         return ready
-    shape = (fleet.devices, fleet.requests)
-    ready2, sends2, bytes2 = ready.reshape(shape), sends.reshape(shape), nbytes.reshape(shape)
-    left = np.empty(shape)
-    free = np.full(fleet.devices, -np.inf)  # when each device's uplink is next idle
+    order = np.lexsort((ready, device))  # by device, then when ready (stable)
+    counts = np.bincount(device, minlength=devices)
+    rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    slots = np.full((devices, int(counts.max())), -1, dtype=np.int64)  # per device, its entries in turn
+    slots[device[order], rank] = order
+    left = ready.copy()
+    free = np.full(devices, -np.inf)  # when each device's uplink is next idle
     send: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
     if link.trace:
-        send = _TraceSender(link, fleet.devices, seed)
+        send = _TraceSender(link, devices, seed)
     else:
         ms_per_byte = 8 / (link.up_mbps * 1000.0)  # type: ignore[operator]
 
         def send(start: np.ndarray, sending: np.ndarray, size: np.ndarray) -> np.ndarray:
             return start + size * ms_per_byte
-    for r in range(fleet.requests):  # vectorized over devices, in each device's order of sending
-        left[:, r] = send(np.maximum(free, ready2[:, r]), sends2[:, r], bytes2[:, r])
-        free = np.where(sends2[:, r], left[:, r], free)
-    return left.ravel()
+    for column in slots.T:  # vectorized over devices, in each device's order of sending
+        held = column >= 0
+        at = np.where(held, column, 0)
+        sending = held & sends[at]
+        out = send(np.maximum(free, ready[at]), sending, np.where(held, nbytes[at], 0.0))
+        left[column[held]] = out[held]
+        free = np.where(sending, out, free)
+    return left
 
 
 def trace_offsets_ms(link: LinkModel, devices: int, seed: int, period_ms: float) -> np.ndarray:

@@ -318,7 +318,7 @@ def test_a_trace_uplink_carries_features_as_the_link_emulator_does(tmp_path) -> 
     link = LinkModel(trace=str(path), trace_phase="aligned")
     ready = np.cumsum(rng.exponential(20.0, 200))
     sends = rng.random(200) < 0.7
-    got = _uplink(ready, sends, np.full(200, 5000.0), fleet, link, seed=0)
+    got = _uplink(ready, sends, np.full(200, 5000.0), np.zeros(200, dtype=np.int64), 1, link, seed=0)
     neck, direction = _Bottleneck(0.0), Direction(trace=parse_trace(path.read_text(), "bursty"))
     free = -np.inf
     for t, s, g in zip(ready, sends, got):
@@ -520,3 +520,36 @@ def test_a_closed_loop_runs_live_as_in_virtual_time(tmp_path) -> None:
     result = fidelity(scenario, bundle)
     assert result["requests"] == 30 and result["live"]["degraded_share"] == 0
     assert 0.7 < result["ratio"]["mean_ms"] < 1.4, result
+
+
+def test_failed_offloads_are_spooled_and_refined_after_the_outage() -> None:
+    """[edge.spool]: requests refused during a 10 s outage are answered degraded, kept,
+    and resent by the devices' refine runs (every 5 s): a run during the outage stops at
+    its first resend (refused again), the first run after it refines every entry, one
+    resend after another; nothing is left in the spool."""
+    from splitexit.sim.link import Outage
+
+    outage = Outage(start_s=10.0, duration_s=10.0, mode="refuse")
+    scenario = Scenario(fleet=FleetModel(devices=4, requests=100, rate_hz=2.0, arrival="periodic"),
+                        edge=EdgeModel(feature_bytes=4000, spool={"refine_every_s": 5.0}),
+                        link=LinkModel(rtt_ms=20.0, up_mbps=10.0, outages=(outage,)), cloud=CloudModel(workers=1))
+    result = simulate_fleet(scenario)
+    report = result.report(1)
+    assert report["refused"] == 80 and report["spooled"] == 80  # 10 s x 2 requests/s x 4 devices
+    assert report["refined"] == 80 and report["left_in_spool"] == 0
+    done, route = result.resent_done, result.resent_route
+    assert done is not None and route is not None
+    failed = route == 2
+    assert report["resends"] == 80 + failed.sum() and 1 <= failed.sum() <= 8  # at most 2 runs per device in the outage
+    assert (done[failed] < 20_000).all() and (done[~failed] >= 20_000).all()  # refined only once the link is back
+    assert report["refine_delay_mean_s"] > 0
+    # without a spool the same run refines nothing, and its answers are the same
+    plain = simulate_fleet(replace(scenario, edge=EdgeModel(feature_bytes=4000)))
+    assert "spooled" not in plain.report(1) and np.array_equal(plain.route, result.route)
+
+
+def test_spool_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"\[edge.spool\]: unknown keys \['every_s'\]"):
+        EdgeModel(spool={"every_s": 5.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        EdgeModel(spool={"refine_every_s": 0.0})

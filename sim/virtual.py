@@ -464,7 +464,7 @@ def simulate_fleet(scenario: Scenario, progress: Callable[[str], None] | None = 
 
         refiner = SpoolRefiner(scenario)
     if fleet.arrival != "closed" and planner is None and refiner is None:
-        return _simulate(scenario, sent, cuts, correct)
+        return _simulate(scenario, sent, cuts, correct, progress=progress)
     shape = (fleet.devices, fleet.requests)
     resends = Resends.none()
     for run in range(1, 4 * fleet.requests + 11):
@@ -509,7 +509,7 @@ class Resends:
 
 
 def _simulate(scenario: Scenario, sent: np.ndarray, cuts: Cuts, correct: np.ndarray | None,
-              resends: Resends | None = None) -> VirtualResult:
+              resends: Resends | None = None, progress: Callable[[str], None] | None = None) -> VirtualResult:
     """One run with these send times and cuts (flat, devices in rows), and these resends
     from the devices' spools sharing their uplinks and the workers."""
     edge, cloud = scenario.edge, scenario.cloud
@@ -524,7 +524,7 @@ def _simulate(scenario: Scenario, sent: np.ndarray, cuts: Cuts, correct: np.ndar
     size = np.concatenate([nbytes, resends.nbytes])
     timeout = np.concatenate([np.full(n, cloud.timeout_ms), np.full(m, resends.timeout_ms)])
     done, route, server_ms, crossed, (batches, batch_rows, busy, workers) = _network(
-        scenario, device, ready, offloading, size, timeout)
+        scenario, device, ready, offloading, size, timeout, progress)
     done[:n][on_device] = sent[on_device] + edge_ms[on_device]
     route[:n][on_device] = 0
     span = float(done.max() - min(sent.min(), ready.min())) if n else 0.0
@@ -544,7 +544,7 @@ def _simulate(scenario: Scenario, sent: np.ndarray, cuts: Cuts, correct: np.ndar
 
 
 def _network(scenario: Scenario, device: np.ndarray, ready: np.ndarray, offloading: np.ndarray, size: np.ndarray,
-             timeout: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int, float, list[tuple[float, int]]]]:
+             timeout: np.ndarray, progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int, float, list[tuple[float, int]]]]:
     """Every offload (where `offloading`) over its device's link to the workers and back:
     when it is answered (a refusal at once, a late one at its deadline) and how (route
     codes), the worker's queue and compute time, and when it had crossed the uplink;
@@ -574,7 +574,8 @@ def _network(scenario: Scenario, device: np.ndarray, ready: np.ndarray, offloadi
     at_cloud = crossed_all[offloaded[sending]] + back_half
     order = np.argsort(at_cloud, kind="stable")
     answered, how, batches, batch_rows, busy, workers = _cloud(at_cloud[order],
-                                                              deadline[sending][order] - back_half[order], cloud)
+                                                              deadline[sending][order] - back_half[order], cloud,
+                                                              progress)
     # answers travel back (half an RTT, held by a blackhole of their link); a refusal too;
     # a late request ends at its deadline
     who = offloaded[sending][order]
@@ -772,7 +773,7 @@ class _TraceSender:
         return done - self.offset
 
 
-def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
+def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel, progress: Callable[[str], None] | None = None
            ) -> tuple[np.ndarray, np.ndarray, int, int, float, list[tuple[float, int]]]:
     """The workers' shared queue, one row per request, requests in arrival order.
 
@@ -891,8 +892,11 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel
                             how[j], out[j] = 2, at
             timeline.append((event.at_s, len(free)))
 
+    step = max(n // 10, 100_000)  # a progress line per tenth of a long pass
     while i < n:
         t = arrive_l[i]
+        if progress is not None and i % step == 0 and i:
+            progress(f"{i:,} of {n:,} offloads through the workers")
         if events:
             worker_events(t)
         if scale is not None:

@@ -796,7 +796,8 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel, progress
     head = 0  # queue[head:] are waiting
     batches = rows_total = 0
     busy = 0.0
-    running: list[tuple[float, float]] = []  # (start, end) of recent batches: admission, utilisation
+    running: list[tuple[float, float]] = []  # (start, end) of recent batches: utilisation
+    computing: list[float] = []  # ends of the batches started and not yet over (a heap): admission
     members_at: dict[float, list[int]] = {}  # a worker's busy-until time -> the requests of its batch
     events = list(cloud.events)
     i = 0
@@ -842,6 +843,7 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel, progress
                 rows_total += live
                 busy += compute
             running.append((ready, ends))
+            heapq.heappush(computing, ends)
 
     def autoscale(now: float) -> None:
         """The autoscaler's syncs up to `now` (see Autoscale)."""
@@ -909,8 +911,9 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel, progress
             how[i], out[i] = 2, t
             i += 1
             continue
-        computing = sum(1 for _, e in running[-len(free):] if e > t)
-        wait_ms = (-(-waiting // cloud.max_batch) + computing) * full_ms / len(free)
+        while computing and computing[0] <= t:
+            heapq.heappop(computing)
+        wait_ms = (-(-waiting // cloud.max_batch) + min(len(computing), len(free))) * full_ms / len(free)
         if wait_ms > cloud.max_queue_wait_ms or t + wait_ms + cloud.batch_time_ms(1) > deadline_l[i]:
             how[i], out[i] = 2, t
             i += 1
@@ -920,7 +923,7 @@ def _cloud(arrive: np.ndarray, deadline: np.ndarray, cloud: CloudModel, progress
         if head > 4096 and head > len(queue) // 2:  # keep the list short
             del queue[:head]
             head = 0
-        if len(running) > 8192 and scale is None:  # admission looks at the last few only
+        if len(running) > 8192 and scale is None:  # only the autoscaler looks back
             del running[:4096]
         if len(members_at) > 8192:  # only batches still computing can be lost
             members_at = {e: m for e, m in members_at.items() if e > t}

@@ -228,6 +228,8 @@ class EdgeAgent:
                 error = OffloadError.from_exception(exc)
                 if budget_bound and error.code == "DEADLINE_EXCEEDED":  # what really happened
                     error = OffloadError(error.code, error.message, reason="latency_budget", worker=error.worker)
+                elif error.code == "DEADLINE_EXCEEDED":  # the link (or the cloud) takes at least this long
+                    self.link.observe_timeout(time.perf_counter() - sent)
                 record["rtt_ms"] = round((time.perf_counter() - sent) * 1e3, 3)
                 record["worker"] = error.worker or None
         record.update(status=error.code, reason=error.reason, error=error.message[:200])

@@ -321,11 +321,19 @@ class LinkEstimator:
     def __init__(self, window: int = 20) -> None:
         self._seen: deque[tuple[float, float]] = deque(maxlen=window)  # (bytes, ms on the wire)
         self._rtt_ms: float | None = None
+        self._floor_ms = 0.0  # the round trip is at least this: offloads ran out of time since the last answer
 
     def observe(self, bytes_up: int, seconds: float, *, server_ms: float = 0.0) -> None:
         """One offload: its request's bytes and its round trip (seconds), of which the
         worker spent `server_ms` (queue and compute, from its answer's timing)."""
         self._seen.append((float(bytes_up), max(seconds * 1e3 - server_ms, 1e-3)))
+        self._floor_ms = 0.0
+
+    def observe_timeout(self, seconds: float) -> None:
+        """An offload that got no answer within `seconds`: until one is answered again, the
+        round trip counts as at least that. Without it, a link so slow that every offload
+        runs out of time would never be measured, and the plan would keep offloading."""
+        self._floor_ms = max(self._floor_ms, seconds * 1e3)
 
     def varied(self) -> bool:
         """Do the requests in the window differ enough in size to fit RTT and bandwidth?"""
@@ -333,6 +341,14 @@ class LinkEstimator:
         return len(sizes) >= 2 and max(sizes) >= 1.5 * min(sizes)
 
     def estimate(self) -> LinkEstimate | None:
+        fitted = self._fit()
+        if not self._floor_ms:
+            return fitted
+        if fitted is None or fitted.up_mbps is None:  # nothing known but the time out: the uplink as if free
+            return LinkEstimate(up_mbps=math.inf, rtt_ms=self._floor_ms)
+        return LinkEstimate(up_mbps=fitted.up_mbps, rtt_ms=max(fitted.rtt_ms, self._floor_ms))
+
+    def _fit(self) -> LinkEstimate | None:
         if len(self._seen) < 2:
             return None
         sizes = [b for b, _ in self._seen]

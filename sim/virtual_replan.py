@@ -2,7 +2,8 @@
 split of each request as the edge agent's `--replan` does, with the agent's own class
 (`splitexit.edge.replan.SplitChooser`) on simulated time, from what its earlier requests
 saw: the offloads answered by the cloud (bytes, round trip, the worker's queue and
-compute) and the exits that answered.
+compute), those that ran out of time (a lower bound on the round trip) and the exits
+that answered.
 
 The choices depend on the answers, so `simulate_fleet` runs the fleet again with the
 choices that the last run's answers give until they settle (`DevicePlanners.cuts`).
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["DevicePlanners"]
 
 ANSWERED = (0, 1)  # routes whose answers the chooser counts: the edge's and the cloud's
+LATE = 3  # an offload that ran out of time
 
 
 class DevicePlanners:
@@ -110,11 +112,15 @@ class DevicePlanners:
             t = float(sent[rows[i]])
             while k < len(seen) and seen[k][0] < t:  # what was answered before this request
                 _, row = seen[k]
-                if last is not None and last.route[row] == 1:
-                    assert last.ready is not None and last.server_ms is not None and last.nbytes is not None
+                assert last is not None and last.ready is not None and last.server_ms is not None
+                assert last.nbytes is not None
+                if last.route[row] == 1:
                     chooser.link.observe(int(last.nbytes[row]), (last.done_ms[row] - last.ready[row]) / 1e3,
                                          server_ms=float(last.server_ms[row]))
-                chooser.observe_answer(int(self.stage[row]))
+                if last.route[row] == LATE:  # ran out of time: the agent takes it as a lower bound
+                    chooser.link.observe_timeout((last.done_ms[row] - last.ready[row]) / 1e3)
+                else:  # a degraded answer does not count toward the exits' shares
+                    chooser.observe_answer(int(self.stage[row]))
                 k += 1
             now[0] = t / 1e3
             before = chooser.split
@@ -124,9 +130,10 @@ class DevicePlanners:
 
     @staticmethod
     def _observations(rows: np.ndarray, last: "VirtualResult | None") -> list[tuple[float, int]]:
-        """(when, request) of each answer a device saw in `last`, in time order."""
+        """(when, request) of each answer a device saw in `last`, and of each offload that
+        ran out of time, in time order."""
         if last is None:
             return []
-        mine = rows[np.isin(last.route[rows], ANSWERED)]
+        mine = rows[np.isin(last.route[rows], (*ANSWERED, LATE))]
         return sorted(zip(last.done_ms[mine].tolist(), mine.tolist()))
 

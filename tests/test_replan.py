@@ -216,6 +216,24 @@ def test_batches_rarer_than_probes_still_measure_the_plans_own_split() -> None:
     assert chosen == [3, 1, 3, 1, 3, 1], chosen
 
 
+def test_offloads_that_run_out_of_time_move_the_plan_to_the_device() -> None:
+    """An offload with no answer within its timeout is a lower bound on the round trip:
+    after a few, with no answer at all yet, the plan keeps every row on the device; the
+    first answered offload lifts the bound."""
+    chooser = _chooser()
+    assert chooser.link.estimate() is None
+    for _ in range(3):
+        chooser.link.observe_timeout(2.0)
+        chooser.replan()
+    assert chooser.split == ON_DEVICE
+    estimate = chooser.link.estimate()
+    assert estimate is not None and estimate.rtt_ms == 2000.0
+    rng = random.Random(0)
+    _feed(chooser, 100.0, 2.0, 2, rng)  # answered again, quickly
+    estimate = chooser.link.estimate()
+    assert estimate is not None and estimate.rtt_ms < 10.0
+
+
 def test_the_prior_sets_the_start_and_a_hopeless_link_is_probed_rarely() -> None:
     from splitexit.plan import LinkEstimate
 
@@ -271,6 +289,40 @@ def test_the_agent_moves_its_cut_within_3_s_of_a_bandwidth_drop(bundle: Path, ti
     assert moved is not None and moved - dropped <= 3.0, (dropped, moved)
     after = [s for t, s, _ in timeline if t > moved + 0.5]
     assert after and after.count(LAST) / len(after) > 0.8, after  # probes aside, it stays
+
+
+def test_the_agent_keeps_answering_quickly_from_the_device_when_the_link_goes_silent(bundle: Path, tiny_batch) -> None:
+    """A blackhole on the link: the re-planning agent's offloads run out of time (300 ms
+    each), it takes that as the link's round trip and moves its cut to the device within a
+    few batches, so later batches are answered at the device's pace (probes aside), not
+    each after a time-out; every row is answered."""
+    images, _ = tiny_batch
+    device = DeviceTimes(stage_ms=(5.0,) * 7, exit_ms={k: 0.5 for k in range(1, 6)}, head_ms=0.5)
+    config = AgentConfig(replan=ReplanConfig(device=device, every_s=0.05, probe_s=0.5), codec="fp32",
+                         request_timeout_ms=300.0)
+
+    async def go():
+        async with _worker(bundle) as server:
+            host, port = server.address.rsplit(":", 1)
+            async with LinkProxy((host, int(port)), LinkProfile.symmetric(rtt_ms=4.0)) as proxy:
+                async with EdgeAgent(bundle, GrpcTransport(proxy.address), config=config) as agent:
+                    timeline, t0, silent = [], time.monotonic(), None
+                    while time.monotonic() - t0 < 6:
+                        if silent is None and time.monotonic() - t0 > 1.5:
+                            proxy.outage("blackhole", 60.0)
+                            silent = time.monotonic() - t0
+                        started = time.monotonic()
+                        answers = await agent.infer(images[:4])
+                        timeline.append((started - t0, time.monotonic() - started, agent.chooser.split, len(answers)))
+                    return timeline, silent
+
+    timeline, silent = asyncio.run(asyncio.wait_for(go(), 60))
+    assert sum(n for *_, n in timeline) == 4 * len(timeline)  # an answer for every row
+    assert any(s != LAST for t, _, s, _ in timeline if t < silent)  # offloading while the link answers
+    moved = next((t for t, _, s, _ in timeline if t > silent and s == LAST), None)
+    assert moved is not None and moved - silent <= 2.0, (silent, moved, timeline)
+    after = [took for t, took, _, _ in timeline if t > moved]
+    assert len(after) >= 10 and sorted(after)[len(after) // 2] < 0.1, after  # the median batch: no time-out
 
 
 @pytest.mark.slow

@@ -531,20 +531,23 @@ def _simulate(scenario: Scenario, sent: np.ndarray, cuts: Cuts, correct: np.ndar
     energy = edge.energy_model()
     energy_mj = None
     if energy is not None:  # computing, then (offloaded) sending and waiting for the answer
-        ready, crossed, done_n = ready[:n], crossed[:n], done[:n]
         energy_mj = np.where(on_device, edge_ms * energy.busy_w, split_ms * energy.busy_w)
-        sending_ms = crossed - ready
+        sending_ms = crossed[:n] - ready[:n]
         up_mbps = np.where(sending_ms > 0, nbytes * 8 / np.maximum(sending_ms, 1e-9) / 1e3, 0.0)
         radio_w = (energy.radio_beta_mw + energy.radio_alpha_mw_per_mbps * up_mbps) / 1e3
-        waiting_ms = np.maximum(done_n - crossed, 0.0)
+        waiting_ms = np.maximum(done[:n] - crossed[:n], 0.0)
         energy_mj = np.where(on_device, energy_mj, energy_mj + sending_ms * radio_w + waiting_ms * energy.idle_w)
     return VirtualResult(sent, done[:n], route[:n], batches, batch_rows, busy, span, correct, tuple(workers), energy_mj,
                          ready=ready[:n], server_ms=server_ms[:n], nbytes=nbytes,
                          resent_done=done[n:], resent_route=route[n:])
 
 
+CloudTotals = tuple[int, int, float, list[tuple[float, int]]]  # batches, rows, busy ms, workers over time
+
+
 def _network(scenario: Scenario, device: np.ndarray, ready: np.ndarray, offloading: np.ndarray, size: np.ndarray,
-             timeout: np.ndarray, progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int, float, list[tuple[float, int]]]]:
+             timeout: np.ndarray, progress: Callable[[str], None] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, CloudTotals]:
     """Every offload (where `offloading`) over its device's link to the workers and back:
     when it is answered (a refusal at once, a late one at its deadline) and how (route
     codes), the worker's queue and compute time, and when it had crossed the uplink;

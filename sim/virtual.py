@@ -43,8 +43,9 @@ from splitexit.sim.link import SEGMENT_BYTES, Outage
 
 T = TypeVar("T")
 
-__all__ = ["Autoscale", "CloudModel", "EdgeModel", "FleetModel", "LinkGroup", "LinkModel", "Scenario", "VirtualResult", "WorkerEvent",
-           "fewest_workers", "load_scenario", "requests", "simulate_fleet"]
+__all__ = ["Autoscale", "CloudModel", "Cuts", "EdgeModel", "FleetModel", "LinkGroup", "LinkModel", "Resends", "Scenario",
+           "VirtualResult", "WorkerEvent", "fewest_workers", "load_scenario", "network_exits", "profile_costs", "requests",
+           "simulate_fleet"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -604,12 +605,12 @@ def network_decisions(bundle: str | Path, data: str) -> tuple[np.ndarray, np.nda
     exit at or before its split), and whether the answer is right; from the network's
     cached exit outputs. A degraded answer (the cloud unreachable) is not modelled
     here: it counts as the policy's answer."""
-    stages, split, right = _network_exits(str(bundle), data)
+    stages, split, right = network_exits(str(bundle), data)
     return stages <= split, right
 
 
 @functools.lru_cache(maxsize=4)
-def _network_exits(bundle: str, data: str) -> tuple[np.ndarray, int, np.ndarray]:
+def network_exits(bundle: str, data: str) -> tuple[np.ndarray, int, np.ndarray]:
     """Per test input of `data`: the stage of the exit the bundle's policy answers at, the
     bundle's split, and whether the answer is right."""
     from splitexit.bundle import load_whole
@@ -639,7 +640,7 @@ def device_times(scenario: Scenario, n: int) -> tuple[np.ndarray, np.ndarray]:
     edge = scenario.edge
     if not edge.profile:
         return np.full(n, edge.edge_ms), np.full(n, edge.split_ms)
-    stages, split, _ = _network_exits(edge.bundle, edge.data)
+    stages, split, _ = network_exits(edge.bundle, edge.data)
     reach, to_split = profile_costs(edge)
     sample = np.arange(n) % len(stages)
     return np.asarray([reach[int(s)] for s in stages])[sample], np.full(n, to_split(split))
@@ -652,7 +653,7 @@ def profile_costs(edge: EdgeModel) -> tuple[dict[int, float], Callable[[int], fl
     from splitexit.plan import exit_costs
     from splitexit.profile import load_profile
 
-    stages, split, _ = _network_exits(edge.bundle, edge.data)
+    stages, split, _ = network_exits(edge.bundle, edge.data)
     times = load_profile(edge.profile).at(1)
     exits = sorted(times.exit_ms)
     if times.num_stages - 1 < split or not set(np.unique(stages)) <= {*exits, times.num_stages - 1}:

@@ -37,7 +37,7 @@ class DevicePlanners:
     def __init__(self, scenario: "Scenario", sent: np.ndarray) -> None:
         from splitexit.bundle import read_manifest
         from splitexit.profile import load_profile
-        from splitexit.sim.virtual import _network_exits, profile_costs
+        from splitexit.sim.virtual import network_exits, profile_costs
 
         edge = scenario.edge
         assert edge.replan is not None
@@ -45,7 +45,7 @@ class DevicePlanners:
         if len(self.manifest.splits) < 2:
             raise ValueError(f"[edge.replan]: {edge.bundle} allows one split ({self.manifest.split}); "
                              "export it with --splits")
-        stages, _, _ = _network_exits(edge.bundle, edge.data)
+        stages, _, _ = network_exits(edge.bundle, edge.data)
         ladder = list(self.manifest.exits)
         share = np.bincount([ladder.index(int(s)) for s in stages], minlength=len(ladder)) / len(stages)
         config = dict(edge.replan)

@@ -404,7 +404,7 @@ def test_device_times_come_from_a_device_profile_and_energy_is_counted(tmp_path,
     import splitexit_tests_edge_support as S
     from splitexit.plan import DeviceTimes
     from splitexit.profile import DeviceProfile
-    from splitexit.sim.virtual import _network_exits, device_times
+    from splitexit.sim.virtual import network_exits, device_times
 
     monkeypatch.setenv("SPLITEXIT_CACHE", str(tmp_path / "cache"))
     model, meta = S.tiny_model()
@@ -417,7 +417,7 @@ def test_device_times_come_from_a_device_profile_and_energy_is_counted(tmp_path,
     edge = EdgeModel(bundle=str(bundle), profile=str(tmp_path / "device.json"), feature_bytes=2000)
     scenario = Scenario(fleet=FleetModel(devices=36, requests=10), edge=edge, link=LinkModel(rtt_ms=20.0, up_mbps=8))
     edge_ms, split_ms = device_times(scenario, 360)
-    stages, split, _ = _network_exits(str(bundle), "digits")
+    stages, split, _ = network_exits(str(bundle), "digits")
     heads = np.asarray([len([k for k in range(1, 6) if k <= s]) for s in stages]) * 1.0
     want = 10.0 * (stages + 1) + heads + np.where(stages == 6, 2.0, 0.0)
     assert np.allclose(edge_ms, want) and np.allclose(split_ms, 30.0 + 2.0)  # stages 0-2, heads 1 and 2

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -55,6 +55,9 @@ class ReplanConfig:
     # RTT alone costs more), probes are this many times rarer: each one costs an input a
     # round trip, and only an RTT that shrank could change the plan
     hopeless_backoff: float = 10.0
+    # what each kind of route costs per input beyond the cost model, as the offline planner
+    # counts it (`splitexit.plan.plan`'s overhead_ms: "edge", "split"); None = nothing
+    overhead_ms: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.share and (min(self.share) < 0 or abs(sum(self.share) - 1) > 1e-6):
@@ -162,10 +165,12 @@ class SplitChooser:
         exits = self.manifest.exits[:-1]
         share = self._counts / self._counts.sum()
         behaviour = ExitBehaviour(setting="the bundle's policy", share=tuple(float(x) for x in share), acc=0.0)
+        over = {"edge": 0.0, "split": 0.0, **(self.config.overhead_ms or {})}
         out = []
         for split in self.manifest.splits:
             ms, local = expected_ms(self.config.device, self._cloud, link, exits, behaviour, split,
                                     self._bytes.get(split, 0.0))
+            ms += local * over["edge"] + (1 - local) * over["split"]
             out.append(Candidate(route="adaptive" if split in self._bytes else "edge_exits", split=split,
                                  setting=behaviour.setting, expected_ms=ms, acc=0.0,
                                  bytes_up=(1 - local) * self._bytes.get(split, 0.0), on_device=local))

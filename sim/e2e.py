@@ -3,16 +3,18 @@
 
 1. `make_plan`: the planner (`splitexit.plan`) ranks every route from the network's
    validation outputs, the device's and the worker's measured times and the link. Its
-   first choice is `adaptive` (whatever route wins: on the device with exits, the input
-   to the cloud, or a cut with or without exits); the best cut without exits is
-   `fixed_split` (Neurosurgeon's). The plan is made once, offline: the agent does not
-   re-plan during a run yet.
+   first choice starts `adaptive` (whatever route wins: on the device with exits, the
+   input to the cloud, or a cut with or without exits); the best cut without exits is
+   `fixed_split` (Neurosurgeon's).
 2. `run_local`: the device's own strategies (`edge_only`, and `edge_exits` with the exit
    setting of the best plan that has exits), no link.
 3. `run_linked`: bundles for the linked strategies, a real worker process serving them, an
    emulated link per strategy (`splitexit.sim.link`), every input answered one at a time
-   (`cloud_only`: the input as JPEG, every stage in the worker); `adaptive` too when its
-   route uses the link (a route on the device is `run_local`'s run).
+   (`cloud_only`: the input as JPEG, every stage in the worker). `adaptive` is the edge
+   agent re-planning online (`--replan`) over a bundle that allows a cut after every exit
+   and on the device, starting from the plan's cut with the plan's link as its prior; when
+   the plan sends the input itself (cloud-only, a route the agent cannot move from), it
+   runs as `cloud_only` does.
 
 The device is this machine padded to a device class's times (`pad_to_profile`); the
 worker is this machine.
@@ -41,10 +43,7 @@ class E2EPlan:
     adaptive_policy: Any  # its exit policy (no early exit for a route without exits)
     exits_policy: Any  # the exit setting of the best plan with exits (edge_exits runs it)
     full_acc: float  # the full network's validation accuracy
-
-    @property
-    def adaptive_is_local(self) -> bool:
-        return self.adaptive.route in ("edge_only", "edge_exits")
+    replan: Any  # the agent's ReplanConfig for adaptive (None: the plan sends the input, cloud-only)
 
 
 def trace_link(archive: Path, name: str, rtt_ms: float) -> Any:
@@ -63,6 +62,7 @@ def make_plan(model: Any, input_shape: tuple[int, int, int], val: Any, measured:
     the device's profile; `input_bytes`: an input's mean size as the JPEG cloud-only sends;
     `overhead_ms`: each route's own cost beyond the model (`calibrate_overheads`)."""
     from splitexit.cost import cost_model
+    from splitexit.edge.replan import ReplanConfig
     from splitexit.plan import plan
     from splitexit.policies import MaxProb
     from splitexit.sim.planning import MAXPROB_SWEEP, cut_bytes, exit_behaviour, link_estimate
@@ -78,7 +78,11 @@ def make_plan(model: Any, input_shape: tuple[int, int, int], val: Any, measured:
     exits_setting = next(c.setting for c in ranked if c.setting is not None)
     chosen = ranked[0]
     policy = settings[chosen.setting] if chosen.setting is not None else MaxProb(2.0, fallback=False)
-    return E2EPlan(ranked, split, chosen, policy, settings[exits_setting], full_acc)
+    share = next((b.share for b in behaviours if b.setting == chosen.setting), (0.0,) * len(model.exit_points) + (1.0,))
+    replan = None if chosen.route == "cloud_only" else ReplanConfig(
+        device=device.at(1), cloud=measured.at(1), share=share, prior=link_estimate(link_profile),
+        overhead_ms=overhead_ms)
+    return E2EPlan(ranked, split, chosen, policy, settings[exits_setting], full_acc, replan)
 
 
 async def calibrate_overheads(model: Any, meta: Any, input_shape: tuple[int, int, int], images: np.ndarray,
@@ -141,12 +145,6 @@ def run_local(model: Any, x: Any, labels: np.ndarray, chosen: E2EPlan, device: A
                                                                num_classes=num_classes), x),
                        labels, plan=f"every stage on the device, maxprob q={chosen.exits_policy.threshold}"),
     ]
-    if chosen.adaptive_is_local:  # the planner keeps everything on the device: that run is adaptive's
-        same = out[0] if chosen.adaptive.route == "edge_only" else out[1]
-        if chosen.adaptive.route == "edge_exits" and chosen.adaptive_policy != chosen.exits_policy:
-            same = live.summarize("adaptive", live.run_local(ExitRunner(padded, chosen.adaptive_policy,
-                                                                        num_classes=num_classes), x), labels)
-        out.append(replace(same, name="adaptive", plan=f"the plan: {chosen.adaptive.describe()}"))
     return out
 
 
@@ -159,6 +157,7 @@ async def run_linked(model: Any, meta: Any, input_shape: tuple[int, int, int], i
     from splitexit.edge import AgentConfig
     from splitexit.policies import MaxProb
     from splitexit.sim import live
+    from splitexit.sim.harness import export_planned
     from splitexit.sim.link import LinkProxy
 
     never = MaxProb(2.0, fallback=False)
@@ -170,27 +169,26 @@ async def run_linked(model: Any, meta: Any, input_shape: tuple[int, int, int], i
         "fixed_split": export_bundle(workdir / "split", model, meta, split=split.split or 0, policy=never,
                                      input_shape=input_shape, name=f"{name}-split"),
     }
-    if adaptive.route in ("split", "adaptive"):
-        paths["adaptive"] = export_bundle(workdir / "adaptive", model, meta, split=adaptive.split or 0,
-                                          policy=chosen.adaptive_policy, input_shape=input_shape,
-                                          name=f"{name}-adaptive")
+    configs = {"fixed_split": AgentConfig(request_timeout_ms=30_000)}
+    if chosen.replan is not None:  # re-planned online among a cut after every exit and the device, from the plan's
+        paths["adaptive"], _ = export_planned(workdir / "adaptive", model, meta, input_shape, chosen.adaptive_policy,
+                                              "fp32", chosen.replan, [chosen.replan.prior])
+        configs["adaptive"] = AgentConfig(request_timeout_ms=30_000, codec="fp32", replan=chosen.replan)
     plans = {"cloud_only": "the input as JPEG (q=90), every stage in the worker",
              "fixed_split": f"cut after stage {split.split}, no exits",
-             "adaptive": f"the plan: {adaptive.describe()}"}
+             "adaptive": f"the plan: {adaptive.describe()}" + (", re-planned online" if chosen.replan else "")}
     results = []
     cloud_bundle = load_whole(paths["cloud_only"])
-    strategies = [s for s in LINKED if s != "adaptive" or not chosen.adaptive_is_local]
     async with live.WorkerProcess(list(paths.values())) as worker:
         host, port = worker.address.rsplit(":", 1)
-        for strategy in strategies:
+        for strategy in LINKED:
             async with LinkProxy((host, int(port)), link_profile) as proxy:
-                if strategy == "cloud_only" or (strategy == "adaptive" and adaptive.route == "cloud_only"):
+                if strategy not in configs:  # cloud-only, or adaptive when the plan sends the input
                     records = await live.run_cloud_only(cloud_bundle, proxy.address, images)
                 else:
                     edge = load_bundle(paths[strategy], "edge")
                     edge = replace(edge, model=live.pad_to_profile(edge.model, device))
-                    records = await live.run_edge_agent(edge, proxy.address, images,
-                                                        config=AgentConfig(request_timeout_ms=30_000))
+                    records = await live.run_edge_agent(edge, proxy.address, images, config=configs[strategy])
                 bytes_up = proxy.counters.bytes_up
             results.append(live.summarize(strategy, records, labels, bytes_up=bytes_up, plan=plans[strategy]))
             progress(f"   {strategy}: done ({len(records)} inputs)")

@@ -269,7 +269,9 @@ def prepare(scenario: LiveScenario, cache_dir: Path, out: Path, *, log: Callable
 def export_planned(out: Path, model: Any, meta: Any, shape: tuple[int, int, int], policy: Any, codec: str,
                    replan: Any, links: Sequence[Any]) -> tuple[Path, list[list[Any]]]:
     """The network exported with every exit's stage and the last stage as split points,
-    cut first where the offline plan for `links[0]` says; and the plan (every split,
+    cut first where the offline plan for `links[0]` says (when that is the device, at the
+    deepest cut that crosses the link: an agent with the plan's link as its prior moves to
+    the device at its first batch); and the plan (every split,
     ranked by `SplitChooser` with `replan`'s profiles and shares) for each of `links`."""
     from splitexit.bundle import export_bundle
     from splitexit.edge.replan import SplitChooser
@@ -286,6 +288,8 @@ def export_planned(out: Path, model: Any, meta: Any, shape: tuple[int, int, int]
     planned = [chooser.candidates(link) for link in links]
     start = planned[0][0].split
     assert start is not None
+    if start == splits[-1]:  # on the device: a bundle's own split must cross the link; the deepest that does
+        start = splits[-2]
     return (path if start == splits[0] else export(start)), planned
 
 

@@ -116,3 +116,6 @@ def test_e2e_quick_runs_every_strategy_per_link_and_device(quick_bench) -> None:
         assert rows["cloud_only"]["bytes_up"] > 100 and rows["edge_only"]["bytes_up"] == 0
     # the planner's choice (adaptive) keeps a 3G link's 300 ms round trip out of the answer
     assert result["profiles"]["3g/rpi4"]["adaptive"]["mean_ms"] < result["profiles"]["3g/rpi4"]["cloud_only"]["mean_ms"]
+    # adaptive is the agent re-planning online (unless the plan sends the input itself)
+    for key, rows in result["profiles"].items():
+        assert rows["adaptive"]["plan"].endswith("re-planned online") or "cloud_only" in rows["adaptive"]["plan"], key

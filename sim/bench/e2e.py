@@ -105,7 +105,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict:
             chosen = e2e.make_plan(model, shape, val, measured, device, link, input_bytes, overheads[device_name])
             log(f"{key}: the plan {chosen.adaptive.describe()}; fixed split after stage {chosen.fixed_split.split}; "
                 f"{len(test)} inputs per strategy")
-            setting = f"{chosen.adaptive.describe()} | {chosen.exits_policy.threshold}"  # what the device runs
+            setting = str(chosen.exits_policy.threshold)  # what the device's edge_exits runs
             if setting not in local:
                 local[setting] = e2e.run_local(model, x, test.labels, chosen, device, len(meta.classes))
             linked = asyncio.run(e2e.run_linked(model, meta, shape, test.images, test.labels, chosen, device, link,

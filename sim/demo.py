@@ -3,7 +3,8 @@
 1. The small digits network with its exits (trained once, then cached: `splitexit demo`'s).
 2. The planner ranks every route for the device and the link from the network's validation
    outputs and the times measured here (`splitexit.plan`): the best cut without exits
-   (Neurosurgeon's) and the best cut with an exit policy (adaptive).
+   (Neurosurgeon's) and its first choice, where the adaptive agent starts before it
+   re-plans online.
 3. Bundles for those, a real cloud worker process serving them, and for each strategy an
    emulated link (`splitexit.sim.link`) between the edge and the worker.
 4. Every test input answered one at a time, end to end, by each strategy; the table

@@ -54,14 +54,23 @@ class SpoolRefiner:
         assert spool is not None
         self.every_ms = 1e3 * float(spool.get("refine_every_s", 60.0))
         self.timeout_ms = float(spool.get("refine_timeout_ms", 10_000.0))
-        fleet, link, cloud = scenario.fleet, scenario.link, scenario.cloud
+        from splitexit.sim.virtual import device_links
+
+        fleet, cloud = scenario.fleet, scenario.cloud
         self.per = fleet.requests
         # the first run of each device's timer, at its own phase
         self.first = np.random.default_rng([scenario.seed, 13]).uniform(0, self.every_ms, fleet.devices)
-        rate_ms_per_byte = 8 / (link.up_mbps * 1000.0) if link.up_mbps else 0.0
-        self._quiet = lambda nbytes: (link.rtt_ms + nbytes * rate_ms_per_byte + cloud.max_delay_ms
-                                      + cloud.batch_time_ms(1) + cloud.rpc_ms)
+        # a quiet round trip's parts per device, from its own link (a trace's rate taken as unlimited)
+        self.rtt_ms, self.ms_per_byte = np.zeros(fleet.devices), np.zeros(fleet.devices)
+        for lo, hi, link, _ in device_links(scenario):
+            self.rtt_ms[lo:hi] = link.rtt_ms
+            self.ms_per_byte[lo:hi] = 8 / (link.up_mbps * 1000.0) if link.up_mbps else 0.0
+        self.cloud_ms = cloud.max_delay_ms + cloud.batch_time_ms(1) + cloud.rpc_ms
         self.attempts: list[_Attempt] = []
+
+    def _quiet(self, device: int, nbytes: float) -> float:
+        """A resend's round trip on a quiet link and cloud: RTT, its bytes, a lone batch."""
+        return float(self.rtt_ms[device] + nbytes * self.ms_per_byte[device]) + self.cloud_ms
 
     def resends(self, last: "VirtualResult | None") -> "Resends":
         """The resends the devices make given the answers of `last` (None: no run yet)."""
@@ -98,7 +107,7 @@ class SpoolRefiner:
                 seen = known.get((device, run, position))
                 # the last run's outcome of this very resend; one not made then is taken as answered
                 ok = seen is None or seen[0] != row or seen[1] != t or seen[3] not in DEGRADED
-                t += self._quiet(float(nbytes[row]))
+                t += self._quiet(device, float(nbytes[row]))
                 if not ok:
                     break  # it stays spooled; the run ends
                 head += 1

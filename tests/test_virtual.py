@@ -553,3 +553,15 @@ def test_spool_settings_are_checked() -> None:
         EdgeModel(spool={"every_s": 5.0})
     with pytest.raises(ValueError, match="must be > 0"):
         EdgeModel(spool={"refine_every_s": 0.0})
+
+
+def test_the_live_fleet_refuses_what_only_the_simulator_models(tmp_path) -> None:
+    """A scenario with a spool or re-planning is refused by the live fleet at once (its
+    devices send fixed cuts without a spool), not run without them."""
+    import asyncio
+
+    from splitexit.sim.fleet_live import run_live
+
+    spooled = Scenario(edge=EdgeModel(feature_bytes=100, spool={"refine_every_s": 5.0}))
+    with pytest.raises(ValueError, match=r"\[edge.spool\] and \[edge.replan\] are the simulator's"):
+        asyncio.run(run_live(spooled, tmp_path / "no-bundle"))

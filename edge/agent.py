@@ -226,11 +226,12 @@ class EdgeAgent:
                 return offload, self.answering.cloud(request, response, (time.perf_counter() - t0) * 1e3, worker)
             except Exception as exc:  # foreign transports too: a row must never go unanswered
                 error = OffloadError.from_exception(exc)
+                waited = time.perf_counter() - sent
                 if budget_bound and error.code == "DEADLINE_EXCEEDED":  # what really happened
                     error = OffloadError(error.code, error.message, reason="latency_budget", worker=error.worker)
                 elif error.code == "DEADLINE_EXCEEDED":  # the link (or the cloud) takes at least this long
-                    self.link.observe_timeout(time.perf_counter() - sent)
-                record["rtt_ms"] = round((time.perf_counter() - sent) * 1e3, 3)
+                    self.link.observe_timeout(waited)
+                record["rtt_ms"] = round(waited * 1e3, 3)
                 record["worker"] = error.worker or None
         record.update(status=error.code, reason=error.reason, error=error.message[:200])
         return offload, error

@@ -29,7 +29,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from splitexit.codec import encoded_bytes
-from splitexit.plan import Candidate, DeviceTimes, ExitBehaviour, LinkEstimate, LinkEstimator, Replanner, expected_ms, rank
+from splitexit.plan import (Candidate, DeviceTimes, ExitBehaviour, LinkEstimate, LinkEstimator, Replanner, expected_ms,
+                            rank, route_overhead_ms)
 
 __all__ = ["ReplanConfig", "SplitChooser"]
 
@@ -165,12 +166,11 @@ class SplitChooser:
         exits = self.manifest.exits[:-1]
         share = self._counts / self._counts.sum()
         behaviour = ExitBehaviour(setting="the bundle's policy", share=tuple(float(x) for x in share), acc=0.0)
-        over = {"edge": 0.0, "split": 0.0, **(self.config.overhead_ms or {})}
         out = []
         for split in self.manifest.splits:
             ms, local = expected_ms(self.config.device, self._cloud, link, exits, behaviour, split,
                                     self._bytes.get(split, 0.0))
-            ms += local * over["edge"] + (1 - local) * over["split"]
+            ms += route_overhead_ms(self.config.overhead_ms, local)
             out.append(Candidate(route="adaptive" if split in self._bytes else "edge_exits", split=split,
                                  setting=behaviour.setting, expected_ms=ms, acc=0.0,
                                  bytes_up=(1 - local) * self._bytes.get(split, 0.0), on_device=local))

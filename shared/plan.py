@@ -223,6 +223,13 @@ def expected_mj(energy: EnergyModel, device: DeviceTimes, cloud: DeviceTimes, li
     return sum(p * energy.mj(d, s, w, link.up_mbps) for p, d, s, w in parts if p > 0)
 
 
+def route_overhead_ms(overhead_ms: Mapping[str, float] | None, on_device: float) -> float:
+    """A route's own cost per input beyond the cost model (see `plan`'s overhead_ms): the
+    edge's for the share answered on the device, the split's for the rest."""
+    over = overhead_ms or {}
+    return on_device * over.get("edge", 0.0) + (1 - on_device) * over.get("split", 0.0)
+
+
 def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: Sequence[int],
          behaviours: Sequence[ExitBehaviour], full_acc: float, feature_bytes: Sequence[float],
          input_bytes: float, splits: Sequence[int] | None = None, cloud_only_acc: float | None = None,
@@ -261,7 +268,7 @@ def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: 
     over = {"edge": 0.0, "cloud_only": 0.0, "split": 0.0, **(overhead_ms or {})}
 
     def beyond(on_device: float) -> float:
-        return on_device * over["edge"] + (1 - on_device) * over["split"]
+        return route_overhead_ms(overhead_ms, on_device)
 
     out = [Candidate(route="edge_only", split=None, setting=None, expected_ms=device.backbone_ms() + over["edge"],
                      acc=full_acc, bytes_up=0.0, on_device=1.0, energy_mj=mj(no_exits, last, 0.0))]
@@ -344,7 +351,7 @@ class LinkEstimator:
         fitted = self._fit()
         if not self._floor_ms:
             return fitted
-        if fitted is None or fitted.up_mbps is None:  # nothing known but the time out: the uplink as if free
+        if fitted is None:  # nothing known but the time-out: the uplink as if free
             return LinkEstimate(up_mbps=math.inf, rtt_ms=self._floor_ms)
         return LinkEstimate(up_mbps=fitted.up_mbps, rtt_ms=max(fitted.rtt_ms, self._floor_ms))
 

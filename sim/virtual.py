@@ -458,7 +458,7 @@ def simulate_fleet(scenario: Scenario, progress: Callable[[str], None] | None = 
     if scenario.edge.replan is not None:
         from splitexit.sim.virtual_replan import DevicePlanners
 
-        planner = DevicePlanners(scenario, sent)
+        planner = DevicePlanners(scenario)
         cuts = planner.cuts(sent, None)
     if scenario.edge.spool is not None:
         from splitexit.sim.virtual_spool import SpoolRefiner

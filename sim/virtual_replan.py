@@ -16,7 +16,7 @@ What differs from the agent, and why:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 
@@ -34,7 +34,7 @@ LATE = 3  # an offload that ran out of time
 class DevicePlanners:
     """The re-planning devices of a scenario: the cuts their choices give, run after run."""
 
-    def __init__(self, scenario: "Scenario", sent: np.ndarray) -> None:
+    def __init__(self, scenario: "Scenario") -> None:
         from splitexit.bundle import read_manifest
         from splitexit.profile import load_profile
         from splitexit.sim.virtual import network_exits, profile_costs
@@ -55,7 +55,7 @@ class DevicePlanners:
         self.config = ReplanConfig(device=load_profile(edge.profile).at(1), share=tuple(float(x) for x in share),
                                    **config)  # type: ignore[arg-type]
         self.devices, self.per = scenario.fleet.devices, scenario.fleet.requests
-        self.stage = stages[np.arange(len(sent)) % len(stages)]
+        self.stage = stages[np.arange(self.devices * self.per) % len(stages)]
         reach, to_split = profile_costs(edge)
         self.edge_ms = np.asarray([reach[int(s)] for s in self.stage])
         probe = self._new(lambda: 0.0)
@@ -110,17 +110,14 @@ class DevicePlanners:
         changes = k = 0
         for i in np.argsort(sent[rows], kind="stable"):
             t = float(sent[rows[i]])
-            while k < len(seen) and seen[k][0] < t:  # what was answered before this request
-                _, row = seen[k]
-                assert last is not None and last.ready is not None and last.server_ms is not None
-                assert last.nbytes is not None
-                if last.route[row] == 1:
-                    chooser.link.observe(int(last.nbytes[row]), (last.done_ms[row] - last.ready[row]) / 1e3,
-                                         server_ms=float(last.server_ms[row]))
-                if last.route[row] == LATE:  # ran out of time: the agent takes it as a lower bound
-                    chooser.link.observe_timeout((last.done_ms[row] - last.ready[row]) / 1e3)
+            while k < len(seen) and seen[k].at_ms < t:  # what was answered before this request
+                o = seen[k]
+                if o.route == 1:
+                    chooser.link.observe(int(o.nbytes), o.round_trip_s, server_ms=o.server_ms)
+                if o.route == LATE:  # ran out of time: the agent takes it as a lower bound
+                    chooser.link.observe_timeout(o.round_trip_s)
                 else:  # a degraded answer does not count toward the exits' shares
-                    chooser.observe_answer(int(self.stage[row]))
+                    chooser.observe_answer(int(self.stage[o.row]))
                 k += 1
             now[0] = t / 1e3
             before = chooser.split
@@ -129,11 +126,25 @@ class DevicePlanners:
         return out, changes
 
     @staticmethod
-    def _observations(rows: np.ndarray, last: "VirtualResult | None") -> list[tuple[float, int]]:
-        """(when, request) of each answer a device saw in `last`, and of each offload that
-        ran out of time, in time order."""
+    def _observations(rows: np.ndarray, last: "VirtualResult | None") -> list["_Seen"]:
+        """What a device saw in `last`, in time order: each answer, and each offload that
+        ran out of time."""
         if last is None:
             return []
+        assert last.ready is not None and last.server_ms is not None and last.nbytes is not None
         mine = rows[np.isin(last.route[rows], (*ANSWERED, LATE))]
-        return sorted(zip(last.done_ms[mine].tolist(), mine.tolist()))
+        trip_s = (last.done_ms[mine] - last.ready[mine]) / 1e3
+        return sorted(_Seen(*fields) for fields in zip(last.done_ms[mine].tolist(), mine.tolist(),
+                                                         last.route[mine].tolist(), last.nbytes[mine].tolist(),
+                                                         trip_s.tolist(), last.server_ms[mine].tolist()))
 
+
+class _Seen(NamedTuple):
+    """One outcome a device saw: when, which request, its route, bytes, round trip, the worker's time."""
+
+    at_ms: float
+    row: int
+    route: int
+    nbytes: float
+    round_trip_s: float
+    server_ms: float

@@ -314,7 +314,6 @@ def test_a_trace_uplink_carries_features_as_the_link_emulator_does(tmp_path) -> 
     times = np.sort(rng.integers(0, 400, size=300))  # bursts: several opportunities per ms
     path = tmp_path / "bursty.up"
     path.write_text("\n".join(map(str, [*times, 400])) + "\n")
-    fleet = FleetModel(devices=1, requests=200, rate_hz=50.0)
     link = LinkModel(trace=str(path), trace_phase="aligned")
     ready = np.cumsum(rng.exponential(20.0, 200))
     sends = rng.random(200) < 0.7

@@ -93,10 +93,9 @@ def test_a_bandwidth_drop_moves_every_device_to_the_device_within_seconds(setup)
         assert (settled == LAST).mean() > 0.75, np.unique(settled, return_counts=True)
         assert np.diff(settled_s[settled != LAST]).min() >= 0.99  # only probes, one a second
     # settled: the cuts of the result are what the devices choose from its own answers
-    from splitexit.sim.virtual import requests
     from splitexit.sim.virtual_replan import DevicePlanners
 
-    again = DevicePlanners(scenario, requests(scenario)[0]).cuts(result.sent_ms, result)
+    again = DevicePlanners(scenario).cuts(result.sent_ms, result)
     assert np.array_equal(again.split, result.split)
 
 

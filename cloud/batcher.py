@@ -146,17 +146,11 @@ class Batcher:
         """
         if self._closed:
             raise RequestError("UNAVAILABLE", "the worker is shutting down")
-        c = self.config
-        if self._queued_requests + 1 > c.queue_limit_requests or self._queued_rows + rows > c.queue_limit_rows:
-            raise RequestError("RESOURCE_EXHAUSTED",
-                               f"queue full ({self._queued_requests} requests, {self._queued_rows} rows waiting; "
-                               f"limits {c.queue_limit_requests} requests, {c.queue_limit_rows} rows): retry later")
+        refusal = self.refusal(rows)
+        if refusal is not None:
+            raise refusal
         now = time.monotonic()
         wait_s = self.expected_wait_s()
-        if wait_s * 1e3 > c.max_queue_wait_ms:
-            raise RequestError("RESOURCE_EXHAUSTED",
-                               f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request "
-                               f"(limit {c.max_queue_wait_ms:g} ms): retry later or elsewhere")
         if deadline is not None and now + wait_s + self._batches_s(key, rows) > deadline:
             raise RequestError("RESOURCE_EXHAUSTED",
                                f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request, and "
@@ -177,6 +171,23 @@ class Batcher:
         finally:
             if not item.future.done():  # the caller was cancelled: the worker skips it
                 item.future.cancel()
+
+    def refusal(self, rows: int = 0) -> RequestError | None:
+        """The refusal a request of `rows` rows gets now whatever its deadline (a queue
+        limit, or more than `max_queue_wait_ms` of work ahead), or None. With rows=0, what
+        can be told before the request is read: the server refuses a call on it at its
+        headers (`splitexit.cloud.server`), before its body is received."""
+        c = self.config
+        if self._queued_requests + 1 > c.queue_limit_requests or self._queued_rows + rows > c.queue_limit_rows:
+            return RequestError("RESOURCE_EXHAUSTED",
+                                f"queue full ({self._queued_requests} requests, {self._queued_rows} rows waiting; "
+                                f"limits {c.queue_limit_requests} requests, {c.queue_limit_rows} rows): retry later")
+        wait_s = self.expected_wait_s()
+        if wait_s * 1e3 > c.max_queue_wait_ms:
+            return RequestError("RESOURCE_EXHAUSTED",
+                                f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request "
+                                f"(limit {c.max_queue_wait_ms:g} ms): retry later or elsewhere")
+        return None
 
     def expected_wait_s(self) -> float:
         """Seconds a request queued now would wait before its own batch computes: the rows

@@ -28,6 +28,9 @@ What it wires up, each for a reason:
   `authorization: Bearer <token>` with UNAUTHENTICATED. Health checks stay open on
   purpose: probes (kubelet, load balancers) carry no token and learn nothing but
   SERVING/NOT_SERVING. Reflection and GetModelInfo need the token (they name the bundles).
+- Overload refused at the headers: an Infer (or KServe ModelInfer) call that the batcher
+  would refuse whatever it carries (too much work ahead) gets RESOURCE_EXHAUSTED before
+  its body is read (`_RefuseOverloadAtHeaders`).
 - Graceful drain (`CloudServer.drain`, also on SIGTERM/SIGINT after
   `install_signal_handlers`): health NOT_SERVING, new Infer calls UNAVAILABLE, requests in
   flight finish within the grace period, then the server stops.
@@ -238,6 +241,34 @@ class _TokenAuth(grpc.aio.ServerInterceptor):
         message = "missing bearer token" if not got else "wrong bearer token"
         self._on_reject(details.method)
         return _refusing(handler, message)
+
+
+class _RefuseOverloadAtHeaders(grpc.aio.ServerInterceptor):
+    """Refuses an inference call (RESOURCE_EXHAUSTED) at its headers when the batcher would
+    refuse it whatever it carries (more than `max_queue_wait_ms` of work ahead, or the
+    request limit reached), without receiving or parsing its body. Under overload most
+    calls are refused; read and parsed first, each refusal of a 512 KB request held the
+    event loop that also answers the accepted ones. The refusal is a stream-shaped
+    handler: gRPC then calls it before reading any message, and a unary caller sees the
+    status as for any unary call."""
+
+    def __init__(self, servicer: SplitInferenceServicer, methods: Mapping[str, str]) -> None:
+        self._servicer = servicer
+        self._methods = methods  # full method path -> the name the metrics count it under
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method = self._methods.get(details.method)
+        refusal = None if handler is None or method is None else self._servicer.refusal_at_headers(method)
+        if refusal is None:
+            return handler
+        message = refusal.message
+
+        async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+        return grpc.stream_unary_rpc_method_handler(refuse, response_serializer=handler.response_serializer)
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -452,10 +483,13 @@ def build_server(config: ServerConfig, models: Mapping[tuple[str, str], ServedMo
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     servicer = SplitInferenceServicer(models, batcher=batcher, limits=limits, worker_id=worker_id, metrics=metrics,
                                       answers=config.answer_cache)
-    interceptors = []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if config.token is not None:
         interceptors.append(_TokenAuth(config.token, lambda method: metrics.request_done(
             method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)))
+    # after the token check: an unauthenticated caller learns nothing of the load
+    interceptors.append(_RefuseOverloadAtHeaders(servicer, {f"/{SERVICE_NAME}/Infer": "Infer",
+                                                            f"/{kserve.SERVICE_NAME}/ModelInfer": "ModelInfer"}))
     try:
         credentials = None
         if config.tls:

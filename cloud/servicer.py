@@ -152,6 +152,18 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         except asyncio.TimeoutError:
             return False
 
+    def refusal_at_headers(self, method: str) -> RequestError | None:
+        """The RESOURCE_EXHAUSTED a call of `method` gets before its request is read (the
+        batcher's refusal that needs no request: see `Batcher.refusal`), counted as a
+        finished call; None while serving it is worth reading the request."""
+        if self.phase != "serving":
+            return None  # the request path answers UNAVAILABLE, as for any call
+        refusal = self.batcher.refusal()
+        if refusal is not None:
+            self.calls += 1
+            self.done(method, refusal.code, time.monotonic())
+        return refusal
+
     def done(self, method: str, code: str, started: float) -> None:
         """Count a finished call of `method` with its status code (metrics)."""
         if self.metrics is not None:

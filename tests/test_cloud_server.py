@@ -301,6 +301,45 @@ def test_a_full_queue_answers_resource_exhausted_at_once(monkeypatch, models, se
         gate.set()
 
 
+def test_an_overloaded_worker_refuses_at_the_headers_without_reading_the_body(monkeypatch, models, served) -> None:
+    """A call the batcher would refuse whatever it carries is refused before its body is
+    read: here a body that is not even a protobuf gets RESOURCE_EXHAUSTED, not the
+    INVALID_ARGUMENT that reading it gives. Both inference protocols; counted in the
+    metrics; the worker serves again once the work ahead is done."""
+    gate, computed = _block_compute(monkeypatch, served)
+    garbage = b"\xff" * 4096
+
+    async def body() -> None:
+        batching = BatcherConfig(max_batch=8, max_queue_delay_ms=0, queue_limit_requests=1)
+        async with serving(models, batching=batching, max_request_rows=8) as (server, stub):
+            first = asyncio.ensure_future(stub.Infer(_feature_request(served, 8, "a"), timeout=T))
+            await _until(lambda: server.servicer._inflight == 1 and server.batcher.queued_requests == 0)
+            second = asyncio.ensure_future(stub.Infer(_feature_request(served, 8, "b"), timeout=T))
+            await _until(lambda: server.batcher.queued_requests == 1)  # the queue's one place is taken
+            channel = grpc.aio.insecure_channel(server.address)
+            for method in (f"/{SERVICE}/Infer", "/inference.GRPCInferenceService/ModelInfer"):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await channel.unary_unary(method)(garbage, timeout=T)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (method, info.value)
+                assert "queue full" in info.value.details()
+            text = server.metrics.text()
+            assert 'splitexit_requests_total{code="RESOURCE_EXHAUSTED",method="Infer"} 1.0' in text
+            assert 'splitexit_requests_total{code="RESOURCE_EXHAUSTED",method="ModelInfer"} 1.0' in text
+            gate.set()
+            assert len((await first).rows) == 8 and len((await second).rows) == 8
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # no longer overloaded: the body is read
+                await channel.unary_unary(f"/{SERVICE}/Infer")(garbage, timeout=T)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+            assert len((await stub.Infer(_feature_request(served, 2, "c"), timeout=T)).rows) == 2
+            await channel.close()
+            assert computed == ["a", "b", "c"]
+
+    try:
+        _run(body())
+    finally:
+        gate.set()
+
+
 def test_deadlines_passed_in_the_queue_or_on_arrival_are_not_computed(monkeypatch, models, served) -> None:
     gate, computed = _block_compute(monkeypatch, served)
 

@@ -27,7 +27,7 @@ from splitexit.arrays import to_numpy
 State = dict[str, np.ndarray]  # per-row arrays, first dimension = rows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: built at every exit of every batch, ~0.4 us less each
 class Decision:
     """What a policy says about the rows that evaluated exit k."""
 
@@ -42,7 +42,7 @@ class Decision:
     answer_exit: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: built at every exit of every batch, ~0.4 us less each
 class Step:
     """A decision with every field resolved, as `step` returns it: the rows that exit, the
     next exit of every row (in k+1..K-1), and the answer of every row."""

@@ -15,7 +15,7 @@ import torch
 
 from splitexit.checkpoint import CheckpointMeta
 from splitexit.data import Dataset, load_dataset
-from splitexit.models import ExitHead, ModelConfig, MultiExitNet, build_model
+from splitexit.models import BoFConfig, ExitHead, ModelConfig, MultiExitNet, build_model
 from splitexit.train import TrainConfig, train_cached
 
 
@@ -121,7 +121,12 @@ REFERENCE = Recipe(
     # jointly from scratch. Exits fine-tuned from a backbone trained alone were too weak
     # early: the best policy stayed 6.1 points below the full network at 0.5 x MACs and
     # 0.76 at 0.7 (bars 1.0 and 0.3); jointly from scratch (50 epochs), 0.99 and -0.04.
-    edge_model=ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8), exit_head="bof"),
+    # Its BoF heads pool each map to 4x4 before the codebook (the default is 8x8): the same
+    # test accuracy per exit (68.9/76.8/81.2/84.1% against 67.4/76.5/81.0/84.2%, final
+    # 84.2 against 84.45, one seed each), the best policy 2.27 points below the full
+    # network at 0.5 x MACs (was 3.04), and 0.5-0.75 of the heads' time on the ONNX edge
+    # (batch 64 to 1), which the 5% overhead bar needs.
+    edge_model=ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8), exit_head="bof", bof=BoFConfig(pool_to=4)),
     joint=TrainConfig(epochs=20, label_smoothing=0.1),
     # the backbone alone and exits on it, frozen: BoF vs pooling heads at every block
     edge_train=TrainConfig(epochs=20, label_smoothing=0.1),

@@ -316,6 +316,10 @@ class ExitRunner:
         # the next exit of every row when they all share one (a fresh run, and after any step
         # whose policy named no next exit per row): no array to compare at the next exit
         uniform: int | None = self.initial_next if fresh else None
+        # exits' outputs on the current rows not yet noted in state.best_*: only rows that
+        # stay undecided need them (the answer if the cloud cannot give one), so they are
+        # noted once, at the end, and not at every exit for rows that leave on the device
+        unnoted: list[tuple[int, np.ndarray]] = []
         for first, last in self.segments(start, stop):
             if len(rows) == 0:
                 break
@@ -346,12 +350,11 @@ class ExitRunner:
                 state.policy[name] = _put(state.policy[name], sel, value)
             evaluated = _take(state.evaluated, sel) + 1
             state.evaluated = _put(state.evaluated, sel, evaluated)
-            conf, best = probs.max(-1), _take(state.best_conf, sel)
-            better = conf > best
-            state.best_conf = _put(state.best_conf, sel, np.where(better, conf, best))
-            state.best_exit = _put(state.best_exit, sel, np.where(better, k, _take(state.best_exit, sel)))
-            state.best_probs = _put(state.best_probs, sel,
-                                    np.where(better[:, None], probs, _take(state.best_probs, sel)))
+            if sel is None:
+                unnoted.append((k, probs))
+            else:
+                unnoted = _note_best(state, unnoted)
+                _note_best(state, [(k, probs)], sel)
             state.next_exit = _put(state.next_exit, sel, np.where(decision.exit, -1, decision.next_exit))
             # rows that stay all go to one exit only if all were here and the policy named one
             uniform = decision.next_exit if sel is None and isinstance(decision.next_exit, int) else None
@@ -367,19 +370,24 @@ class ExitRunner:
             nxt = state.next_exit
             keep = nxt >= 0
             if not one_network:
+                unnoted = _note_best(state, unnoted)  # escalated rows carry their best too
                 away = keep & (net_ids[np.maximum(nxt, 0)] != self.network[0])
                 if bool(away.any()):
                     escalated.append(Pending(rows[away], None, state.take(away)))
                 keep &= ~away
             if not bool(keep.all()):
                 rows, feature, state = rows[keep], engine.take(feature, keep), state.take(keep)
+                unnoted = [(j, p[keep]) for j, p in unnoted]
         escalate = None
         if escalated:
             escalate = Pending(np.concatenate([e.rows for e in escalated]), None,
                                RowState.cat([e.state for e in escalated]))
             if self.larger is not None and larger_input is not None:
                 escalate = self._run_larger(escalate, larger_input, answered)
-        pending = Pending(rows, feature, state) if len(rows) else None
+        pending = None
+        if len(rows):
+            _note_best(state, unnoted)
+            pending = Pending(rows, feature, state)
         return RunResult(answered, pending, escalate)
 
     def _run_larger(self, bound: Pending, larger_input: LargerInput, answered: list[Answered]) -> Pending | None:
@@ -404,6 +412,20 @@ class ExitRunner:
         if not bool(left.any()):
             return None
         return Pending(bound.rows[left], None, bound.state.take(left))
+
+
+def _note_best(state: RowState, outputs: Sequence[tuple[int, np.ndarray]],
+               sel: np.ndarray | None = None) -> list[tuple[int, np.ndarray]]:
+    """Note each (exit k, its probabilities), in order, as the best answer so far of the
+    rows `sel` (all: None) where it is more confident (max-prob) than the one before.
+    Returns an empty list (what is left to note)."""
+    for k, probs in outputs:
+        conf, best = probs.max(-1), _take(state.best_conf, sel)
+        better = conf > best
+        state.best_conf = _put(state.best_conf, sel, np.where(better, conf, best))
+        state.best_exit = _put(state.best_exit, sel, np.where(better, k, _take(state.best_exit, sel)))
+        state.best_probs = _put(state.best_probs, sel, np.where(better[:, None], probs, _take(state.best_probs, sel)))
+    return []
 
 
 def _exits(answer_exit: np.ndarray | int, rows: int) -> np.ndarray:

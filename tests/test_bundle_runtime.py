@@ -89,6 +89,50 @@ def test_a_split_run_equals_the_whole_run(net, split: int) -> None:
         assert np.array_equal(np.stack(_answers(both, len(x))), np.stack(_answers(runner.run(x), len(x))))
 
 
+class _GivenExits:
+    """An engine whose exit k gives `probs[k]` for its rows (the feature is the row index)."""
+
+    def __init__(self, probs: np.ndarray) -> None:
+        self.probs = probs
+        self.num_stages = len(probs)
+        self.exit_points = tuple(range(len(probs) - 1))
+
+    def advance(self, feature, start, stop, *, head, rows):
+        if not head:
+            return feature, None
+        chosen = feature if rows is None else feature[rows]
+        return feature, self.probs[stop][chosen]
+
+    def take(self, feature, rows):
+        return feature[rows]
+
+    def from_array(self, x):
+        return x
+
+    def exit_probs(self, stage, feature):
+        return self.probs[stage][feature]
+
+
+def test_rows_left_undecided_carry_their_most_confident_exit_so_far() -> None:
+    """What the edge answers (degraded) for an offloaded row when no cloud answers: of the
+    exits it evaluated, the most confident one (max-prob, the first of ties), however many
+    rows left before it."""
+    rng = np.random.default_rng(0)
+    sharpness = rng.uniform(0.2, 3.0, size=(5, 200, 1))  # confidence varies by row and exit
+    probs = rng.dirichlet(np.ones(10), size=(5, 200)).astype(np.float32) ** sharpness
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    split = 3
+    for policy in (MaxProb(0.5), MaxProb(0.5, fallback=False)):
+        pending = ExitRunner(_GivenExits(probs), policy, num_classes=10).run(np.arange(200), stop=split).pending
+        assert pending is not None and 0 < len(pending.rows) < 200, "the test needs rows leaving and staying"
+        conf = probs[: split + 1, pending.rows].max(-1)  # [exits evaluated, rows left]
+        best = conf.argmax(0)
+        assert len(set(best.tolist())) == split + 1, "the test needs every exit to be someone's most confident"
+        assert np.array_equal(pending.state.best_exit, best)
+        assert np.array_equal(pending.state.best_conf, conf.max(0))
+        assert np.array_equal(pending.state.best_probs, probs[best, pending.rows])
+
+
 def test_bundle_sides_carry_only_their_weights_and_reproduce_the_model(net, tmp_path: Path) -> None:
     model, meta = net
     x = torch.randn(32, *SHAPE)

@@ -252,8 +252,14 @@ def test_the_simulated_batcher_forms_the_real_batchers_batches() -> None:
     for i, t in enumerate(simulate(arrive).tolist()):
         simulated.setdefault(t, []).append(i)
     want = [simulated[t] for t in sorted(simulated)]
-    got = real_batches()
-    assert got == want, (got, want)
+    # a run on a loaded machine can wake 3 ms late (seen once while a training held both
+    # cores); a different rule would differ on every run, so three tries tell them apart
+    tries = []
+    for _ in range(3):
+        tries.append(real_batches())
+        if tries[-1] == want:
+            break
+    assert tries[-1] == want, (tries, want)
 
 
 def test_the_network_can_decide_which_inputs_stay_on_the_device(tmp_path, monkeypatch) -> None:

@@ -146,11 +146,11 @@ class Batcher:
         """
         if self._closed:
             raise RequestError("UNAVAILABLE", "the worker is shutting down")
-        refusal = self.refusal(rows)
-        if refusal is not None:
-            raise refusal
         now = time.monotonic()
         wait_s = self.expected_wait_s()
+        refusal = self._refusal(rows, wait_s)
+        if refusal is not None:
+            raise refusal
         if deadline is not None and now + wait_s + self._batches_s(key, rows) > deadline:
             raise RequestError("RESOURCE_EXHAUSTED",
                                f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request, and "
@@ -177,6 +177,9 @@ class Batcher:
         limit, or more than `max_queue_wait_ms` of work ahead), or None. With rows=0, what
         can be told before the request is read: the server refuses a call on it at its
         headers (`splitexit.cloud.server`), before its body is received."""
+        return self._refusal(rows, self.expected_wait_s())
+
+    def _refusal(self, rows: int, wait_s: float) -> RequestError | None:
         c = self.config
         if self._queued_requests + 1 > c.queue_limit_requests or self._queued_rows + rows > c.queue_limit_rows:
             return RequestError("RESOURCE_EXHAUSTED",

@@ -55,8 +55,8 @@ class _BoFExport(nn.Module):
     The histogram is mean_hw(s / (sum_k s + eps)) with s the codeword memberships, and the
     classifier is linear, so the classifier goes first: one 1x1 convolution maps s to
     the class scores per pixel plus the memberships' sum (+ eps, its bias), and the
-    normalization divides those C+1 channels, not the K codewords. Every op after the
-    codebook then touches C+1 channels instead of K, and the head has six graph nodes."""
+    normalization divides those C+1 channels, not the K codewords: every op after the
+    codebook touches C+1 channels instead of K."""
 
     def __init__(self, head: BoFHead, side: int) -> None:
         super().__init__()

@@ -352,8 +352,9 @@ class ExitRunner:
             state.evaluated = _put(state.evaluated, sel, evaluated)
             if sel is None:
                 unnoted.append((k, probs))
-            else:
-                unnoted = _note_best(state, unnoted)
+            else:  # an indexed step: what is owed first, for every row, then this exit's rows
+                _note_best(state, unnoted)
+                unnoted = []
                 _note_best(state, [(k, probs)], sel)
             state.next_exit = _put(state.next_exit, sel, np.where(decision.exit, -1, decision.next_exit))
             # rows that stay all go to one exit only if all were here and the policy named one
@@ -370,9 +371,10 @@ class ExitRunner:
             nxt = state.next_exit
             keep = nxt >= 0
             if not one_network:
-                unnoted = _note_best(state, unnoted)  # escalated rows carry their best too
                 away = keep & (net_ids[np.maximum(nxt, 0)] != self.network[0])
                 if bool(away.any()):
+                    _note_best(state, unnoted)  # escalated rows carry their best too
+                    unnoted = []
                     escalated.append(Pending(rows[away], None, state.take(away)))
                 keep &= ~away
             if not bool(keep.all()):
@@ -414,18 +416,15 @@ class ExitRunner:
         return Pending(bound.rows[left], None, bound.state.take(left))
 
 
-def _note_best(state: RowState, outputs: Sequence[tuple[int, np.ndarray]],
-               sel: np.ndarray | None = None) -> list[tuple[int, np.ndarray]]:
+def _note_best(state: RowState, outputs: Sequence[tuple[int, np.ndarray]], sel: np.ndarray | None = None) -> None:
     """Note each (exit k, its probabilities), in order, as the best answer so far of the
-    rows `sel` (all: None) where it is more confident (max-prob) than the one before.
-    Returns an empty list (what is left to note)."""
+    rows `sel` (all: None) where it is more confident (max-prob) than the one before."""
     for k, probs in outputs:
         conf, best = probs.max(-1), _take(state.best_conf, sel)
         better = conf > best
         state.best_conf = _put(state.best_conf, sel, np.where(better, conf, best))
         state.best_exit = _put(state.best_exit, sel, np.where(better, k, _take(state.best_exit, sel)))
         state.best_probs = _put(state.best_probs, sel, np.where(better[:, None], probs, _take(state.best_probs, sel)))
-    return []
 
 
 def _exits(answer_exit: np.ndarray | int, rows: int) -> np.ndarray:

@@ -58,6 +58,13 @@ def _probability(text: str) -> float:
     return value
 
 
+def _scale(text: str) -> float:
+    value = _probability(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError("expected a number in (0, 1], got 0")
+    return value
+
+
 class DefaultsShown(argparse.HelpFormatter):
     """--help shows each option's default, unless its help already says it, or there is
     none to show (None, a flag that is off)."""
@@ -151,6 +158,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Train a tiny multi-exit net on the embedded digits and report its exits."""
     from splitexit.data import load_digits
     from splitexit.models import ModelConfig
+    from dataclasses import replace
+
     from splitexit.train import TrainConfig, train_cached
 
     dataset = load_digits()
@@ -169,6 +178,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from splitexit.data import load_dataset
     from splitexit.models import check_exit_after, default_exit_after
+    from dataclasses import replace
+
     from splitexit.train import TrainConfig, train_cached
 
     # every argument checked before the data set is decoded (minutes for a large archive)
@@ -184,6 +195,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                 args.exit_after = default_exit_after(args.arch)
             check_exit_after(args.arch, args.exit_after)
         _model_config(args, num_classes=10, in_chans=3)  # the rest of the model's settings
+        train_cfg = TrainConfig(
+            mode="exits" if args.freeze_backbone else "joint", epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, weight_decay=args.weight_decay, exit_weight=args.exit_weight, distill=args.distill,
+            augment_pad=args.augment_pad, threads=args.threads,
+            label_smoothing=args.label_smoothing, precision=args.precision, ema=args.ema,
+            exit_grad=args.exit_grad, progressive_from=args.progressive,
+            progressive_hold=args.progressive_hold, progressive_finetune=args.progressive_finetune,
+        )
     except ValueError as exc:
         raise CliError(str(exc)) from None
     dataset = load_dataset(args.data, val_size=args.val_size, cache_dir=args.cache_dir)
@@ -194,13 +213,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
     # a mirrored digit or letter is another symbol: flips only for colour (natural) images
     flip = args.flip if args.flip is not None else dataset.in_chans == 3
-    train_cfg = TrainConfig(
-        mode="exits" if args.freeze_backbone else "joint", epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, exit_weight=args.exit_weight, distill=args.distill,
-        augment_pad=args.augment_pad, augment_flip=flip, threads=args.threads,
-        label_smoothing=args.label_smoothing, precision=args.precision, ema=args.ema,
-        exit_grad=args.exit_grad,
-    )
+    train_cfg = replace(train_cfg, augment_flip=flip)
     print(f"data: {dataset.name}, {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test, "
           f"{dataset.in_chans} channel(s){'' if flip else ', no flips'}; exits after stages {list(model_cfg.exit_after)}")
     model, meta, path = train_cached(model_cfg, train_cfg, dataset, cache_dir=args.cache_dir, init=args.init,
@@ -456,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ema", type=float, default=0.0,
                        help="decay of a moving average of the weights (e.g. 0.999); the average is the trained "
                             "model. 0 (default) = off")
+    train.add_argument("--progressive", type=_scale, default=1.0,
+                       help="progressive resizing: the first epochs train on images downscaled to this share of "
+                            "their side (e.g. 0.5), growing to full size; 1 (default) = off")
+    train.add_argument("--progressive-hold", type=_probability, default=0.4,
+                       help="share of the epochs held at the smallest size")
+    train.add_argument("--progressive-finetune", type=_probability, default=0.25,
+                       help="share of the epochs, the last ones, at full size")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="bf16: bfloat16 autocast, fp32 weights; auto (default): bf16 where the CPU computes it "
                             "natively (AVX-512 BF16, AMX), else fp32. Tiny networks (8x8 digits) train faster in fp32")

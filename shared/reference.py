@@ -127,7 +127,8 @@ REFERENCE = Recipe(
     # network at 0.5 x MACs (was 3.04), and 0.5-0.75 of the heads' time on the ONNX edge
     # (batch 64 to 1), which the 5% overhead bar needs.
     edge_model=ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8), exit_head="bof", bof=BoFConfig(pool_to=4)),
-    joint=TrainConfig(epochs=20, label_smoothing=0.1),
+    joint=TrainConfig(epochs=32, label_smoothing=0.1, progressive_from=0.5, progressive_hold=0.25,
+                      progressive_finetune=0.3),
     # the backbone alone and exits on it, frozen: BoF vs pooling heads at every block
     edge_train=TrainConfig(epochs=20, label_smoothing=0.1),
     exit_train=TrainConfig(mode="exits", epochs=8, lr=0.05, weight_decay=1e-4),

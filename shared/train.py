@@ -77,6 +77,14 @@ class TrainConfig:
     temperature: float = 3.0
     augment_pad: int = 4  # random crop padding; 0 = no crop
     augment_flip: bool = True
+    # progressive resizing (fast.ai's, as in MosaicML Composer): the first epochs see the
+    # images downscaled to `progressive_from` of their side, held for `progressive_hold` of
+    # the epochs, then grown linearly to full size, which the last `progressive_finetune`
+    # of the epochs train at. A step's time follows the pixels, and the early epochs learn
+    # coarse features that need no fine detail. 1.0 = off.
+    progressive_from: float = 1.0
+    progressive_hold: float = 0.4
+    progressive_finetune: float = 0.25
     seed: int = 0
     threads: int | None = None  # torch threads; None keeps torch's default
 
@@ -91,6 +99,12 @@ class TrainConfig:
             raise ValueError(f"exit_grad must be in [0, 1], got {self.exit_grad}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not 0 < self.progressive_from <= 1:
+            raise ValueError(f"progressive_from must be in (0, 1], got {self.progressive_from}")
+        if not (0 <= self.progressive_hold and 0 <= self.progressive_finetune
+                and self.progressive_hold + self.progressive_finetune <= 1):
+            raise ValueError("progressive_hold and progressive_finetune must be shares of the epochs that sum "
+                             f"to at most 1, got {self.progressive_hold} and {self.progressive_finetune}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
 
@@ -102,6 +116,7 @@ class EpochReport:
     loss: float
     val_acc: list[float]  # per exit, final last
     seconds: float
+    image_size: int  # the side of the images it trained on (validation is at full size)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -110,6 +125,20 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < warm:
         return cfg.lr * (step + 1) / warm
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def input_size(epoch: int, full: int, cfg: TrainConfig) -> int:
+    """The side of the images that epoch `epoch` (from 0) trains on: `full` unless progressive
+    resizing is on; a multiple of 4 (the sizes step cleanly through the strides), at least 8."""
+    if cfg.progressive_from >= 1:
+        return full
+    t = epoch / cfg.epochs
+    ramp_end = 1 - cfg.progressive_finetune
+    if t >= ramp_end:
+        return full
+    grown = max(0.0, t - cfg.progressive_hold) / max(1e-9, ramp_end - cfg.progressive_hold)
+    scale = cfg.progressive_from + (1 - cfg.progressive_from) * grown
+    return min(full, max(8, round(full * scale / 4) * 4))
 
 
 def exit_loss(outputs: list[torch.Tensor], labels: torch.Tensor, cfg: TrainConfig, *, with_final: bool) -> torch.Tensor:
@@ -121,6 +150,18 @@ def exit_loss(outputs: list[torch.Tensor], labels: torch.Tensor, cfg: TrainConfi
         kd = F.kl_div(F.log_softmax(logits / cfg.temperature, dim=1), teacher, reduction="batchmean")
         loss = loss + cfg.exit_weight * ((1 - cfg.distill) * ce + cfg.distill * cfg.temperature**2 * kd)
     return loss
+
+
+def channels_last_is_safe(model: torch.nn.Module) -> bool:
+    """Whether the model may train in channels-last memory format. oneDNN's backward pass of
+    a strided 1x1 convolution over channels-last input with fewer than 16 input channels
+    writes past its workspace (oneDNN issue 6035): measured here with torch 2.13, a
+    projection shortcut of 8 channels crashes the process (segfault, or glibc's "double
+    free") at every odd batch size; 16 and more channels, as in the reference ResNets, do not."""
+    return not any(
+        isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 16
+        for m in model.modules()
+    )
 
 
 def trainable_parameters(model: MultiExitNet, mode: Mode) -> list[torch.nn.Parameter]:
@@ -257,7 +298,9 @@ def fit(
             if buf is not None:
                 optimizer.state[p]["momentum_buffer"] = buf.clone()
     # ~25% faster convolutions on CPU (torch's stubs leave memory_format out of Module.to)
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    channels_last = channels_last_is_safe(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     bf16 = resolve_precision(cfg.precision) == "bf16"
     average = WeightAverage(model, cfg.ema) if cfg.ema else None
     averaged = copy.deepcopy(model) if average is not None else model  # what validation sees
@@ -278,9 +321,12 @@ def fit(
         # demo, on two cores), and preparing a batch costs ~2.5% of a step.
         batches = iterate_batches(
             dataset.train, normalize, batch_size=cfg.batch_size, shuffle=True, augment_pad=cfg.augment_pad,
-            augment_flip=cfg.augment_flip, generator=generator, channels_last=True,
+            augment_flip=cfg.augment_flip, generator=generator, channels_last=channels_last,
         )
+        size = input_size(epoch, dataset.image_size, cfg)
         for i, (x, y) in enumerate(batches):
+            if size != x.shape[-1]:  # antialiased: a plain subsampling would alias the fine detail
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg)
             # autocast covers the forward pass only; the loss is taken in fp32
@@ -301,7 +347,7 @@ def fit(
             averaged.load_state_dict(average.state)
         report = EpochReport(
             epoch + 1, cfg.epochs, float(torch.stack(losses).mean()),
-            accuracy_per_exit(averaged, dataset.val, normalize), time.perf_counter() - start,
+            accuracy_per_exit(averaged, dataset.val, normalize), time.perf_counter() - start, size,
         )
         reports.append(report)
         if bar is not None:
@@ -331,7 +377,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 # Options added after runs were cached: left out of the key while off, so that adding one
 # does not orphan every cached model trained without it.
-_ADDED_OPTIONS = {"ema": 0.0, "exit_grad": 1.0}
+_ADDED_OPTIONS = {"ema": 0.0, "exit_grad": 1.0, "progressive_from": 1.0}
 
 
 def run_key(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: Dataset, init: str | None) -> str:
@@ -341,6 +387,9 @@ def run_key(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: Dataset, in
     for name, off in _ADDED_OPTIONS.items():
         if cfg[name] == off:
             cfg.pop(name)
+    if "progressive_from" not in cfg:  # its shape means nothing while it is off
+        cfg.pop("progressive_hold")
+        cfg.pop("progressive_finetune")
     blob = json.dumps(
         {"model": model_cfg.to_dict(), "train": cfg, "data": dataset_fingerprint(dataset), "init": init},
         sort_keys=True,
@@ -350,8 +399,8 @@ def run_key(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: Dataset, in
 
 def print_epoch(report: EpochReport) -> None:
     accs = " ".join(f"{a:.3f}" for a in report.val_acc)
-    print(f"epoch {report.epoch:3d}/{report.epochs}  loss {report.loss:.4f}  val acc per exit [{accs}]  "
-          f"{report.seconds:.0f}s", flush=True)
+    print(f"epoch {report.epoch:3d}/{report.epochs}  {report.image_size}px  loss {report.loss:.4f}  "
+          f"val acc per exit [{accs}]  {report.seconds:.0f}s", flush=True)
 
 
 def train_cached(

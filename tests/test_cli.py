@@ -90,6 +90,11 @@ def test_train_checks_its_arguments_before_reading_any_data(tmp_path: Path, caps
     assert code == 2 and "resnet14_tiny has exit points 0..5 (default [2, 4]); got [9]" in err
     code, _, err = _run(capsys, "train", "--data", missing, "--arch", "resnet9000")
     assert code == 2 and "unknown arch" in err and "huge.tar.gz" not in err
+    code, _, err = _run(capsys, "train", "--data", missing, "--progressive", "0")
+    assert code == 2 and "--progressive: expected a number in (0, 1], got 0" in err
+    code, _, err = _run(capsys, "train", "--data", missing, "--progressive", "0.5", "--progressive-hold", "0.8",
+                        "--progressive-finetune", "0.5")
+    assert code == 2 and "shares of the epochs that sum to at most 1" in err and "huge.tar.gz" not in err
 
 
 def test_train_help_shows_defaults_and_grey_data_trains_without_flips(tmp_path: Path, capsys) -> None:

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from splitexit.checkpoint import CheckpointError, load_checkpoint, read_meta
-from splitexit.data import Dataset, Normalize, iterate_batches, load_digits
+from splitexit.data import ArraySet, Dataset, Normalize, iterate_batches, load_digits
 from splitexit.models import ModelConfig, build_model
 from splitexit.reference import QUICK
 import splitexit.train as train_module
-from splitexit.train import TrainConfig, fit, lr_at, resolve_precision, run_key, train_cached
+from splitexit.train import TrainConfig, fit, input_size, lr_at, resolve_precision, run_key, train_cached
 
 TINY = dict(arch="resnet14_tiny", in_chans=1)
 FAST = dict(batch_size=64, lr=0.05, augment_pad=1, augment_flip=False)
@@ -126,6 +126,54 @@ def test_bad_training_configs_are_refused() -> None:
         TrainConfig(distill=1.5)
     with pytest.raises(ValueError, match="positive"):
         TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="progressive_from"):
+        TrainConfig(progressive_from=0.0)
+    with pytest.raises(ValueError, match="progressive_from"):
+        TrainConfig(progressive_from=1.5)
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        TrainConfig(progressive_from=0.5, progressive_hold=0.6, progressive_finetune=0.5)
+
+
+def test_progressive_resizing_holds_the_smallest_size_grows_and_ends_at_full_size() -> None:
+    cfg = TrainConfig(epochs=32, progressive_from=0.5, progressive_hold=0.25, progressive_finetune=0.3)
+    sides = [input_size(e, 32, cfg) for e in range(32)]
+    assert sides[:8] == [16] * 8  # the first quarter held at half the side
+    assert sides[-9:] == [32] * 9  # the last 30% (9.6 epochs: from epoch 23) at full size
+    assert sides == sorted(sides) and set(sides) == {16, 20, 24, 28, 32}  # grows in steps of 4
+    assert all(input_size(e, 32, replace(cfg, progressive_from=1.0)) == 32 for e in range(32))  # off
+    assert input_size(0, 8, replace(cfg, progressive_from=0.25)) == 8  # never below 8 pixels
+
+
+def _enlarged(data: Dataset, factor: int) -> Dataset:
+    """The data set with every image enlarged `factor` times (pixels repeated)."""
+    def grow(part: ArraySet) -> ArraySet:
+        return ArraySet(part.images.repeat(factor, axis=1).repeat(factor, axis=2), part.labels)
+
+    return replace(data, train=grow(data.train), val=grow(data.val), test=grow(data.test))
+
+
+def test_progressive_training_sees_small_images_first_and_validates_at_full_size(digits: Dataset) -> None:
+    big = _enlarged(digits, 2)  # 16x16: room to shrink
+    cfg = TrainConfig(epochs=4, progressive_from=0.5, progressive_hold=0.25, progressive_finetune=0.25,
+                      precision="fp32", **FAST)
+    model = build_model(ModelConfig(**TINY, exit_after=(2, 4)))
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    seen: list[tuple[bool, int]] = []  # (training?, image side) of every batch
+    first_conv.register_forward_pre_hook(lambda module, inputs: seen.append((module.training, inputs[0].shape[-1])))
+    per_epoch: list[set[int]] = []
+
+    def close_epoch(report) -> None:
+        per_epoch.append({side for training, side in seen if training})
+        assert {side for training, side in seen if not training} == {16}, "validation runs at full size"
+        seen.clear()
+
+    # 8-channel projection shortcuts: channels-last would crash oneDNN at the odd last batch
+    assert len(big.train) % cfg.batch_size % 2 == 1 and not train_module.channels_last_is_safe(model)
+    assert train_module.channels_last_is_safe(build_model(ModelConfig(arch="resnet20", exit_after=(2, 4))))
+    reports = fit(model, big, cfg, on_epoch=close_epoch)
+    assert per_epoch == [{8}, {8}, {12}, {16}]
+    assert [r.image_size for r in reports] == [8, 8, 12, 16]
+    assert reports[-1].val_acc[-1] > 0.6 and reports[-1].loss < reports[0].loss
 
 
 @pytest.mark.parametrize("joint", [False, True], ids=["backbone-then-exits", "joint-from-scratch"])
@@ -208,10 +256,14 @@ def test_an_averaged_run_trains_resumes_and_keeps_old_cache_keys(digits: Dataset
     averaged = replace(plain, ema=0.95)
     assert run_key(cfg, plain, digits, None) != run_key(cfg, averaged, digits, None)
     assert run_key(cfg, plain, digits, None) != run_key(cfg, replace(plain, exit_grad=0.5), digits, None)
+    assert run_key(cfg, plain, digits, None) != run_key(cfg, replace(plain, progressive_from=0.5), digits, None)
+    # progressive resizing's shape means nothing while it is off
+    assert run_key(cfg, plain, digits, None) == run_key(cfg, replace(plain, progressive_hold=0.1), digits, None)
     # options added later, at their "off" value, are left out of the key: older cached runs stay found
     key_without_option = train_module.hashlib.sha256(train_module.json.dumps(
         {"model": cfg.to_dict(), "train": {k: v for k, v in train_module.asdict(plain).items()
-                                           if k not in ("threads", "ema", "exit_grad")},
+                                           if k not in ("threads", "ema", "exit_grad", "progressive_from",
+                                                         "progressive_hold", "progressive_finetune")},
          "data": train_module.dataset_fingerprint(digits), "init": None}, sort_keys=True).encode()).hexdigest()[:16]
     assert run_key(cfg, plain, digits, None) == key_without_option
 

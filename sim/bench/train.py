@@ -3,21 +3,23 @@
 For the edge network (jointly with its exits) and the cloud network: the recipe's run
 (trained once, then cached: `train_s` is that run's time), its test accuracy per exit, and,
 measured side by side in this run on fresh copies of the networks, one epoch of the schedule
-it replaced in fp32 and one epoch of the new schedule in its own precision. The speed-up is
-the ratio of those two times scaled by the epochs (`time_ratio`), so it does not depend on
-how busy the machine was when the cached run trained. `--compare-fp32` also trains the edge
+it replaced in fp32 and one epoch of the new schedule in its own precision at each image size
+it trains at (progressive resizing). The speed-up is the ratio of the two schedules' times
+built from those epochs (`time_ratio`), so it does not depend on how busy the machine was
+when the cached run trained. `--compare-fp32` also trains the edge
 recipe in fp32 end to end (cached), for bfloat16 vs fp32 accuracy on the same schedule.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from dataclasses import replace
 
 from splitexit.models import ModelConfig, build_model
 from splitexit.reference import Trained
 from splitexit.sim.bench.common import BenchContext, log
-from splitexit.train import TrainConfig, fit, resolve_precision, train_cached
+from splitexit.train import TrainConfig, fit, input_size, resolve_precision, train_cached
 
 HELP = "training time of the reference networks, new recipe over the old one in fp32 (side by side)"
 
@@ -34,6 +36,14 @@ def _epoch_seconds(ctx: BenchContext, model_cfg: ModelConfig, train_cfg: TrainCo
     return reports[0].seconds
 
 
+def _schedule_seconds(ctx: BenchContext, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[int, float]:
+    """One epoch of `train_cfg` at each image side its schedule trains at: {side: seconds}."""
+    full = ctx.dataset.image_size
+    sides = sorted({input_size(e, full, train_cfg) for e in range(train_cfg.epochs)})
+    # a one-epoch schedule that starts at `side` is an epoch at that side
+    return {side: _epoch_seconds(ctx, model_cfg, replace(train_cfg, progressive_from=side / full)) for side in sides}
+
+
 def _accuracy(ctx: BenchContext, trained: Trained) -> list[float]:
     return [round(float(a), 4) for a in ctx.outputs(trained, "test").correct().mean(1)]
 
@@ -46,7 +56,10 @@ def _network(ctx: BenchContext, name: str, model_cfg: ModelConfig, train_cfg: Tr
     precision = resolve_precision(train_cfg.precision)
     log(f"{name}: one epoch of the old schedule in fp32, then one of the new in {precision} (side by side)")
     fp32_epoch = _epoch_seconds(ctx, model_cfg, replace(legacy, precision="fp32"))
-    new_epoch = _epoch_seconds(ctx, model_cfg, train_cfg)
+    by_side = _schedule_seconds(ctx, model_cfg, train_cfg)
+    epochs_by_side = Counter(input_size(e, ctx.dataset.image_size, train_cfg) for e in range(train_cfg.epochs))
+    new_schedule_s = sum(n * by_side[side] for side, n in epochs_by_side.items())
+    new_epoch = new_schedule_s / train_cfg.epochs  # the mean over the schedule's image sizes
     train_s = float(trained.meta.extra.get("train_seconds", 0.0))
     acc = _accuracy(ctx, trained)
     row = {
@@ -60,6 +73,9 @@ def _network(ctx: BenchContext, name: str, model_cfg: ModelConfig, train_cfg: Tr
         "final_acc": acc[-1],
         "fp32_s_per_epoch": round(fp32_epoch, 4),
         "new_s_per_epoch_now": round(new_epoch, 4),
+        # progressive resizing: the epochs at each image side, and one epoch's time at it now
+        "epochs_by_side": {str(side): n for side, n in sorted(epochs_by_side.items())},
+        "s_per_epoch_by_side": {str(side): round(t, 4) for side, t in by_side.items()},
         "legacy_epochs": legacy.epochs,
         "legacy_train_s_est": round(legacy.epochs * fp32_epoch, 1),
         # both epochs timed in this run: the ratio of whole trainings, new over old

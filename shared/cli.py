@@ -158,8 +158,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Train a tiny multi-exit net on the embedded digits and report its exits."""
     from splitexit.data import load_digits
     from splitexit.models import ModelConfig
-    from dataclasses import replace
-
     from splitexit.train import TrainConfig, train_cached
 
     dataset = load_digits()
@@ -176,10 +174,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from splitexit.data import load_dataset
-    from splitexit.models import check_exit_after, default_exit_after
     from dataclasses import replace
 
+    from splitexit.data import load_dataset
+    from splitexit.models import check_exit_after, default_exit_after
     from splitexit.train import TrainConfig, train_cached
 
     # every argument checked before the data set is decoded (minutes for a large archive)

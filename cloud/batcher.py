@@ -185,7 +185,6 @@ class Batcher:
             return RequestError("RESOURCE_EXHAUSTED",
                                 f"queue full ({self._queued_requests} requests, {self._queued_rows} rows waiting; "
                                 f"limits {c.queue_limit_requests} requests, {c.queue_limit_rows} rows): retry later")
-        wait_s = self.expected_wait_s()
         if wait_s * 1e3 > c.max_queue_wait_ms:
             return RequestError("RESOURCE_EXHAUSTED",
                                 f"overloaded: about {1e3 * wait_s:.0f} ms of work is ahead of this request "

@@ -267,9 +267,6 @@ def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: 
 
     over = {"edge": 0.0, "cloud_only": 0.0, "split": 0.0, **(overhead_ms or {})}
 
-    def beyond(on_device: float) -> float:
-        return route_overhead_ms(overhead_ms, on_device)
-
     out = [Candidate(route="edge_only", split=None, setting=None, expected_ms=device.backbone_ms() + over["edge"],
                      acc=full_acc, bytes_up=0.0, on_device=1.0, energy_mj=mj(no_exits, last, 0.0))]
     cloud_ms = link.transfer_ms(input_bytes) + cloud.backbone_ms() + over["cloud_only"]
@@ -291,7 +288,7 @@ def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: 
                              bytes_up=0.0, on_device=1.0, energy_mj=mj(b, last, 0.0)))
         for s in allowed:
             ms, local = expected_ms(device, cloud, link, exits, b, s, feature_bytes[s])
-            with_exits.append(Candidate(route="adaptive", split=s, setting=b.setting, expected_ms=ms + beyond(local),
+            with_exits.append(Candidate(route="adaptive", split=s, setting=b.setting, expected_ms=ms + route_overhead_ms(overhead_ms, local),
                                         acc=b.acc,
                                         bytes_up=(1 - local) * feature_bytes[s], on_device=local,
                                         energy_mj=mj(b, s, feature_bytes[s])))

@@ -36,12 +36,10 @@ def _epoch_seconds(ctx: BenchContext, model_cfg: ModelConfig, train_cfg: TrainCo
     return reports[0].seconds
 
 
-def _schedule_seconds(ctx: BenchContext, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[int, float]:
-    """One epoch of `train_cfg` at each image side its schedule trains at: {side: seconds}."""
-    full = ctx.dataset.image_size
-    sides = sorted({input_size(e, full, train_cfg) for e in range(train_cfg.epochs)})
+def _epoch_seconds_at(ctx: BenchContext, model_cfg: ModelConfig, train_cfg: TrainConfig, side: int) -> float:
+    """One epoch of `train_cfg` on images of side `side` (progressive resizing's sizes)."""
     # a one-epoch schedule that starts at `side` is an epoch at that side
-    return {side: _epoch_seconds(ctx, model_cfg, replace(train_cfg, progressive_from=side / full)) for side in sides}
+    return _epoch_seconds(ctx, model_cfg, replace(train_cfg, progressive_from=side / ctx.dataset.image_size))
 
 
 def _accuracy(ctx: BenchContext, trained: Trained) -> list[float]:
@@ -56,8 +54,8 @@ def _network(ctx: BenchContext, name: str, model_cfg: ModelConfig, train_cfg: Tr
     precision = resolve_precision(train_cfg.precision)
     log(f"{name}: one epoch of the old schedule in fp32, then one of the new in {precision} (side by side)")
     fp32_epoch = _epoch_seconds(ctx, model_cfg, replace(legacy, precision="fp32"))
-    by_side = _schedule_seconds(ctx, model_cfg, train_cfg)
     epochs_by_side = Counter(input_size(e, ctx.dataset.image_size, train_cfg) for e in range(train_cfg.epochs))
+    by_side = {side: _epoch_seconds_at(ctx, model_cfg, train_cfg, side) for side in sorted(epochs_by_side)}
     new_schedule_s = sum(n * by_side[side] for side, n in epochs_by_side.items())
     new_epoch = new_schedule_s / train_cfg.epochs  # the mean over the schedule's image sizes
     train_s = float(trained.meta.extra.get("train_seconds", 0.0))

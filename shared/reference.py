@@ -137,9 +137,12 @@ REFERENCE = Recipe(
     # the backbone alone and exits on it, frozen: BoF vs pooling heads at every block
     edge_train=TrainConfig(epochs=20, label_smoothing=0.1),
     exit_train=TrainConfig(mode="exits", epochs=8, lr=0.05, weight_decay=1e-4),
-    # the larger cloud network of the cascade: ResNet-20 at twice the width, no exits
+    # the larger cloud network of the cascade: ResNet-20 at twice the width, no exits;
+    # progressive resizing as the edge network's: 26 epochs, test 88.79% (16 at full size:
+    # 87.41%, one seed each)
     cloud_model=ModelConfig(arch="resnet20x2", exit_after=()),
-    cloud_train=TrainConfig(epochs=16, label_smoothing=0.1),
+    cloud_train=TrainConfig(epochs=26, label_smoothing=0.1, progressive_from=0.5, progressive_hold=0.25,
+                            progressive_finetune=0.3),
     head_exits=(1, 2, 3, 4, 5, 6, 7, 8),
     edge_legacy=LEGACY_EDGE_TRAIN,
     cloud_legacy=LEGACY_CLOUD_TRAIN,

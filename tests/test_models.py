@@ -103,6 +103,30 @@ def test_the_fused_global_histogram_is_the_mean_of_the_memberships(side: int) ->
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
+def test_the_folded_codebook_follows_an_update_that_bumps_no_version() -> None:
+    """torch's fused SGD on CPU writes the weights without bumping their versions, the
+    cache's key: a validation after such a training step must still see the new weights."""
+    hist = BoFHistogram(8, BoFConfig(codewords=16, pool_to=4))
+    x = torch.randn(4, 8, 8, 8)
+    hist.eval()
+    with torch.no_grad():
+        before = hist(x)  # caches the folded codebook
+    hist.train()
+    optimizer = torch.optim.SGD(hist.parameters(), lr=1.0, fused=True)
+    hist(x).pow(2).sum().backward()
+    versions = [p._version for p in hist.parameters()]
+    optimizer.step()
+    assert [p._version for p in hist.parameters()] == versions  # what makes the key blind
+    hist.eval()
+    with torch.no_grad():
+        after = hist(x)
+    hist.train()
+    with torch.no_grad():
+        expected = hist(x)  # the training path folds afresh every call
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected)
+
+
 def test_kmeans_codebook_init_puts_codewords_on_clusters() -> None:
     centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
     points = centres[torch.randint(0, 4, (2000,))] + 0.1 * torch.randn(2000, 2)

@@ -121,6 +121,12 @@ class BoFHistogram(nn.Module):
             self._cache = (key, weight, bias)
         return weight, bias
 
+    def train(self, mode: bool = True) -> "BoFHistogram":
+        # Also dropped at every switch of mode: not every in-place update bumps a version
+        # (torch's fused SGD on CPU does not), and training always ends in a switch to eval.
+        self._cache = None
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             # the histogram in fp32 under mixed precision: its entries differ by ~1e-3 around

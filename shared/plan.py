@@ -284,12 +284,12 @@ def plan(*, device: DeviceTimes, cloud: DeviceTimes, link: LinkEstimate, exits: 
     with_exits = []
     for b in behaviours:
         ms, _ = expected_ms(device, cloud, link, exits, b, last, 0.0)
-        out.append(Candidate(route="edge_exits", split=None, setting=b.setting, expected_ms=ms + over["edge"], acc=b.acc,
-                             bytes_up=0.0, on_device=1.0, energy_mj=mj(b, last, 0.0)))
+        out.append(Candidate(route="edge_exits", split=None, setting=b.setting, expected_ms=ms + over["edge"],
+                             acc=b.acc, bytes_up=0.0, on_device=1.0, energy_mj=mj(b, last, 0.0)))
         for s in allowed:
             ms, local = expected_ms(device, cloud, link, exits, b, s, feature_bytes[s])
-            with_exits.append(Candidate(route="adaptive", split=s, setting=b.setting, expected_ms=ms + route_overhead_ms(overhead_ms, local),
-                                        acc=b.acc,
+            with_exits.append(Candidate(route="adaptive", split=s, setting=b.setting,
+                                        expected_ms=ms + route_overhead_ms(overhead_ms, local), acc=b.acc,
                                         bytes_up=(1 - local) * feature_bytes[s], on_device=local,
                                         energy_mj=mj(b, s, feature_bytes[s])))
     out.extend(with_exits)

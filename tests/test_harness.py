@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SHORT = """
 name = "short"
-duration_s = 7
+duration_s = 8
 [model]
 recipe = "demo"
 threshold = 0.99
@@ -38,13 +38,13 @@ up_mbps = 0.1
 at_s = 3
 kind = "outage"
 mode = "refuse"
-duration_s = 1
+duration_s = 2
 [[events]]
-at_s = 4.5
+at_s = 5.5
 kind = "kill_worker"
 worker = 1
 [[events]]
-at_s = 5.5
+at_s = 6.5
 kind = "restart_worker"
 worker = 1
 """
@@ -98,7 +98,9 @@ def test_a_short_live_run_answers_every_input_once_through_drop_outage_and_worke
         assert r["lost"] == 0 and r["answered_twice"] == 0, name
         assert 0 < r["on_device"] < 1 and r["bytes_up_per_input"] > 0, name
         assert r["acc"] > 0.8, name  # the demo network on the digits
-    # while the links refused (3-4 s), offloads were answered on the device, degraded
+    # while the links refused (3-5 s), offloads were answered on the device, degraded. Two
+    # seconds: in a one-second outage all 14 inputs of one run were confident enough to stay
+    # on the device (a demo network trained with a fused optimizer), and none was degraded
     assert any(r["degraded"] for r in report["strategies"].values())
     adaptive = report["strategies"]["adaptive"]
     assert set(adaptive["splits"]) - {"1"}, adaptive["splits"]  # it cut elsewhere too (probes, or a move)

@@ -425,7 +425,8 @@ def train_cached(
     init_hash = None
     if init is not None:
         init_hash = hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16]
-    run_dir = Path(cache_dir) / "runs" / f"{model_cfg.arch}-{train_cfg.mode}-{run_key(model_cfg, train_cfg, dataset, init_hash)}"
+    key = run_key(model_cfg, train_cfg, dataset, init_hash)
+    run_dir = Path(cache_dir) / "runs" / f"{model_cfg.arch}-{train_cfg.mode}-{key}"
     final_path = run_dir / "model.safetensors"
     if final_path.exists():
         model, meta = load_checkpoint(final_path)
@@ -439,7 +440,8 @@ def train_cached(
         try:
             model.load_state_dict(backbone, strict=False)
         except RuntimeError as exc:
-            raise ValueError(f"{init}: backbone weights do not fit {model_cfg.arch}: {str(exc).splitlines()[0]}") from exc
+            first_line = str(exc).splitlines()[0]
+            raise ValueError(f"{init}: backbone weights do not fit {model_cfg.arch}: {first_line}") from exc
         missing = [k for k in model.state_dict() if k.startswith(("stages.", "head.")) and k not in backbone]
         if missing:
             raise ValueError(f"{init}: backbone weights do not fit {model_cfg.arch} (missing {missing[0]})")
@@ -475,7 +477,8 @@ def train_cached(
     model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     meta = CheckpointMeta(
         model=model_cfg, mean=dataset.mean, std=dataset.std, classes=dataset.classes,
-        extra={"train": asdict(train_cfg), "precision": resolve_precision(train_cfg.precision), "dataset": dataset.name, "history": history,
+        extra={"train": asdict(train_cfg), "precision": resolve_precision(train_cfg.precision),
+               "dataset": dataset.name, "history": history,
                "train_seconds": float(sum(h["seconds"] for h in history)), "init": str(init) if init else None,
                "input_shape": [dataset.in_chans, dataset.image_size, dataset.image_size]},
     )

@@ -198,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             lr=args.lr, weight_decay=args.weight_decay, exit_weight=args.exit_weight, distill=args.distill,
             augment_pad=args.augment_pad, threads=args.threads,
             label_smoothing=args.label_smoothing, precision=args.precision, ema=args.ema,
-            exit_grad=args.exit_grad, progressive_from=args.progressive,
+            exit_grad=args.exit_grad, progressive_from=args.progressive, alternate_flips=args.alternate_flips,
             progressive_hold=args.progressive_hold, progressive_finetune=args.progressive_finetune,
         )
     except ValueError as exc:
@@ -211,6 +211,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
     # a mirrored digit or letter is another symbol: flips only for colour (natural) images
     flip = args.flip if args.flip is not None else dataset.in_chans == 3
+    if args.alternate_flips and not flip:
+        raise CliError("--alternate-flips needs flips, and this run has none (--no-flip, or grey images: a "
+                       "mirrored digit is another symbol; --flip turns them on)")
     train_cfg = replace(train_cfg, augment_flip=flip)
     print(f"data: {dataset.name}, {len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test, "
           f"{dataset.in_chans} channel(s){'' if flip else ', no flips'}; exits after stages {list(model_cfg.exit_after)}")
@@ -463,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random horizontal flips (default: only for 3-channel images; a mirrored digit is "
                             "another symbol)")
     flips.add_argument("--no-flip", dest="flip", action="store_const", const=False, help="no random flips")
+    train.add_argument("--alternate-flips", action="store_true",
+                       help="flip a random half of the images in the first epoch, then each image in every other "
+                            "epoch (both views in any two epochs in a row)")
     train.add_argument("--label-smoothing", type=_probability, default=0.0, help="label smoothing of the losses")
     train.add_argument("--ema", type=float, default=0.0,
                        help="decay of a moving average of the weights (e.g. 0.999); the average is the trained "

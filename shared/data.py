@@ -253,8 +253,10 @@ class Normalize:
         return (x - mean) / std
 
 
-def augment(x: torch.Tensor, *, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with (reflect) padding and random horizontal flip of a batch [B, C, H, W]."""
+def augment(x: torch.Tensor, *, pad: int, flip: bool, generator: torch.Generator,
+            flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crop with (reflect) padding and horizontal flip of a batch [B, C, H, W]: each
+    image at random, or those `flip_mask` [B] names."""
     b, c, h, w = x.shape
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
@@ -264,7 +266,7 @@ def augment(x: torch.Tensor, *, pad: int, flip: bool, generator: torch.Generator
         cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # [B, 1, 1, W]
         x = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
     if flip:
-        mask = torch.rand(b, generator=generator) < 0.5
+        mask = torch.rand(b, generator=generator) < 0.5 if flip_mask is None else flip_mask
         x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
     return x
 
@@ -279,8 +281,10 @@ def iterate_batches(
     augment_flip: bool = False,
     generator: torch.Generator | None = None,
     channels_last: bool = False,
+    flips: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs [B, C, H, W], labels [B]) batches; the last batch may be smaller."""
+    """(inputs [B, C, H, W], labels [B]) batches; the last batch may be smaller. `flips`
+    [len(data)] names the images to flip in this pass (with `augment_flip`); None: each at random."""
     generator = generator or torch.Generator().manual_seed(0)
     n = len(data)
     order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
@@ -290,7 +294,8 @@ def iterate_batches(
         idx = torch.from_numpy(order[start : start + batch_size])
         x = normalize(images[idx])
         if augment_pad or augment_flip:
-            x = augment(x, pad=augment_pad, flip=augment_flip, generator=generator)
+            x = augment(x, pad=augment_pad, flip=augment_flip, generator=generator,
+                        flip_mask=None if flips is None else flips[idx])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, labels[idx]

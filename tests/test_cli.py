@@ -105,3 +105,6 @@ def test_train_help_shows_defaults_and_grey_data_trains_without_flips(tmp_path: 
                           "--batch-size", "64", "--cache-dir", str(tmp_path))
     assert code == 0, err
     assert "1 channel(s), no flips; exits after stages [2, 4]" in out  # the architecture's own default exits
+    code, _, err = _run(capsys, "train", "--data", "digits", "--arch", "resnet14_tiny", "--epochs", "1",
+                        "--alternate-flips", "--cache-dir", str(tmp_path))
+    assert code == 2 and "--alternate-flips needs flips" in err and "Traceback" not in err

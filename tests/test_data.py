@@ -164,6 +164,18 @@ def test_augmentation_crops_and_flips_in_torch() -> None:
     assert batch.shape == (3, 3, 4, 4) and torch.allclose(batch, torch.full_like(batch, 2.0))
 
 
+def test_a_flip_mask_flips_exactly_the_images_it_names_whatever_the_shuffle() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)  # no image is symmetric
+    data = ArraySet(images, np.arange(6))  # the label says which image a row is
+    normalize = Normalize((0.5,) * 3, (0.25,) * 3)
+    plain = normalize(torch.from_numpy(images))
+    flips = torch.tensor([True, False, False, True, True, False])
+    for batch, labels in iterate_batches(data, normalize, batch_size=4, shuffle=True, augment_flip=True,
+                                         flips=flips, generator=torch.Generator().manual_seed(3)):
+        for row, i in zip(batch, labels.tolist()):
+            assert torch.equal(row, plain[i].flip(-1) if flips[i] else plain[i])
+
+
 @pytest.mark.data
 def test_reference_cifar_archive_has_the_expected_layout(reference_cifar: Path) -> None:
     from splitexit.data import _split_class, iter_archive

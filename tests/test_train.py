@@ -132,6 +132,30 @@ def test_bad_training_configs_are_refused() -> None:
         TrainConfig(progressive_from=1.5)
     with pytest.raises(ValueError, match="sum to at most 1"):
         TrainConfig(progressive_from=0.5, progressive_hold=0.6, progressive_finetune=0.5)
+    with pytest.raises(ValueError, match="alternate_flips needs augment_flip"):
+        TrainConfig(alternate_flips=True, augment_flip=False)
+
+
+def test_alternating_flips_show_each_image_the_other_way_round_every_epoch_even_after_a_resume(
+        digits: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.Tensor] = []  # the flip mask each epoch passed to the batches
+    batches = train_module.iterate_batches
+
+    def recording(*args, flips: torch.Tensor | None = None, **kwargs):
+        if kwargs.get("augment_flip"):  # training's batches, not validation's
+            assert flips is not None
+            seen.append(flips.clone())
+        return batches(*args, flips=flips, **kwargs)
+
+    monkeypatch.setattr(train_module, "iterate_batches", recording)
+    cfg = TrainConfig(epochs=3, precision="fp32", **{**FAST, "augment_flip": True}, alternate_flips=True)
+    fit(build_model(ModelConfig(**TINY, exit_after=(2,))), digits, cfg)
+    first, second, third = seen
+    assert len(first) == len(digits.train) and 0.4 < first.float().mean() < 0.6  # a random half first
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    seen.clear()
+    fit(build_model(ModelConfig(**TINY, exit_after=(2,))), digits, cfg, start_epoch=1)  # as if resumed
+    assert torch.equal(seen[0], second) and torch.equal(seen[1], third)
 
 
 def test_progressive_resizing_holds_the_smallest_size_grows_and_ends_at_full_size() -> None:
@@ -257,13 +281,16 @@ def test_an_averaged_run_trains_resumes_and_keeps_old_cache_keys(digits: Dataset
     assert run_key(cfg, plain, digits, None) != run_key(cfg, averaged, digits, None)
     assert run_key(cfg, plain, digits, None) != run_key(cfg, replace(plain, exit_grad=0.5), digits, None)
     assert run_key(cfg, plain, digits, None) != run_key(cfg, replace(plain, progressive_from=0.5), digits, None)
+    flipped = replace(plain, augment_flip=True)
+    assert run_key(cfg, flipped, digits, None) != run_key(cfg, replace(flipped, alternate_flips=True), digits, None)
     # progressive resizing's shape means nothing while it is off
     assert run_key(cfg, plain, digits, None) == run_key(cfg, replace(plain, progressive_hold=0.1), digits, None)
     # options added later, at their "off" value, are left out of the key: older cached runs stay found
     key_without_option = train_module.hashlib.sha256(train_module.json.dumps(
         {"model": cfg.to_dict(), "train": {k: v for k, v in train_module.asdict(plain).items()
                                            if k not in ("threads", "ema", "exit_grad", "progressive_from",
-                                                         "progressive_hold", "progressive_finetune")},
+                                                         "progressive_hold", "progressive_finetune",
+                                                         "alternate_flips")},
          "data": train_module.dataset_fingerprint(digits), "init": None}, sort_keys=True).encode()).hexdigest()[:16]
     assert run_key(cfg, plain, digits, None) == key_without_option
 

@@ -131,6 +131,9 @@ REFERENCE = Recipe(
     # epochs. Against 20 full-size epochs (one seed each): test exits 69.7/78.9/83.3/85.2%
     # against 68.9/76.8/81.2/84.1%, final 85.15 against 84.2; the best policy 1.69 points
     # below the full network at 0.5 x MACs (was 2.27), 0.04 at 0.7.
+    # Tried on it in fp32 and not adopted: batch 64 (final 85.30 and 84.96%, two seeds,
+    # against 84.68 at 128; 1.78 points below full at 0.5 x MACs; ~9% more time per epoch,
+    # which the time bar has no room for); alternating flips at batch 64 (85.00%, no gain).
     edge_model=ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8), exit_head="bof", bof=BoFConfig(pool_to=4)),
     joint=TrainConfig(epochs=32, label_smoothing=0.1, progressive_from=0.5, progressive_hold=0.25,
                       progressive_finetune=0.3),

@@ -320,7 +320,8 @@ def fit(
     total = cfg.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + start_epoch)
     # drawn from the seed alone, so that a resumed run flips as the uninterrupted one would
-    first_flips = torch.rand(len(dataset.train), generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
+    first_flips = (torch.rand(len(dataset.train), generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
+                   if cfg.alternate_flips else None)
     bar = StepProgress(cfg.epochs * len(dataset.train), start_epoch * len(dataset.train)) if progress else None
     reports: list[EpochReport] = []
     for epoch in range(start_epoch, cfg.epochs):
@@ -333,7 +334,7 @@ def fit(
         batches = iterate_batches(
             dataset.train, normalize, batch_size=cfg.batch_size, shuffle=True, augment_pad=cfg.augment_pad,
             augment_flip=cfg.augment_flip, generator=generator, channels_last=channels_last,
-            flips=first_flips ^ bool(epoch % 2) if cfg.alternate_flips else None,
+            flips=None if first_flips is None else first_flips ^ bool(epoch % 2),
         )
         size = input_size(epoch, dataset.image_size, cfg)
         for i, (x, y) in enumerate(batches):

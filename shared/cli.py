@@ -198,7 +198,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             lr=args.lr, weight_decay=args.weight_decay, exit_weight=args.exit_weight, distill=args.distill,
             augment_pad=args.augment_pad, threads=args.threads,
             label_smoothing=args.label_smoothing, precision=args.precision, ema=args.ema,
-            exit_grad=args.exit_grad, progressive_from=args.progressive, alternate_flips=args.alternate_flips,
+            exit_grad=args.exit_grad, exit_ramp=args.exit_ramp, progressive_from=args.progressive,
+            alternate_flips=args.alternate_flips,
             progressive_hold=args.progressive_hold, progressive_finetune=args.progressive_finetune,
         )
     except ValueError as exc:
@@ -460,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distill", type=_probability, default=0.5, help="share of each exit's loss distilled from the final head")
     train.add_argument("--exit-grad", type=_probability, default=1.0,
                        help="share of the exits' gradient that reaches the layers below them (default 1: all)")
+    train.add_argument("--exit-ramp", type=_probability, default=0.0,
+                       help="share of training over which the exits' weight grows from 0 to --exit-weight "
+                            "(SDN's schedule: 1); default 0: the full weight from the first step")
     train.add_argument("--augment-pad", type=int, default=4, help="random crops from images padded by this many pixels")
     flips = train.add_mutually_exclusive_group()
     flips.add_argument("--flip", dest="flip", action="store_const", const=True, default=None,

@@ -69,6 +69,10 @@ class TrainConfig:
     # step; the trained model (and each epoch's validation) is the average. 0 = off.
     ema: float = 0.0
     exit_weight: float = 0.5  # w above, the same for every exit
+    # share of the steps over which w grows linearly from 0 to exit_weight (SDN's schedule,
+    # Kaya et al. 2019, ramps over all of training: 1.0); the shared layers first learn for
+    # the final head, then make room for the exits. 0 = w from the first step. Joint mode only.
+    exit_ramp: float = 0.0
     # share of the exits' gradient that reaches the layers below them (their heads get it
     # whole): less of it leaves the final head more of the shared layers (Li et al. 2019's
     # gradient equilibrium, in its simplest form)
@@ -99,6 +103,11 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
         if not 0 <= self.distill <= 1:
             raise ValueError(f"distill must be in [0, 1], got {self.distill}")
+        if not 0 <= self.exit_ramp <= 1:
+            raise ValueError(f"exit_ramp must be in [0, 1], got {self.exit_ramp}")
+        if self.exit_ramp and self.mode == "exits":
+            raise ValueError("exit_ramp is for joint training: with the backbone frozen, a ramped exit weight "
+                             "would only scale the learning rate down")
         if not 0 <= self.exit_grad <= 1:
             raise ValueError(f"exit_grad must be in [0, 1], got {self.exit_grad}")
         if not 0 <= self.ema < 1:
@@ -147,14 +156,24 @@ def input_size(epoch: int, full: int, cfg: TrainConfig) -> int:
     return min(full, max(8, round(full * scale / 4) * 4))
 
 
-def exit_loss(outputs: list[torch.Tensor], labels: torch.Tensor, cfg: TrainConfig, *, with_final: bool) -> torch.Tensor:
+def exit_weight_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """The exits' loss weight w at step `step` of `total`: cfg.exit_weight, ramped up linearly
+    over the first cfg.exit_ramp of the steps."""
+    ramp = cfg.exit_ramp * total
+    return cfg.exit_weight if step >= ramp else cfg.exit_weight * (step + 1) / ramp
+
+
+def exit_loss(outputs: list[torch.Tensor], labels: torch.Tensor, cfg: TrainConfig, *, with_final: bool,
+              exit_weight: float | None = None) -> torch.Tensor:
+    """The joint loss above; `exit_weight` (w) defaults to cfg.exit_weight."""
+    weight = cfg.exit_weight if exit_weight is None else exit_weight
     final = outputs[-1]
     loss = F.cross_entropy(final, labels, label_smoothing=cfg.label_smoothing) if with_final else final.new_zeros(())
     teacher = F.softmax(final.detach() / cfg.temperature, dim=1)
     for logits in outputs[:-1]:
         ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
         kd = F.kl_div(F.log_softmax(logits / cfg.temperature, dim=1), teacher, reduction="batchmean")
-        loss = loss + cfg.exit_weight * ((1 - cfg.distill) * ce + cfg.distill * cfg.temperature**2 * kd)
+        loss = loss + weight * ((1 - cfg.distill) * ce + cfg.distill * cfg.temperature**2 * kd)
     return loss
 
 
@@ -340,12 +359,14 @@ def fit(
         for i, (x, y) in enumerate(batches):
             if size != x.shape[-1]:  # antialiased: a plain subsampling would alias the fine detail
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg)
+                group["lr"] = lr_at(step, total, cfg)
             # autocast covers the forward pass only; the loss is taken in fp32
             with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 outputs = forward_for_training(model, x, cfg)
-            loss = exit_loss([o.float() for o in outputs], y, cfg, with_final=cfg.mode == "joint")
+            loss = exit_loss([o.float() for o in outputs], y, cfg, with_final=cfg.mode == "joint",
+                             exit_weight=exit_weight_at(step, total, cfg))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -390,7 +411,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 # Options added after runs were cached: left out of the key while off, so that adding one
 # does not orphan every cached model trained without it.
-_ADDED_OPTIONS = {"ema": 0.0, "exit_grad": 1.0, "progressive_from": 1.0, "alternate_flips": False}
+_ADDED_OPTIONS = {"ema": 0.0, "exit_grad": 1.0, "progressive_from": 1.0, "alternate_flips": False, "exit_ramp": 0.0}
 
 
 def run_key(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: Dataset, init: str | None) -> str:

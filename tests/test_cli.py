@@ -80,6 +80,9 @@ def test_unreadable_inputs_exit_2_with_one_clear_line(tmp_path: Path, capsys) ->
     assert code == 2 and "exit points" in err
     code, _, err = _run(capsys, "train", "--data", "digits", "--freeze-backbone", "--cache-dir", str(tmp_path))
     assert code == 2 and "--init" in err
+    code, _, err = _run(capsys, "train", "--data", "digits", "--freeze-backbone", "--init", str(tmp_path / "m"),
+                        "--exit-ramp", "0.5", "--cache-dir", str(tmp_path))
+    assert code == 2 and "exit_ramp is for joint training" in err and "Traceback" not in err
 
 
 def test_train_checks_its_arguments_before_reading_any_data(tmp_path: Path, capsys) -> None:

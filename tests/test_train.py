@@ -134,6 +134,42 @@ def test_bad_training_configs_are_refused() -> None:
         TrainConfig(progressive_from=0.5, progressive_hold=0.6, progressive_finetune=0.5)
     with pytest.raises(ValueError, match="alternate_flips needs augment_flip"):
         TrainConfig(alternate_flips=True, augment_flip=False)
+    with pytest.raises(ValueError, match="exit_ramp must be in"):
+        TrainConfig(exit_ramp=1.5)
+    with pytest.raises(ValueError, match="exit_ramp is for joint training"):
+        TrainConfig(mode="exits", exit_ramp=0.5)
+
+
+def test_the_exit_weight_ramps_up_then_holds_and_training_uses_it_step_by_step(
+        digits: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = TrainConfig(exit_weight=0.4, exit_ramp=0.5)
+    weights = [train_module.exit_weight_at(s, 100, cfg) for s in range(100)]
+    assert weights[0] == pytest.approx(0.008) and weights[49] == pytest.approx(0.4) == weights[-1]
+    assert all(b - a == pytest.approx(0.008) for a, b in zip(weights[:49], weights[1:50]))
+    assert train_module.exit_weight_at(0, 100, replace(cfg, exit_ramp=0.0)) == 0.4  # off: full from the start
+    outputs = [torch.randn(8, 10), torch.randn(8, 10)]
+    labels = torch.arange(8)
+    final_only = torch.nn.functional.cross_entropy(outputs[-1], labels)
+    torch.testing.assert_close(train_module.exit_loss(outputs, labels, cfg, with_final=True, exit_weight=0.0),
+                               final_only)
+    assert train_module.exit_loss(outputs, labels, cfg, with_final=True) > final_only  # cfg's weight by default
+
+    seen: list[float | None] = []
+    loss = train_module.exit_loss
+
+    def recording(*args, exit_weight: float | None = None, **kwargs):
+        seen.append(exit_weight)
+        return loss(*args, exit_weight=exit_weight, **kwargs)
+
+    monkeypatch.setattr(train_module, "exit_loss", recording)
+    ramped = TrainConfig(epochs=2, precision="fp32", **FAST, exit_weight=0.4, exit_ramp=0.5)
+    fit(build_model(ModelConfig(**TINY, exit_after=(2,))), digits, ramped)
+    steps = len(seen)
+    assert seen == pytest.approx([train_module.exit_weight_at(s, steps, ramped) for s in range(steps)])
+    assert seen[0] < 0.05 and seen[steps // 2 :] == pytest.approx([0.4] * (steps - steps // 2))
+    seen.clear()
+    fit(build_model(ModelConfig(**TINY, exit_after=(2,))), digits, ramped, start_epoch=1)  # as if resumed
+    assert seen == pytest.approx([0.4] * (steps // 2))
 
 
 def test_alternating_flips_show_each_image_the_other_way_round_every_epoch_even_after_a_resume(
@@ -283,6 +319,7 @@ def test_an_averaged_run_trains_resumes_and_keeps_old_cache_keys(digits: Dataset
     assert run_key(cfg, plain, digits, None) != run_key(cfg, replace(plain, progressive_from=0.5), digits, None)
     flipped = replace(plain, augment_flip=True)
     assert run_key(cfg, flipped, digits, None) != run_key(cfg, replace(flipped, alternate_flips=True), digits, None)
+    assert run_key(cfg, plain, digits, None) != run_key(cfg, replace(plain, exit_ramp=1.0), digits, None)
     # progressive resizing's shape means nothing while it is off
     assert run_key(cfg, plain, digits, None) == run_key(cfg, replace(plain, progressive_hold=0.1), digits, None)
     # options added later, at their "off" value, are left out of the key: older cached runs stay found
@@ -290,7 +327,7 @@ def test_an_averaged_run_trains_resumes_and_keeps_old_cache_keys(digits: Dataset
         {"model": cfg.to_dict(), "train": {k: v for k, v in train_module.asdict(plain).items()
                                            if k not in ("threads", "ema", "exit_grad", "progressive_from",
                                                          "progressive_hold", "progressive_finetune",
-                                                         "alternate_flips")},
+                                                         "alternate_flips", "exit_ramp")},
          "data": train_module.dataset_fingerprint(digits), "init": None}, sort_keys=True).encode()).hexdigest()[:16]
     assert run_key(cfg, plain, digits, None) == key_without_option
 

@@ -101,7 +101,7 @@ class _Feeder:
     def __init__(self, agent, images: np.ndarray, rows: int = 4, interval_s: float = 0.05) -> None:
         self.agent, self.images, self.rows, self.interval_s = agent, images, rows, interval_s
         self.sent = 0
-        self.answers: list[tuple[float, str, bool, str]] = []  # (time, worker, degraded, route)
+        self.answers: list[tuple[float, str, bool, str | None]] = []  # (time, worker, degraded, why degraded)
         self.labels: list[int] = []  # in the order the inputs were sent
         self._stop = asyncio.Event()
 
@@ -112,7 +112,7 @@ class _Feeder:
             i += 1
             self.sent += len(batch)
             for a in await self.agent.infer(batch):
-                self.answers.append((time.monotonic(), a.worker or "", a.degraded, a.route))
+                self.answers.append((time.monotonic(), a.worker or "", a.degraded, a.reason))
                 self.labels.append(a.label)
             await asyncio.sleep(self.interval_s)
 
@@ -235,6 +235,7 @@ def test_a_rolling_bundle_upgrade_drops_no_request_and_never_mixes_bundles(tmp_p
         for w in leaving:
             w.stop()
 
+    seen: dict[str, bool] = {}
     with _dns() as names:
         try:
             first = start([old], [1, 2])
@@ -253,7 +254,11 @@ def test_a_rolling_bundle_upgrade_drops_no_request_and_never_mixes_bundles(tmp_p
                     # 1. workers serving both bundles join; the old ones drain and leave the name
                     both = await asyncio.to_thread(start, [old, new], [3, 4])
                     names.addresses = [w.host for w in first + both]
-                    await asyncio.sleep(CONNECTION_AGE_S)
+                    # The old workers leave only once the edge has seen the new ones, as a rollout
+                    # waits for them; a fixed wait of one connection age is not enough: gRPC jitters
+                    # the age by 10% and re-resolves a name at most once a second.
+                    joined = time.monotonic()
+                    seen["both"] = await _until(lambda: {"w3", "w4"} <= set(feed_old.workers_since(joined)), 15)
                     names.addresses = [w.host for w in both]
                     await asyncio.to_thread(drain, first)
                     # 2. the edges move to the new bundle
@@ -265,7 +270,8 @@ def test_a_rolling_bundle_upgrade_drops_no_request_and_never_mixes_bundles(tmp_p
                     # 3. workers of the new bundle only replace the A+B ones
                     last = await asyncio.to_thread(start, [new], [5])
                     names.addresses = [w.host for w in both + last]
-                    await asyncio.sleep(CONNECTION_AGE_S)
+                    joined = time.monotonic()
+                    seen["last"] = await _until(lambda: feed_new.workers_since(joined)["w5"] > 0, 15)
                     names.addresses = [w.host for w in last]
                     await asyncio.to_thread(drain, both)
                     await asyncio.sleep(1.5)
@@ -277,6 +283,7 @@ def test_a_rolling_bundle_upgrade_drops_no_request_and_never_mixes_bundles(tmp_p
         finally:
             for w in workers:
                 w.stop(signal.SIGKILL)
+    assert seen == {"both": True, "last": True}, f"the edge never reached the workers that joined: {seen}"
     for side, feed in feeds.items():
         assert len(feed.answers) == feed.sent > 0, f"{side}: an input was lost"
         degraded = [a for a in feed.answers if a[2]]

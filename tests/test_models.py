@@ -208,6 +208,14 @@ def test_exit_grad_scales_what_the_exits_send_below_and_nothing_else() -> None:
     head = next(n for n in whole if n.startswith("exits."))
     torch.testing.assert_close(part[stage0], 0.25 * whole[stage0])
     torch.testing.assert_close(part[head], whole[head])
+    # with the final head's loss beside them, only the exits' share is scaled
+    model.zero_grad()
+    model.forward_exits(x)[-1].square().sum().backward()
+    final_only = model.get_parameter(stage0).grad.clone()
+    model.zero_grad()
+    outputs = model.forward_exits(x, exit_grad=0.25)
+    sum(o.square().sum() for o in outputs).backward()
+    torch.testing.assert_close(model.get_parameter(stage0).grad, final_only + 0.25 * whole[stage0])
 
 
 def test_a_built_in_configs_dict_is_unchanged_by_the_fields_of_ones_own_networks() -> None:

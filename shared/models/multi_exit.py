@@ -19,16 +19,16 @@ import torch
 from torch import nn
 
 
-
 def _scaled_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     """`x` itself forward; backward, the gradient through this alias is scaled by `scale`.
     A hook on a view costs one multiply in the backward pass, where `x.detach() + scale *
-    (x - x.detach())` cost three elementwise passes each way (measured: ~30% more time per
-    training epoch of the reference edge network)."""
+    (x - x.detach())` cost elementwise passes both ways (a training step of the reference
+    edge network at 32 px: 316 ms median, the same as without exit_grad, against 332 ms)."""
     alias = x.view_as(x)
     if alias.requires_grad:
         alias.register_hook(lambda grad: grad * scale)
     return alias
+
 
 @dataclass(frozen=True)
 class StageInfo:

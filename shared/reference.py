@@ -131,9 +131,9 @@ REFERENCE = Recipe(
     # epochs. Against 20 full-size epochs (one seed each): test exits 69.7/78.9/83.3/85.2%
     # against 68.9/76.8/81.2/84.1%, final 85.15 against 84.2; the best policy 1.69 points
     # below the full network at 0.5 x MACs (was 2.27), 0.04 at 0.7.
-    # Peak learning rate 0.2 at batch 128 (fp32, one seed each): test exits 69.1/78.8/83.4/
-    # 85.1%, final 85.16 (a second seed: 84.82), against 70.7/78.2/82.6/84.6%, final 84.68 at 0.1, at the same
-    # time per step; batch 64 at 0.1 (the same ratio of rate to batch) gave 85.30 and 84.96%
+    # Peak learning rate 0.2 at batch 128 (fp32): test exits 69.1/78.8/83.4/85.1%, final
+    # 85.16 (a second seed: 84.82), against 70.7/78.2/82.6/84.6%, final 84.68 at 0.1 (one
+    # seed), at the same time per step; batch 64 at 0.1 (the same ratio of rate to batch) gave 85.30 and 84.96%
     # (two seeds) but ~9% more time per epoch. Best policy 83.30% at 0.5 x MACs (1.86 below
     # full; at 0.1: 83.14, 1.54 below), 85.18 at 0.7 (0.02 above full).
     # Half of the exits' gradient reaches the layers below them (`exit_grad=0.5`, Li et al.

@@ -87,7 +87,8 @@ def balance(hist: Sequence[float] | np.ndarray) -> float:
     p = np.asarray(hist, dtype=np.float64)
     p = p / p.sum()
     nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum() / np.log(len(p))) if len(p) > 1 else 1.0
+    # log(1/p), not -log(p): one exit taking all gives 0.0, not -0.0 (printed "-0.00")
+    return float((nz * np.log(1 / nz)).sum() / np.log(len(p))) if len(p) > 1 else 1.0
 
 
 def threshold_exits(probs: np.ndarray, threshold: float, *, fallback: bool = True) -> tuple[np.ndarray, np.ndarray]:

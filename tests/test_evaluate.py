@@ -41,6 +41,7 @@ def test_threshold_rule_and_balance() -> None:
     assert threshold_exits(_outputs().probs, 0.99, fallback=False)[1].tolist() == [2, 2, 2, 2]
     assert [a.tolist() for a in threshold_exits(_outputs().probs, 0.0)] == [[0, 0, 0, 0]] * 2
     assert balance([1, 0, 0]) == 0.0
+    assert f"{balance([0, 5, 0]):.2f}" == "0.00"  # not "-0.00" in a plot's legend
     assert balance([1, 1, 1, 1]) == pytest.approx(1.0)
     assert 0 < balance([0.7, 0.2, 0.1]) < 1
 

@@ -67,6 +67,17 @@ def test_bof_histogram_sums_to_one_per_sample(kernel: str, spatial: str) -> None
     torch.testing.assert_close(hist.view(5, 16, cells).sum(1), torch.ones(5, cells), rtol=0, atol=1e-4)
 
 
+def test_bof_classifier_sees_a_2x2_histogram_at_a_global_ones_scale() -> None:
+    # the classifier's input (scale x histogram) has the same norm for both layouts, so one
+    # learning rate suits both (at 4x the squared norm the 2x2 heads diverged at lr 0.2)
+    def scaled_norm(spatial: str) -> float:
+        head = BoFHead(8, 10, BoFConfig(codewords=16, spatial=spatial))
+        hist = torch.full((1, head.bof.config.histogram_dim), 1 / 16)  # every cell uniform
+        return float((hist * head.fc.scale).norm())
+
+    assert scaled_norm("2x2") == pytest.approx(scaled_norm("global"))
+
+
 def test_bof_pools_large_maps_before_the_codebook() -> None:
     head = BoFHead(4, 3, BoFConfig(codewords=8, pool_to=4))
     x = torch.randn(2, 4, 16, 16)

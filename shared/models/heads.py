@@ -8,6 +8,7 @@ classifier.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -181,7 +182,7 @@ class BoFHistogram(nn.Module):
 
 
 class HistogramClassifier(nn.Linear):
-    """Linear classifier on a histogram, scaled so entries average 1 instead of 1/N_K.
+    """Linear classifier on a histogram, scaled so entries average 1 instead of 1/N_K (global).
 
     The scale is a reparametrization (same function class as the paper's linear layer),
     but without it SGD with weight decay cannot grow weights large enough to separate
@@ -190,7 +191,11 @@ class HistogramClassifier(nn.Linear):
 
     def __init__(self, config: BoFConfig, num_classes: int) -> None:
         super().__init__(config.histogram_dim, num_classes)
-        self.scale = float(config.codewords)
+        # A 2x2 histogram is four cells that each sum to 1: scaled by sqrt(4) less, its vector
+        # has a global one's norm, so SGD moves the classifier (and the codebook under it) as
+        # fast. At the full scale the reference recipe (peak lr 0.2) diverged in 4 epochs.
+        cells = config.histogram_dim // config.codewords
+        self.scale = config.codewords / math.sqrt(cells)
 
     def forward(self, hist: torch.Tensor) -> torch.Tensor:
         # W·(scale·h) + b as one op (addmm's alpha), not a scaled copy and then the linear

@@ -137,15 +137,20 @@ REFERENCE = Recipe(
     # (two seeds) but ~9% more time per epoch. Best policy 83.30% at 0.5 x MACs (1.86 below
     # full; at 0.1: 83.14, 1.54 below), 85.18 at 0.7 (0.02 above full).
     # Half of the exits' gradient reaches the layers below them (`exit_grad=0.5`, Li et al.
-    # 2019's gradient equilibrium; their heads get it whole), fp32, one seed: test exits
-    # 67.9/77.7/83.2/86.1%, final 86.18 (lr 0.2 alone: 85.16 and 84.82, two seeds); the best
-    # policy 83.63% at 0.5 x MACs (2.55 below full; was 83.30) and 86.02 at 0.7 (0.16 below;
-    # was 85.18), but 73.23 at 0.3 (was 74.53); calibration within 1.8%; cascade 2.76x at
-    # -0.10 points. The first two exits pay ~1.2 points for a final head 1.0-1.4 higher.
+    # 2019's gradient equilibrium; their heads get it whole), fp32, two seeds: test exits
+    # 67.9/77.7/83.2/86.1% and 67.4/77.8/82.9/85.9%, final 86.18 and 85.94 (lr 0.2 alone:
+    # 85.16 and 84.82); for the first seed the best policy 83.63% at 0.5 x MACs (2.55 below
+    # full; was 83.30) and 86.02 at 0.7 (0.16 below; was 85.18), but 73.23 at 0.3 (was
+    # 74.53); calibration within 1.8%; cascade 2.76x at -0.10 points. The first two exits
+    # pay 1.0-1.7 points for a final head 0.8-1.4 higher.
     # Tried on it in fp32 and not adopted: alternating flips (at batch 64: 85.00%, no gain);
     # SDN's exit-weight ramp over the first half (`exit_ramp=0.5`, without exit_grad): final
     # 85.56 and 85.55% (two seeds), exit@2 68.0/69.0%, the best policy at 0.3 x MACs 0.7
     # points lower; exit_grad gained more at the final head for a similar cost early.
+    # BoF heads with a 2x2 grid of histograms (with exit_grad, one seed): exits 70.6/78.5/
+    # 83.2/86.3%, final 86.31; best policy 75.73/84.34/86.25% at 0.3/0.5/0.7 x MACs (1.97
+    # below full at 0.5, still short of 1.0), but on ONNX Runtime its heads took 0.07-0.08
+    # of the network's time at batch 32-64 against 0.02 (the 5% overhead bar), so not adopted.
     edge_model=ModelConfig(arch="resnet20", exit_after=(2, 4, 6, 8), exit_head="bof", bof=BoFConfig(pool_to=4)),
     joint=TrainConfig(epochs=32, lr=0.2, exit_grad=0.5, label_smoothing=0.1, progressive_from=0.5,
                       progressive_hold=0.25, progressive_finetune=0.3),

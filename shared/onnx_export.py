@@ -9,7 +9,8 @@ the edge's fallback answer for rows that skipped it (Predictive Exit).
 
 Exported with the `torch.onnx` exporter (dynamo, needs `onnx` and `onnxscript`) at opset
 18 with a dynamic batch dimension. What it took:
-- BoF heads are exported in an equivalent form built for the graph (`_BoFExport`):
+- Logistic BoF heads (global, or 2x2 on an even map) are exported in an equivalent form
+  built for the graph (`_BoFExport`):
   average pooling, a 1x1 convolution with the kernel's scalars folded in (ORT fuses the
   sigmoid into it and keeps it in its NCHWc layout), then the classifier before the
   normalization (a second 1x1 convolution to the class scores and the memberships' sum,
@@ -49,14 +50,18 @@ class ExportError(ValueError):
 
 
 class _BoFExport(nn.Module):
-    """A global logistic BoF head (histogram + classifier) as ONNX Runtime runs it fast;
-    the same function as `BoFHead.forward`, within float rounding.
+    """A logistic BoF head (histogram + classifier) as ONNX Runtime runs it fast; the same
+    function as `BoFHead.forward`, within float rounding.
 
     The histogram is mean_hw(s / (sum_k s + eps)) with s the codeword memberships, and the
     classifier is linear, so the classifier goes first: one 1x1 convolution maps s to
     the class scores per pixel plus the memberships' sum (+ eps, its bias), and the
     normalization divides those C+1 channels, not the K codewords: every op after the
-    codebook touches C+1 channels instead of K."""
+    codebook touches C+1 channels instead of K. A 2x2 head has one block of C scores per
+    cell (the classifier's columns for that cell's histogram, a quarter of its bias each):
+    4C+1 channels, averaged over each cell, each block kept at its own cell."""
+
+    own_cell: torch.Tensor
 
     def __init__(self, head: BoFHead, side: int) -> None:
         super().__init__()
@@ -65,7 +70,12 @@ class _BoFExport(nn.Module):
         if side % self.pool:
             raise ExportError(f"a BoF head pooling a {side}-side map to {cfg.pool_to} (not a divisor)")
         assert bof.codebook.bias is not None
-        pixels = (side // self.pool) ** 2
+        pooled = side // self.pool
+        self.grid = cfg.spatial == "2x2"
+        cells = 4 if self.grid else 1
+        # global: the ratio is summed over pixels, so the scores carry 1 / pixels; 2x2: each
+        # cell's block is averaged over the cell's pixels by a pooling, nothing to carry
+        pixels = 1 if self.grid else pooled ** 2
         self.classes = head.fc.out_features
         with torch.no_grad():
             d, k = bof.codebook.in_channels, bof.codebook.out_channels
@@ -75,17 +85,27 @@ class _BoFExport(nn.Module):
             self.codebook.bias.copy_(2 * (bof.a * bof.codebook.bias + bof.c))
             # channels 0..C-1: (W s + b (sum s + eps)) / pixels; channel C: sum s + eps. Their
             # ratio summed over pixels is W mean_hw(s / (sum s + eps)) + b, the head's logits.
-            weight, bias = head.fc.weight * head.fc.scale, head.fc.bias
-            self.scores = nn.Conv2d(k, self.classes + 1, 1)
+            # the classifier's column k * cells + c reads codeword k of cell c
+            weight = (head.fc.weight * head.fc.scale).view(self.classes, k, cells).permute(2, 0, 1)  # [cells, C, K]
+            bias = (head.fc.bias / cells).expand(cells, -1)  # [cells, C]
+            blocks = (weight + bias[..., None]).reshape(cells * self.classes, k) / pixels
+            self.scores = nn.Conv2d(k, cells * self.classes + 1, 1)
             assert self.scores.bias is not None
-            self.scores.weight.copy_(torch.cat([(weight + bias[:, None]) / pixels, torch.ones(1, k)])[:, :, None, None])
-            self.scores.bias.copy_(torch.cat([bias * cfg.eps / pixels, torch.full((1,), cfg.eps)]))
+            self.scores.weight.copy_(torch.cat([blocks, torch.ones(1, k)])[:, :, None, None])
+            self.scores.bias.copy_(torch.cat([bias.reshape(-1) * cfg.eps / pixels, torch.full((1,), cfg.eps)]))
+        self.cell_side = pooled // 2
+        self.register_buffer("own_cell", torch.eye(4)[None, :, None, :], persistent=False)  # [1, block, 1, cell]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool > 1:
             x = F.avg_pool2d(x, self.pool)
         t = self.scores(torch.sigmoid(self.codebook(x)))
-        return (t[:, : self.classes] / t[:, self.classes :]).sum(dim=(2, 3))
+        channels = t.shape[1] - 1
+        ratio = t[:, :channels] / t[:, channels:]
+        if not self.grid:
+            return ratio.sum(dim=(2, 3))
+        per_cell = F.avg_pool2d(ratio, self.cell_side).reshape(-1, 4, self.classes, 4)  # [B, block, C, cell]
+        return (per_cell * self.own_cell).sum(dim=(1, 3))
 
 
 def _head_for_export(model: MultiExitNet, stage: int, side: int) -> nn.Module:
@@ -96,9 +116,18 @@ def _head_for_export(model: MultiExitNet, stage: int, side: int) -> nn.Module:
     if model.exit_classifier is not None:
         raise ExportError("hierarchical BoF exits carry histograms along depth: not exported")
     cfg = getattr(head, "config", None)
-    if isinstance(head, BoFHead) and cfg is not None and cfg.kernel == "logistic" and cfg.spatial == "global":
+    if isinstance(head, BoFHead) and cfg is not None and cfg.kernel == "logistic" and _fits_export_form(cfg, side):
         return _BoFExport(head, side)
     return head  # traced as it is
+
+
+def _fits_export_form(cfg: Any, side: int) -> bool:
+    """Global heads always; 2x2 heads where the pooled map splits into four equal cells
+    (adaptive pooling's overlapping cells are traced as they are)."""
+    if cfg.spatial == "global":
+        return True
+    pool = side // cfg.pool_to if cfg.pool_to is not None and side > cfg.pool_to else 1
+    return (side // pool) % 2 == 0
 
 
 class _Segment(nn.Module):

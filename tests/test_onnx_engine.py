@@ -229,3 +229,21 @@ def test_an_edge_install_without_torch_answers_as_the_torch_edge(maxprob_bundle:
                               str(tmp_path / "images.npy"), "--engine", "torch", "--out", str(tmp_path / "x.jsonl")],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "the torch engine needs torch" in refused.stderr
+
+
+@pytest.mark.parametrize("spatial", ["global", "2x2"])
+@pytest.mark.parametrize(("side", "pool_to"), [(32, 4), (8, 4), (6, None)])
+def test_the_bof_heads_export_form_computes_the_head(spatial: str, side: int, pool_to: int | None) -> None:
+    """The graph form of a logistic BoF head (classifier before the normalization; a 2x2
+    head's classifier one block per cell) gives the head's logits."""
+    import torch
+
+    from splitexit.models import BoFConfig, BoFHead
+    from splitexit.onnx_export import _BoFExport
+
+    torch.manual_seed(0)
+    head = BoFHead(8, 10, BoFConfig(codewords=16, spatial=spatial, pool_to=pool_to)).eval()
+    with torch.no_grad():
+        head.bof.a.fill_(1.3), head.bof.c.fill_(-0.2), head.fc.bias.normal_()
+        x = torch.randn(3, 8, side, side) * 2
+        torch.testing.assert_close(_BoFExport(head, side)(x), head(x), rtol=1e-4, atol=1e-5)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitexit.manifest import OnnxSegment, sha256_file
-from splitexit.models import BoFHead, BoFHistogram, MultiExitNet
+from splitexit.models import BoFConfig, BoFHead, BoFHistogram, MultiExitNet
 
 __all__ = ["OPSET", "ExportError", "export_edge_segments", "export_plain"]
 
@@ -66,7 +66,7 @@ class _BoFExport(nn.Module):
     def __init__(self, head: BoFHead, side: int) -> None:
         super().__init__()
         bof, cfg = head.bof, head.bof.config
-        self.pool = side // cfg.pool_to if cfg.pool_to is not None and side > cfg.pool_to else 1
+        self.pool = _pool_factor(cfg, side)
         if side % self.pool:
             raise ExportError(f"a BoF head pooling a {side}-side map to {cfg.pool_to} (not a divisor)")
         assert bof.codebook.bias is not None
@@ -93,8 +93,9 @@ class _BoFExport(nn.Module):
             assert self.scores.bias is not None
             self.scores.weight.copy_(torch.cat([blocks, torch.ones(1, k)])[:, :, None, None])
             self.scores.bias.copy_(torch.cat([bias.reshape(-1) * cfg.eps / pixels, torch.full((1,), cfg.eps)]))
-        self.cell_side = pooled // 2
-        self.register_buffer("own_cell", torch.eye(4)[None, :, None, :], persistent=False)  # [1, block, 1, cell]
+        if self.grid:
+            self.cell_side = pooled // 2
+            self.register_buffer("own_cell", torch.eye(4)[None, :, None, :], persistent=False)  # [1, block, 1, cell]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool > 1:
@@ -121,13 +122,15 @@ def _head_for_export(model: MultiExitNet, stage: int, side: int) -> nn.Module:
     return head  # traced as it is
 
 
-def _fits_export_form(cfg: Any, side: int) -> bool:
+def _pool_factor(cfg: BoFConfig, side: int) -> int:
+    """The average pooling's kernel that takes a `side` map down to the head's `pool_to`."""
+    return side // cfg.pool_to if cfg.pool_to is not None and side > cfg.pool_to else 1
+
+
+def _fits_export_form(cfg: BoFConfig, side: int) -> bool:
     """Global heads always; 2x2 heads where the pooled map splits into four equal cells
     (adaptive pooling's overlapping cells are traced as they are)."""
-    if cfg.spatial == "global":
-        return True
-    pool = side // cfg.pool_to if cfg.pool_to is not None and side > cfg.pool_to else 1
-    return (side // pool) % 2 == 0
+    return cfg.spatial == "global" or (side // _pool_factor(cfg, side)) % 2 == 0
 
 
 class _Segment(nn.Module):

@@ -247,3 +247,23 @@ def test_the_bof_heads_export_form_computes_the_head(spatial: str, side: int, po
         head.bof.a.fill_(1.3), head.bof.c.fill_(-0.2), head.fc.bias.normal_()
         x = torch.randn(3, 8, side, side) * 2
         torch.testing.assert_close(_BoFExport(head, side)(x), head(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_bundle_with_2x2_bof_heads_answers_on_onnx_as_on_torch(data, tmp_path: Path) -> None:
+    """2x2 heads through the real agent, in their export form (the tiny network's exits see
+    8-, 4- and 2-side maps, all even): the same exits, labels and probabilities."""
+    from dataclasses import replace
+
+    import torch
+
+    from splitexit.checkpoint import CheckpointMeta
+    from splitexit.models import BoFConfig, build_model
+
+    images, x = data
+    config = replace(S.CONFIG, bof=BoFConfig(spatial="2x2"))
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    meta = CheckpointMeta(model=config, mean=(0.5,), std=(0.25,), classes=S.CLASSES)
+    path = export_bundle(tmp_path / "onnx-2x2", model, meta, split=3, policy=MaxProb(S.exit_thresholds(model, x)),
+                         input_shape=S.SHAPE, name="tiny-2x2", edge_engine="onnx")
+    _assert_same(_answers(path, images, "onnx"), _answers(path, images, "torch"))
